@@ -1,0 +1,206 @@
+"""Configuration dataclasses and named presets.
+
+Nothing here imports torch: the CLI reads presets for `--help` without loading the model stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lqae.errors import ConfigError
+
+VOCAB_CHOICES = ("all", "words")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an LQAE (the frozen LM is rebuilt from `lm_name`)."""
+
+    image_size: int = 256  # square input side in pixels
+    patch_size: int = 16  # ViT patch side; image_size // patch_size squared = tokens per image
+    channels: int = 3  # images are always converted to RGB
+    encoder_width: int = 768  # ViT-Base
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    decoder_width: int = 768  # same stack as the encoder in the reference
+    decoder_depth: int = 12
+    decoder_heads: int = 12
+    mlp_ratio: float = 4.0  # MLP hidden = width * mlp_ratio (3072 for ViT-Base)
+    lm_name: str = "roberta-base"  # frozen LM: local dir, offline package or HF hub name
+    vocab: str = "all"  # codebook tokens: "all" (every non-special token) or "words" (whole alphabetic words)
+    exclude_special_tokens: bool = True  # the reference kept them; a code equal to [MASK]/[PAD] makes LM input ambiguous
+    mask_ratio: float = 0.5  # per-token probability of the LM's mask embedding during training (0 at eval)
+    commitment_weight: float = 0.01  # reference: beta=0.005 counted twice, so 0.01 effective
+    recon_weight: float = 1.0  # pixel MSE
+    mlm_weight: float = 1e-4  # LM head cross-entropy at masked positions (skipped when the LM has no MLM head)
+    search_chunk_tokens: int = 4096  # tokens per nearest-code matmul chunk; bounds memory to chunk x codebook floats
+    # Filled in at training time from the loaded LM, checked on load so a wrong --lm fails loudly.
+    lm_vocab_size: int | None = None  # rows of the LM's input embedding matrix
+    lm_width: int | None = None  # columns of that matrix
+    codebook_size: int | None = None  # number of codes after the vocabulary filter
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image size {self.image_size} is not divisible by patch size {self.patch_size}; "
+                "pick a patch size that divides the image size"
+            )
+        if self.vocab not in VOCAB_CHOICES:
+            raise ConfigError(f"unknown vocab {self.vocab!r}; choose one of: {', '.join(VOCAB_CHOICES)}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        for name in ("encoder", "decoder"):
+            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if width % heads:
+                raise ConfigError(f"{name} width {width} is not divisible by its {heads} heads")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image (the LM sequence length)."""
+        return self.grid_size**2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping for `lqae train`."""
+
+    batch_size: int = 512  # images per optimiser step, summed over devices and accumulation
+    grad_accum: int = 1  # micro-batches per optimiser step
+    epochs: float = 100.0  # used when steps is None
+    steps: int | None = None  # optimiser steps; overrides epochs
+    base_lr: float = 1.5e-4  # peak lr = base_lr * batch_size / 256 (MAE/LQAE scaling rule)
+    weight_decay: float = 5e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_fraction: float = 0.05  # reference: 5 of 100 epochs, then cosine to 0
+    min_lr_fraction: float = 0.0  # cosine floor as a fraction of the peak lr
+    grad_clip: float = 0.0  # max grad norm; 0 disables (the reference does not clip)
+    crop_scale_min: float = 0.2  # RandomResizedCrop scale range (0.2, 1)
+    hflip: bool = True
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the trainable encoder/decoder
+    num_workers: int = -1  # data-loading processes; -1 picks from the CPU count
+    log_every: int = 10  # steps between metric lines
+    sample_every: int = 500  # steps between reconstruction grids
+    save_every: int = 1000  # steps between checkpoints
+    val_every: int = 1000  # steps between validation passes (with --val)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("batch size and gradient accumulation must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose auto, bf16 or fp32")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+
+@dataclass
+class Preset:
+    model: ModelConfig
+    train: TrainConfig
+    summary: str = ""
+
+
+def _presets() -> dict[str, Preset]:
+    minilm = "sentence-transformers/all-MiniLM-L6-v2"
+    return {
+        "paper": Preset(
+            ModelConfig(),
+            TrainConfig(),
+            "the reference: ViT-B/16 at 256px, roberta-base, batch 512, 100 epochs",
+        ),
+        "base": Preset(
+            ModelConfig(vocab="words"),
+            TrainConfig(batch_size=256, epochs=50),
+            "ViT-B/16 at 256px, roberta-base, word vocabulary, batch 256",
+        ),
+        "small": Preset(
+            ModelConfig(
+                image_size=128,
+                patch_size=16,
+                encoder_width=384,
+                encoder_depth=6,
+                encoder_heads=6,
+                decoder_width=384,
+                decoder_depth=6,
+                decoder_heads=6,
+                lm_name=minilm,
+                vocab="words",
+            ),
+            TrainConfig(batch_size=128, epochs=50, base_lr=5e-4, sample_every=250, save_every=500),
+            "ViT-S/16 at 128px over MiniLM-L6; one consumer GPU",
+        ),
+        "tiny": Preset(
+            ModelConfig(
+                image_size=32,
+                patch_size=8,
+                encoder_width=128,
+                encoder_depth=2,
+                encoder_heads=4,
+                decoder_width=128,
+                decoder_depth=2,
+                decoder_heads=4,
+                lm_name=minilm,
+                vocab="words",
+            ),
+            TrainConfig(
+                batch_size=64,
+                steps=300,
+                base_lr=1e-3,
+                warmup_fraction=0.05,
+                weight_decay=0.05,
+                log_every=10,
+                sample_every=100,
+                save_every=100,
+                val_every=100,
+            ),
+            "32px, 4x4 patches of 8px over MiniLM-L6; trains on 2 CPU cores in minutes",
+        ),
+    }
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def get_preset(name: str) -> Preset:
+    """Return a fresh copy of a named preset; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    return Preset(dataclasses.replace(preset.model), dataclasses.replace(preset.train), preset.summary)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config, rejecting unknown keys so a corrupt or foreign config.json fails loudly."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields in config: {', '.join(unknown)}")
+    return cls(**data)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON with sorted keys atomically (temp file + rename)."""
+    from lqae.io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

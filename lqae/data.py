@@ -1,0 +1,189 @@
+"""Image folders: flat or one sub-folder per class; any size, RGB or grayscale."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lqae.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ImageFolder:
+    """Image paths with integer labels; `classes` is empty for a flat folder."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+    skipped: list[Path] = field(default_factory=list)  # unreadable files left out
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
+    """List images under `root` (recursively). Class = first-level sub-folder, if any.
+
+    With `check`, each file's header is opened so corrupt files are skipped (with a warning) up front.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    class_dirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    flat = [p for p in files if len(p.relative_to(root).parts) == 1]
+    classes = class_dirs if class_dirs and not flat else []
+    class_index = {name: i for i, name in enumerate(classes)}
+    paths, labels, skipped = [], [], []
+    for path in files:
+        if check and not is_readable_image(path):
+            skipped.append(path)
+            continue
+        paths.append(path)
+        labels.append(class_index[path.relative_to(root).parts[0]] if classes else -1)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(skipped), root, skipped[0])
+    if not paths:
+        raise DataError(
+            f"no readable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}"
+            + (f"; {len(skipped)} unreadable" if skipped else "") + ")"
+        )
+    return ImageFolder(root, paths, labels, classes, skipped)
+
+
+def is_readable_image(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open any image as RGB; a missing or corrupt file raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [0, 1] (no mean/std normalisation, as in the reference)."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> PIL RGB."""
+    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Evaluation transform: shorter side to `size` (bicubic), then a centred square crop."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(
+    image: Image.Image, size: int, rng: random.Random, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
+) -> Image.Image:
+    """RandomResizedCrop (Inception-style, bicubic), as torchvision implements it."""
+    width, height = image.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return resize_center_crop(image, size)  # fallback, as torchvision's central crop
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Evaluation-time load: (3, size, size) in [0, 1]."""
+    return to_tensor(resize_center_crop(open_rgb(path), size))
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Augmented training images. Items are addressed by (index, seed) so augmentation is a pure
+    function of the sample schedule: resuming or changing worker counts gives the same batches."""
+
+    def __init__(self, folder: ImageFolder, size: int, crop_scale_min: float = 0.2, hflip: bool = True, augment: bool = True):
+        self.folder, self.size = folder, size
+        self.crop_scale, self.hflip, self.augment = (crop_scale_min, 1.0), hflip, augment
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        index, seed = item
+        rng = random.Random(seed)
+        for _ in range(len(self.folder)):
+            try:
+                image = open_rgb(self.folder.paths[index])
+                break
+            except DataError as exc:  # unreadable since the scan: warn, use another image
+                log.warning("%s; using another image", exc)
+                index = rng.randrange(len(self.folder))
+        if not self.augment:
+            return to_tensor(resize_center_crop(image, self.size))
+        image = random_resized_crop(image, self.size, rng, self.crop_scale)
+        if self.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Yields, from a given step on, the (index, seed) lists of this rank's share of each global batch.
+
+    Epoch e is a permutation drawn from (seed, e); a partial last batch is dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        if batch_size * world > size:
+            raise DataError(f"{size} images cannot fill one batch of {batch_size * world}; lower --batch-size")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start_step, self.rank, self.world = start_step, rank, world
+        self.batches_per_epoch = size // (batch_size * world)
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, position = divmod(step, self.batches_per_epoch)
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+            for batch in range(position, self.batches_per_epoch):
+                start = (batch * self.world + self.rank) * self.batch_size
+                yield [(i, ((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i) % 2**31) for i in order[start : start + self.batch_size]]
+            step = (epoch + 1) * self.batches_per_epoch
+
+    def __len__(self) -> int:  # infinite; DataLoader needs a number
+        return 2**31 - 1

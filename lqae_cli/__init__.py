@@ -1,0 +1,1 @@
+"""The `lqae` command line. Parses arguments, calls the library, renders; holds no model logic."""

@@ -1,0 +1,81 @@
+"""Shared CLI plumbing: error handling, logging to stderr, device choice."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from typing import Callable
+
+import typer
+
+DEBUG_ENV = "LQAE_DEBUG"
+
+
+def error_line(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn library errors into one stderr line and a non-zero exit; tracebacks only with LQAE_DEBUG=1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        setup_logging()
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            raise typer.Exit(130)
+        except BrokenPipeError:  # `lqae encode ... | head`: the reader left, nothing to report
+            try:
+                sys.stdout = open(os.devnull, "w")
+            finally:
+                raise typer.Exit(0)
+        except Exception as exc:  # noqa: BLE001 - the one place every failure becomes one line
+            if os.environ.get(DEBUG_ENV) == "1":
+                traceback.print_exc()
+            from lqae.errors import LQAEError
+
+            if isinstance(exc, LQAEError):
+                error_line(str(exc))
+                raise typer.Exit(exc.exit_code)
+            error_line(f"{type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)")
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def setup_logging() -> None:
+    level = logging.DEBUG if os.environ.get(DEBUG_ENV) == "1" else logging.WARNING
+    root = logging.getLogger("lqae")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
+    import torch
+
+    from lqae.errors import ConfigError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return name
+
+
+MODEL_OPTION_HELP = "Checkpoint folder written by `lqae train` (default: $LQAE_MODEL)."
