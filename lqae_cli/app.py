@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from lqae_cli import decode as decode_cmd
+from lqae_cli import encode as encode_cmd
+from lqae_cli import fewshot as fewshot_cmd
+from lqae_cli import probe as probe_cmd
 from lqae_cli import train as train_cmd
 
 app = typer.Typer(
@@ -14,12 +18,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 @app.callback()
 def _root() -> None:
     """Language Quantized AutoEncoders: images as tokens of a frozen language model."""
 
 
 app.command("train", no_args_is_help=True)(train_cmd.train)
+app.command("encode")(encode_cmd.encode)
+app.command("decode")(decode_cmd.decode)
+app.command("probe")(probe_cmd.probe)
+app.command("fewshot")(fewshot_cmd.fewshot)
 
 
 def main() -> None:
