@@ -37,6 +37,9 @@ class ModelConfig:
     commitment_weight: float = 0.01  # reference: beta=0.005 counted twice, so 0.01 effective
     recon_weight: float = 1.0  # pixel MSE
     mlm_weight: float = 1e-4  # LM head cross-entropy at masked positions (skipped when the LM has no MLM head)
+    usage_weight: float = 0.0  # code-usage (entropy) regulariser; 0 in the reference. Ours: counters code collapse
+    usage_temperature: float = 0.01  # softmax temperature over cosine similarities for that regulariser
+    usage_sample_tokens: int = 1024  # tokens per step the regulariser looks at (bounds its memory)
     search_chunk_tokens: int = 4096  # tokens per nearest-code matmul chunk; bounds memory to chunk x codebook floats
     # Filled in at training time from the loaded LM, checked on load so a wrong --lm fails loudly.
     lm_vocab_size: int | None = None  # rows of the LM's input embedding matrix

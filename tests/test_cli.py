@@ -1,0 +1,99 @@
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lqae_cli.app import app
+
+COMMANDS = ["train", "encode", "decode", "probe", "fewshot"]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+def test_top_level_help_lists_commands_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from lqae_cli.app import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "for name in ('train', 'encode', 'decode', 'probe', 'fewshot'):\n"
+        "    assert name in result.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'tiktoken') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "lqae_cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_clean_error(result, pattern):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and pattern in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_train_bad_inputs_give_one_clear_line(tmp_path, tiny_lm_dir):
+    assert_one_clean_error(run_cli("train", tmp_path / "missing", "--out", tmp_path / "run", "--lm", tiny_lm_dir), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_clean_error(run_cli("train", tmp_path / "empty", "--out", tmp_path / "run", "--lm", tiny_lm_dir), "no readable images")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "a.png").write_bytes(b"\x89PNG broken")
+    assert_one_clean_error(run_cli("train", tmp_path / "corrupt", "--out", tmp_path / "run", "--lm", tiny_lm_dir), "1 unreadable")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0"]
+    first = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "2", *common)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "run" / "model.safetensors").exists() and first.stdout == ""
+    again = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "2", *common)
+    assert_one_clean_error(again, "--resume")
+    resumed = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "3", "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    from lqae.checkpoint import read_config
+
+    assert read_config(tmp_path / "run")[2] == 3
+
+
+def test_debug_env_shows_traceback(tmp_path, tiny_lm_dir, monkeypatch):
+    import os
+
+    env = dict(os.environ, LQAE_DEBUG="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "lqae_cli", "train", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), "--lm", str(tiny_lm_dir)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_ddp_two_processes_on_cpu_gloo(tmp_path, tiny_lm_dir, image_folder):
+    """torchrun with 2 CPU processes (gloo): trains, only rank 0 writes, weights stay in sync."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lqae_cli",
+         "train", str(image_folder), "--out", str(tmp_path / "run"), "--lm", str(tiny_lm_dir), "--image-size", "16",
+         "--patch-size", "4", "--batch-size", "4", "--steps", "2", "--log-every", "1", "--quiet", "--workers", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2]  # one writer, not two
+    from lqae.checkpoint import read_config
+
+    assert read_config(tmp_path / "run")[2] == 2

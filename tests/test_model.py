@@ -1,0 +1,74 @@
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from lqae.errors import ConfigError
+from lqae.model import LQAE
+
+
+def test_forward_shapes_loss_parts_and_masking(tiny_model):
+    images = torch.rand(4, 3, 16, 16)
+    tiny_model.train()
+    generator = torch.Generator().manual_seed(0)
+    out = tiny_model(images, generator=generator)
+    assert out.reconstruction.shape == images.shape
+    assert out.token_ids.shape == out.codes.shape == out.mask.shape == (4, 16)
+    assert 0.2 < out.mask.float().mean() < 0.8  # mask_ratio 0.5
+    assert out.losses.mlm > 0  # the tiny BERT has an MLM head
+    cfg = tiny_model.config
+    total = cfg.recon_weight * out.losses.reconstruction + cfg.commitment_weight * out.losses.commitment
+    assert torch.allclose(out.loss, total + cfg.mlm_weight * out.losses.mlm)
+    assert not tiny_model.lm.training  # frozen LM stays in eval mode
+    tiny_model.eval()
+    assert not tiny_model(images).mask.any()  # no masking at eval
+
+
+def test_gradients_reach_encoder_not_lm(tiny_model):
+    tiny_model.train()
+    tiny_model(torch.rand(2, 3, 16, 16)).loss.backward()
+    assert all(p.grad is None for p in tiny_model.lm.parameters())
+    assert tiny_model.encoder.patchify.weight.grad is not None
+    assert tiny_model.encoder.patchify.weight.grad.abs().sum() > 0
+    assert tiny_model.decoder.to_pixels.weight.grad.abs().sum() > 0
+
+
+def test_encode_is_deterministic_and_decode_inverts_shapes(tiny_model):
+    images = torch.rand(3, 3, 16, 16)
+    ids = tiny_model.encode(images)
+    assert torch.equal(ids, tiny_model.encode(images))
+    assert set(ids.flatten().tolist()) <= set(tiny_model.codebook.code_to_token.tolist())
+    decoded = tiny_model.decode(ids)
+    assert decoded.shape == images.shape and decoded.min() >= 0 and decoded.max() <= 1
+    assert torch.allclose(decoded, tiny_model.reconstruct(images))
+
+
+def test_lm_without_mlm_head_skips_mlm_loss(tiny_lm_no_head_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="lqae"):
+        model = LQAE(tiny_model_config(tiny_lm_no_head_dir))
+    assert model.mlm_head is None
+    assert "no MLM head" in caplog.text
+    model.train()
+    assert model(torch.rand(2, 3, 16, 16)).losses.mlm == 0
+
+
+def test_bad_config_is_a_clear_error(tiny_lm_dir):
+    with pytest.raises(ConfigError, match="divisible by patch size"):
+        tiny_model_config(tiny_lm_dir, patch_size=5)
+    with pytest.raises(ConfigError, match="unknown vocab"):
+        tiny_model_config(tiny_lm_dir, vocab="subwords")
+
+
+def test_presets_cover_reference_decisions():
+    from lqae.config import get_preset
+
+    paper = get_preset("paper")
+    m, t = paper.model, paper.train
+    assert (m.image_size, m.patch_size, m.encoder_width, m.encoder_depth, m.encoder_heads) == (256, 16, 768, 12, 12)
+    assert m.lm_name == "roberta-base" and m.vocab == "all" and m.mask_ratio == 0.5
+    assert (m.commitment_weight, m.mlm_weight, m.recon_weight) == (0.01, 1e-4, 1.0)
+    assert (t.batch_size, t.epochs, t.base_lr, t.weight_decay, t.beta2, t.warmup_fraction) == (512, 100, 1.5e-4, 5e-4, 0.95, 0.05)
+    assert get_preset("tiny").model.lm_name == "sentence-transformers/all-MiniLM-L6-v2"
+    with pytest.raises(ConfigError, match="known presets: paper, base, small, tiny"):
+        get_preset("huge")
