@@ -104,7 +104,7 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu", lm_name: str |
     model_config, _, _ = read_config(run_dir)
     if lm_name is not None:
         model_config.lm_name = lm_name
-    model = LQAE(model_config)
+    model = LQAE(model_config, mlm_head=False)  # inference: no MLM loss, so no head to load
     model.load_trainable_state_dict(load_trainable_from(run_dir))
     return model.to(device).eval()
 

@@ -164,8 +164,8 @@ def _presets() -> dict[str, Preset]:
             ),
             TrainConfig(
                 batch_size=64,
-                steps=300,
-                base_lr=1e-3,
+                steps=600,
+                base_lr=4e-3,  # peak lr 1e-3 at batch 64
                 warmup_fraction=0.05,
                 weight_decay=0.05,
                 log_every=10,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -20,6 +20,8 @@ class ReconstructionReport:
     unique_codes: int  # distinct codes used over the whole folder
     code_perplexity: float  # exp(entropy) of the code histogram
     codebook_size: int
+    tokens_per_image: int = 0  # LM tokens per image (the sequence length L)
+    text_tokens_per_image: float = 0.0  # mean tokens when the LM's tokenizer re-reads the token text
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -32,9 +34,12 @@ def evaluate_reconstruction(
     batch_size: int = 64,
     max_images: int | None = None,
     progress: Callable[[int], None] | None = None,
+    shown: Sequence[int] | None = None,
 ) -> tuple[ReconstructionReport, torch.Tensor, torch.Tensor]:
-    """Encode and decode (no masking) every image; returns the report and the first 16
-    originals and reconstructions (for a grid)."""
+    """Encode and decode (no masking) every image; returns the report and the originals and
+    reconstructions at positions `shown` (default the first 16), for a grid."""
+    from lqae.tokentext import TokenText
+
     model.eval()
     device = next(model.encoder.parameters()).device
     paths = folder.paths[:max_images] if max_images else folder.paths
@@ -43,6 +48,9 @@ def evaluate_reconstruction(
     counts = torch.zeros(model.codebook.size, dtype=torch.long)
     shown_in: list[torch.Tensor] = []
     shown_out: list[torch.Tensor] = []
+    shown_set = set(range(16) if shown is None else shown)
+    token_text = TokenText.for_model(model)
+    text_tokens = 0
     for start in range(0, len(paths), batch_size):
         images = torch.stack([load_image(p, size) for p in paths[start : start + batch_size]]).to(device)
         z = model.encoder(images)
@@ -54,13 +62,49 @@ def evaluate_reconstruction(
             psnr_sum += psnr(recon[i : i + 1], images[i : i + 1])
         ssim_sum += ssim(recon, images) * count
         counts += torch.bincount(codes.flatten().cpu(), minlength=model.codebook.size)
-        if sum(t.shape[0] for t in shown_in) < 16:
-            shown_in.append(images.cpu())
-            shown_out.append(recon.cpu())
+        texts = [token_text.text(row) for row in token_ids.tolist()]
+        text_tokens += sum(map(len, model.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        picked = [i for i in range(count) if start + i in shown_set]
+        if picked:
+            shown_in.append(images[picked].cpu())
+            shown_out.append(recon[picked].cpu())
         if progress:
             progress(count)
     total = len(paths)
     unique, perplexity = usage_from_counts(counts)
-    report = ReconstructionReport(total, psnr_sum / total, ssim_sum / total, unique, perplexity, model.codebook.size)
-    return report, torch.cat(shown_in)[:16], torch.cat(shown_out)[:16]
+    report = ReconstructionReport(
+        total, psnr_sum / total, ssim_sum / total, unique, perplexity, model.codebook.size,
+        model.config.num_tokens, text_tokens / total,
+    )
+    if not shown_in:
+        empty = torch.empty(0, model.config.channels, size, size)
+        return report, empty, empty.clone()
+    return report, torch.cat(shown_in), torch.cat(shown_out)
+
+
+def evaluate_folder(
+    model,
+    root: str | Path | ImageFolder,
+    grid_path: str | Path,
+    batch_size: int = 64,
+    max_images: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    shown: int = 16,
+) -> ReconstructionReport:
+    """Reconstruction report on an image folder (a path or a scanned `ImageFolder`), plus a PNG at
+    `grid_path` of `shown` originals, spread over the folder (so over its classes), above their
+    reconstructions."""
+    from lqae.data import scan_image_folder
+    from lqae.images import comparison_grid, save_png
+
+    folder = root if isinstance(root, ImageFolder) else scan_image_folder(root)
+    total = min(len(folder), max_images) if max_images else len(folder)
+    count = min(shown, total)
+    positions = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
+    report, originals, reconstructions = evaluate_reconstruction(
+        model, folder, batch_size, max_images, progress, positions
+    )
+    upscale = max(1, 128 // model.config.image_size)  # 32 px images are unreadable at 1:1
+    save_png(comparison_grid(originals, reconstructions), Path(grid_path), upscale=upscale)
+    return report
 

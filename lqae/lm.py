@@ -61,19 +61,23 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-def load_frozen_lm(name: str) -> FrozenLM:
-    """Load backbone, MLM head (when the checkpoint has one) and tokenizer, frozen and in eval mode."""
+def load_frozen_lm(name: str, mlm_head: bool = True) -> FrozenLM:
+    """Load backbone, MLM head (when asked for and the checkpoint has one) and tokenizer, frozen and
+    in eval mode. Inference passes mlm_head=False: the base model alone loads faster."""
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_lm_path(name)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path)
-            try:
-                model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-                head_missing = any(_is_head_key(k) for k in info.get("missing_keys", ()))
-            except ValueError:  # architecture has no masked-LM class
+            if not mlm_head:
                 model, head_missing = AutoModel.from_pretrained(path), True
+            else:
+                try:
+                    model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+                    head_missing = any(_is_head_key(k) for k in info.get("missing_keys", ()))
+                except ValueError:  # architecture has no masked-LM class
+                    model, head_missing = AutoModel.from_pretrained(path), True
     except (OSError, ValueError) as exc:
         raise LMNotFoundError(_not_found_message(name, exc)) from exc
 
@@ -82,7 +86,7 @@ def load_frozen_lm(name: str) -> FrozenLM:
         head = None if head_missing else _mlm_head(model)
     else:
         backbone, head = model, None
-    if head is None:
+    if head is None and mlm_head:
         log.warning("LM %s has no MLM head: the MLM loss is skipped", name)
     for module in (backbone, head):
         if module is not None:

@@ -43,9 +43,9 @@ class LQAEOutput:
 class LQAE(nn.Module):
     """ViT encoder -> nearest frozen LM token embedding -> frozen LM -> ViT decoder."""
 
-    def __init__(self, config: ModelConfig, lm: FrozenLM | None = None) -> None:
+    def __init__(self, config: ModelConfig, lm: FrozenLM | None = None, mlm_head: bool = True) -> None:
         super().__init__()
-        lm = lm or load_frozen_lm(config.lm_name)
+        lm = lm or load_frozen_lm(config.lm_name, mlm_head=mlm_head and config.mlm_weight > 0)
         word_embeddings = lm.backbone.get_input_embeddings().weight
         vocab_rows, lm_width = word_embeddings.shape
         _check_lm_shape(config, vocab_rows, lm_width)

@@ -44,19 +44,30 @@ def write_token_dataset(path: str | Path, dataset: TokenDataset) -> None:
 
     from lqae.io import atomic_write_bytes
 
-    vocab = int(dataset.model_config.get("lm_vocab_size") or 0)
-    dtype = torch.int16 if 0 < vocab <= 32767 else torch.int32
-    if 32767 < vocab <= 65535:
-        dtype = torch.uint16
+    dtype = ids_dtype(dataset.model_config)
     tensors = {"ids": dataset.ids.to(dtype).contiguous(), "labels": dataset.labels.to(torch.int32).contiguous()}
-    metadata = {
-        "lqae_token_dataset": FORMAT,
-        "classes": json.dumps(dataset.classes),
-        "paths": json.dumps(dataset.paths),
-        "grid": json.dumps(list(dataset.grid)),
-        "model_config": json.dumps(dataset.model_config, sort_keys=True),
-    }
+    metadata = _metadata(dataset.classes, dataset.paths, dataset.grid, dataset.model_config)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+
+
+def ids_dtype(model_config: dict) -> torch.dtype:
+    """The smallest integer dtype that holds every id of the LM vocabulary."""
+    vocab = int(model_config.get("lm_vocab_size") or 0)
+    if 0 < vocab <= 32767:
+        return torch.int16
+    if 32767 < vocab <= 65535:
+        return torch.uint16
+    return torch.int32
+
+
+def _metadata(classes: list[str], paths: list[str], grid, model_config: dict) -> dict[str, str]:
+    return {
+        "lqae_token_dataset": FORMAT,
+        "classes": json.dumps(classes),
+        "paths": json.dumps(paths),
+        "grid": json.dumps(list(grid)),
+        "model_config": json.dumps(model_config, sort_keys=True),
+    }
 
 
 def read_token_dataset(path: str | Path) -> TokenDataset:
@@ -116,3 +127,170 @@ def load_tokens(source: str | Path, model=None, batch_size: int = 64, progress=N
     if model is None:
         raise DataError(f"{source} is an image folder: a model (--model) is needed to encode it")
     return encode_folder(model, scan_image_folder(source), batch_size, progress)
+
+
+# -- streaming: any number of images in bounded memory ---------------------------------------------
+
+_SAFETENSORS_DTYPES = {torch.int16: ("I16", "<i2"), torch.uint16: ("U16", "<u2"), torch.int32: ("I32", "<i4")}
+
+
+class TokenDatasetWriter:
+    """Write the file `write_token_dataset` writes, one batch of rows at a time.
+
+    safetensors keeps shapes and metadata in its header, so rows, labels and paths are fixed up
+    front; ids then stream to a temp file that replaces `path` only when every row was written.
+    Memory holds one batch whatever the number of rows.
+    """
+
+    def __init__(
+        self, path: str | Path, labels: list[int], length: int, classes: list[str], paths: list[str],
+        model_config: dict, grid: tuple[int, int],
+    ) -> None:
+        self.path = Path(path)
+        self.rows, self.length, self.written = len(labels), length, 0
+        self.dtype = ids_dtype(model_config)
+        tag, self._numpy_dtype = _SAFETENSORS_DTYPES[self.dtype]
+        label_bytes = 4 * self.rows
+        self.id_bytes = self.rows * length * np.dtype(self._numpy_dtype).itemsize
+        header = {  # labels (4-byte) before ids (2-byte) keeps both aligned, as safetensors does
+            "__metadata__": _metadata(classes, paths, grid, model_config),
+            "labels": {"dtype": "I32", "shape": [self.rows], "data_offsets": [0, label_bytes]},
+            "ids": {
+                "dtype": tag, "shape": [self.rows, length], "data_offsets": [label_bytes, label_bytes + self.id_bytes],
+            },
+        }
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        self._header = encoded + b" " * (-len(encoded) % 8)
+        self._labels = np.asarray(labels, dtype="<i4")
+        self._handle = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> "TokenDatasetWriter":
+        import os
+        import struct
+        import tempfile
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._tmp, self._handle = Path(tmp), os.fdopen(fd, "wb")
+        self._handle.write(struct.pack("<Q", len(self._header)) + self._header)
+        self._handle.write(self._labels.tobytes())
+        return self
+
+    def write(self, ids: torch.Tensor | np.ndarray) -> None:
+        """Append rows: (b, L) ids."""
+        array = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        if array.ndim != 2 or array.shape[1] != self.length:
+            raise ValueError(f"expected rows of {self.length} ids, got shape {array.shape}")
+        if self.written + array.shape[0] > self.rows:
+            raise ValueError(f"more than the {self.rows} rows announced")
+        self._handle.write(np.ascontiguousarray(array, dtype=self._numpy_dtype).tobytes())
+        self.written += array.shape[0]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import os
+
+        from lqae.io import fsync_dir
+
+        try:
+            if exc_type is None and self.written != self.rows:
+                raise DataError(f"only {self.written} of {self.rows} rows were written to {self.path}")
+            if exc_type is None:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+                self._handle.close()
+                os.replace(self._tmp, self.path)
+                fsync_dir(self.path.parent)
+        finally:
+            if not self._handle.closed:
+                self._handle.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class TokenFileSummary:
+    """What `encode_folder_to_file` wrote."""
+
+    path: str
+    images: int
+    tokens_per_image: int
+    classes: list[str]
+    skipped: int  # unreadable files the folder scan left out
+    id_dtype: str  # e.g. "int16"
+    id_bytes: int  # size of the ids tensor
+    pixel_bytes: int  # the same images as uint8 RGB at the model's resolution
+    file_bytes: int  # the whole file: ids, labels, paths and config
+
+    @property
+    def compression(self) -> float:
+        """How many times smaller the ids are than the pixels."""
+        return self.pixel_bytes / max(1, self.id_bytes)
+
+
+def encode_folder_to_file(
+    model,
+    folder,
+    path: str | Path,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+    timings=None,
+) -> TokenFileSummary:
+    """Encode an `ImageFolder` straight into a token dataset file, streaming: memory holds one
+    batch of pixels and ids whatever the folder size. Nothing is left at `path` on error."""
+    from lqae.codec import encode_images
+    from lqae.config import to_dict
+
+    config = model.config
+    grid = (config.grid_size, config.grid_size)
+    writer = TokenDatasetWriter(
+        path, list(folder.labels), config.num_tokens, list(folder.classes), [str(p) for p in folder.paths],
+        to_dict(config), grid,
+    )
+    with writer:
+        for chunk, ids in encode_images(model, folder.paths, batch_size, timings):
+            writer.write(ids)
+            if progress:
+                progress(len(chunk))
+    return TokenFileSummary(
+        path=str(path), images=len(folder), tokens_per_image=config.num_tokens, classes=list(folder.classes),
+        skipped=len(folder.skipped), id_dtype=str(writer.dtype).replace("torch.", ""), id_bytes=writer.id_bytes,
+        pixel_bytes=len(folder) * config.channels * config.image_size**2, file_bytes=Path(path).stat().st_size,
+    )
+
+
+def select_rows(dataset: TokenDataset, index: list[int] | None) -> list[int]:
+    """Rows picked by `--index` (all when none), in the order given, each once; range-checked."""
+    if not index:
+        return list(range(len(dataset)))
+    for i in index:
+        if not 0 <= i < len(dataset):
+            raise DataError(
+                f"index {i} is out of range: the token dataset holds {len(dataset)} entries (0..{len(dataset) - 1})"
+            )
+    return list(dict.fromkeys(index))
+
+
+def check_compatible(dataset: TokenDataset, config, source: str | Path = "the token dataset") -> None:
+    """Raise when `config`'s model cannot read the dataset's ids; warn when another model wrote them."""
+    import logging
+
+    from lqae.config import to_dict
+    from lqae.errors import CheckpointError, TokenError
+
+    written, current = dataset.model_config, to_dict(config)
+    vocab = written.get("lm_vocab_size")
+    if vocab is not None and current.get("lm_vocab_size") is not None and vocab != current["lm_vocab_size"]:
+        raise CheckpointError(
+            f"{source} holds ids of LM {written.get('lm_name')!r} (vocab {vocab}); this model uses "
+            f"{config.lm_name!r} (vocab {current['lm_vocab_size']}): decode it with the model that wrote it"
+        )
+    if dataset.ids.shape[1] != config.num_tokens:
+        raise TokenError(
+            f"{source} holds {dataset.ids.shape[1]} tokens per image, this model expects {config.num_tokens} "
+            f"({config.grid_size}x{config.grid_size} grid): decode it with the model that wrote it"
+        )
+    differing = sorted(k for k in set(written) | set(current) if written.get(k) != current.get(k))
+    if differing:
+        logging.getLogger(__name__).warning(
+            "%s was written by a model with a different config (%s); decoding anyway", source, ", ".join(differing[:5])
+        )

@@ -1,9 +1,112 @@
-"""`lqae decode` (being written)."""
+"""`lqae decode`: token text (or ids, or entries of a token dataset) -> images at the model's resolution."""
 
-from lqae_cli.common import handle_errors
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lqae_cli.common import MODEL_OPTION_HELP, handle_errors
 
 
 @handle_errors
-def decode() -> None:
-    """Not written yet."""
-    raise NotImplementedError("lqae decode is being written")
+def decode(
+    tokens: Optional[List[str]] = typer.Argument(
+        None, help="Token text of one image (quote it); `-` or nothing reads stdin, one image per line.",
+    ),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="LQAE_MODEL", help=MODEL_OPTION_HELP),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="PNG to write; a folder (made if missing) when several images are decoded.",
+    ),
+    ids: bool = typer.Option(False, "--ids", help="The input is space-separated token ids (`encode --format ids`)."),
+    text: bool = typer.Option(
+        False, "--text",
+        help="The input is decoded text (`encode --format text`): re-tokenise it; it must give exactly the model's "
+        "sequence length. Default: the `tokens` form, falling back to re-tokenised text.",
+    ),
+    source: Optional[Path] = typer.Option(
+        None, "--from", help="Decode entries of a token dataset (.safetensors) written by `lqae encode DIR --out`.",
+    ),
+    index: Optional[List[int]] = typer.Option(
+        None, "--index", "-i", help="With --from: entry to decode (repeat for several; default: all entries).",
+    ),
+    batch_size: int = typer.Option(64, min=1, help="Images per decoder pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+) -> None:
+    """Turn token text back into an image at the model's resolution.
+
+    Reads the `tokens` form exactly, ids with --ids, or text that re-tokenises to the model's length.
+    Several lines on stdin (PATH<TAB>TOKENS or jsonl, as `lqae encode` prints) give a folder of images.
+    Bad input (wrong count, unknown token or id) is one error line, and nothing is written.
+
+    Example: lqae encode digit.png -m runs/t1 --format tokens | lqae decode -m runs/t1 --out back.png
+    From a token dataset: lqae decode --from train.safetensors --index 0 --index 5 -m runs/t1 --out decoded/
+    """
+    from lqae.errors import ConfigError
+
+    if out is None:
+        raise ConfigError("no --out given: name the PNG to write (or a folder for several images)")
+    if ids and text:
+        raise ConfigError("--ids and --text name two different input forms; pass one")
+    if source is not None:
+        if tokens or ids or text:
+            raise ConfigError("--from decodes a token dataset; do not also pass token text, --ids or --text")
+        _decode_dataset(source, index, model, out, batch_size, device, quiet)
+        return
+    if index:
+        raise ConfigError("--index picks entries of a token dataset; use it with --from FILE.safetensors")
+    form = "ids" if ids else "text" if text else "auto"
+    _decode_text(_read_input(tokens), form, model, out, batch_size, device, quiet)
+
+
+def _read_input(tokens: Optional[List[str]]) -> str:
+    from lqae.errors import TokenError
+
+    if tokens and tokens != ["-"]:
+        return " ".join(tokens)
+    if not tokens and sys.stdin.isatty():
+        raise TokenError("no token text given: pass it as an argument, or pipe it on stdin (`-` reads stdin)")
+    return sys.stdin.read()
+
+
+def _decode_text(raw: str, form: str, model, out: Path, batch_size: int, device: str, quiet: bool) -> None:
+    import torch
+
+    from lqae.codec import decode_to_pngs, image_name, output_paths
+    from lqae.tokentext import TokenText
+    from lqae_cli.inference import count_progress, load_run, show_progress
+
+    net = load_run(model, device)
+    lines = TokenText.for_model(net).parse_lines(raw, form)
+    names = [image_name(i, line.path) for i, line in enumerate(lines)]
+    paths = output_paths(out, names)
+    rows = torch.tensor([line.ids for line in lines], dtype=torch.long)  # (N, L)
+    with count_progress("decode", len(paths), show_progress(quiet, len(paths))) as advance:
+        decode_to_pngs(net, rows, paths, batch_size, advance)
+    _summary(paths, net, out, quiet)
+
+
+def _decode_dataset(source: Path, index, model, out: Path, batch_size: int, device: str, quiet: bool) -> None:
+    from lqae.codec import decode_to_pngs, image_name, output_paths
+    from lqae.tokendata import check_compatible, read_token_dataset, select_rows
+    from lqae_cli.inference import count_progress, load_run, show_progress
+
+    dataset = read_token_dataset(source)
+    positions = select_rows(dataset, index)
+    net = load_run(model, device)
+    check_compatible(dataset, net.config, source)
+    paths = output_paths(out, [image_name(i, dataset.paths[i]) for i in positions])
+    with count_progress("decode", len(paths), show_progress(quiet, len(paths))) as advance:
+        decode_to_pngs(net, dataset.ids[positions], paths, batch_size, advance)
+    _summary(paths, net, out, quiet)
+
+
+def _summary(paths: list[Path], net, out: Path, quiet: bool) -> None:
+    if quiet:
+        return
+    side = net.config.image_size
+    where = paths[0] if len(paths) == 1 else f"{out}/"
+    sys.stderr.write(f"wrote {len(paths)} image{'s' if len(paths) > 1 else ''} ({side}x{side}) to {where}\n")

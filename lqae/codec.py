@@ -1,0 +1,142 @@
+"""Image files -> token ids and token ids -> PNG files, in batches so memory stays bounded.
+
+Used by `lqae encode` / `lqae decode`; the token dataset file format lives in `lqae.tokendata`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from lqae.data import is_readable_image, load_image, scan_image_folder
+from lqae.errors import DataError, TokenError
+
+
+@dataclass
+class EncodeTimings:
+    """Where the time of an encode went (seconds)."""
+
+    images: int = 0
+    load_seconds: float = 0.0  # reading, decoding and resizing image files
+    model_seconds: float = 0.0  # inside model.encode (the forward pass and nearest-code search)
+    total_seconds: float = 0.0  # the whole loop, including the consumer of each batch (e.g. printing)
+
+    def as_dict(self) -> dict:
+        return {
+            "images": self.images, "load_s": round(self.load_seconds, 4), "model_s": round(self.model_seconds, 4),
+            "total_s": round(self.total_seconds, 4),
+        }
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named on the command line, folders expanded recursively (sorted), in input order.
+
+    A named file that is missing or unreadable raises DataError before anything is encoded;
+    unreadable files inside a folder are skipped with a warning, as `lqae train` does.
+    """
+    if not inputs:
+        raise DataError("no images given: pass image files or folders")
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(scan_image_folder(item).paths)
+        elif not item.exists():
+            raise DataError(f"image {item} does not exist")
+        elif not is_readable_image(item):
+            raise DataError(f"cannot read image {item}: corrupt or not an image file")
+        else:
+            paths.append(item)
+    return paths
+
+
+def model_device(model) -> torch.device:
+    return next(model.encoder.parameters()).device
+
+
+@torch.inference_mode()
+def encode_images(
+    model,
+    paths: Sequence[Path],
+    batch_size: int = 64,
+    timings: EncodeTimings | None = None,
+) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
+    """Yield (paths, ids (b, L) long on CPU) per batch, in order. Memory holds one batch of pixels.
+
+    Images of any size are resized (shorter side) and centre-cropped to the model's resolution,
+    as at evaluation. Deterministic: the same image and model give the same ids whatever the batch.
+    """
+    model.eval()
+    device = model_device(model)
+    size = model.config.image_size
+    timings = timings if timings is not None else EncodeTimings()
+    started = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        tick = time.perf_counter()
+        images = torch.stack([load_image(p, size) for p in chunk]).to(device)  # (b, C, H, W)
+        tock = time.perf_counter()
+        ids = model.encode(images).cpu()  # (b, L)
+        timings.load_seconds += tock - tick
+        timings.model_seconds += time.perf_counter() - tock
+        timings.images += len(chunk)
+        yield chunk, ids
+        timings.total_seconds = time.perf_counter() - started
+    timings.total_seconds = time.perf_counter() - started
+
+
+def decode_to_pngs(
+    model,
+    ids: torch.Tensor,
+    out_paths: Sequence[Path],
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Decode (N, L) ids and write each image, at the model's resolution, to its PNG (atomically).
+
+    Every row is checked against the codebook before the first file is written, so bad ids
+    leave nothing behind.
+    """
+    from lqae.images import save_png
+
+    if ids.ndim != 2 or ids.shape[0] != len(out_paths):
+        raise ValueError(f"ids {tuple(ids.shape)} do not match {len(out_paths)} output paths")
+    model.codebook.codes_from_token_ids(ids)  # raises TokenError for any id outside the codebook
+    if ids.shape[1] != model.config.num_tokens:
+        raise TokenError(f"got {ids.shape[1]} tokens per image, this model expects {model.config.num_tokens}")
+    device = model_device(model)
+    model.eval()
+    for start in range(0, ids.shape[0], batch_size):
+        images = model.decode(ids[start : start + batch_size].to(device)).cpu()  # (b, C, H, W)
+        for image, path in zip(images, out_paths[start : start + batch_size]):
+            save_png(image, path)
+        if progress:
+            progress(images.shape[0])
+
+
+def output_paths(out: Path, names: Sequence[str]) -> list[Path]:
+    """Where decoded images go: `out` itself for one image, `out/NAME.png` for several.
+
+    One image and `out` an existing folder: `out/NAME.png`. Several: `out` must be a folder (made
+    when missing). Names must be distinct.
+    """
+    out = Path(out)
+    if len(names) == 1 and not out.is_dir():
+        if out.suffix.lower() != ".png":
+            raise DataError(f"--out {out} must end in .png (or be a folder)")
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{len(names)} images to write, but --out {out} is a file: give a folder")
+    if len(set(names)) != len(names):
+        raise ValueError("output names must be distinct")
+    return [out / f"{name}.png" for name in names]
+
+
+def image_name(index: int, source: str | None) -> str:
+    """A stable file name for the index-th decoded image: `00007` or `00007_cat_012` (source stem)."""
+    stem = Path(source).stem if source else ""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:60]
+    return f"{index:05d}_{stem}" if stem else f"{index:05d}"
