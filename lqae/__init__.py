@@ -22,6 +22,7 @@ _LAZY = {
     "TrainConfig": "lqae.config",
     "get_preset": "lqae.config",
     "PRESETS": "lqae.config",
+    "run_probe": "lqae.probe",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

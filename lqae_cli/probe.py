@@ -1,9 +1,188 @@
-"""`lqae probe` (being written)."""
+"""`lqae probe`: linear probe on frozen LQAE features, next to pixel and random-encoder baselines."""
 
-from lqae_cli.common import handle_errors
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lqae_cli.common import MODEL_OPTION_HELP, handle_errors, resolve_device
+
+
+class Baseline(str, Enum):
+    all = "all"
+    pixels = "pixels"
+    random_encoder = "random-encoder"
+    none = "none"
+
+
+BASELINE_NAMES = {
+    Baseline.all: ("pixels", "random-encoder"),
+    Baseline.pixels: ("pixels",),
+    Baseline.random_encoder: ("random-encoder",),
+    Baseline.none: (),
+}
 
 
 @handle_errors
-def probe() -> None:
-    """Not written yet."""
-    raise NotImplementedError("lqae probe is being written")
+def probe(
+    inputs: Optional[List[Path]] = typer.Argument(
+        None, help="TRAIN: image folder (one sub-folder per class) or token dataset from `lqae encode --out`; "
+        "with --apply: images or folders to classify.", show_default=False, metavar="TRAIN | IMAGES",
+    ),
+    val: Optional[Path] = typer.Option(None, "--val", help="Held-out split, same classes as TRAIN (folder or token dataset)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="LQAE_MODEL", help=MODEL_OPTION_HELP),
+    layers: str = typer.Option(
+        "lm", help="lm (every LM hidden state), encoder, all, or a list like lm:0,lm:-1,enc:2 (negative = from the end).",
+    ),
+    epochs: int = typer.Option(100, min=1, help="Head training epochs over the cached features."),
+    baseline: Baseline = typer.Option(Baseline.all, help="Baselines trained with the same head: pixels, random-encoder, all or none."),
+    lr: float = typer.Option(3e-3, help="AdamW peak learning rate of the head (warm-up, then cosine)."),
+    weight_decay: float = typer.Option(1e-4, help="Weight decay of the head's linear weight."),
+    head_batch_size: int = typer.Option(256, min=1, help="Head minibatch size."),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass during feature extraction."),
+    seed: int = typer.Option(0, help="Seed for the head and the random encoder."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write the trained head to this folder (probe.safetensors + probe.json)."),
+    apply: Optional[Path] = typer.Option(None, "--apply", help="Classify the given images with a probe folder written by --save."),
+    lm: Optional[str] = typer.Option(None, help="Load the frozen LM from here instead of the checkpoint's LM name."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure and nothing else on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Linear probe: train LayerNorm + Linear on frozen LM features of TRAIN, report top-1 on --val.
+
+    Example: lqae probe data/digits/train --val data/digits/val --model runs/digits --save runs/digits/probe
+    Apply a saved probe: lqae probe --apply runs/digits/probe --model runs/digits img1.png img2.png
+    """
+    from lqae.errors import ConfigError
+
+    if apply is not None:
+        if not inputs:
+            raise ConfigError("--apply needs images or folders to classify: lqae probe --apply DIR IMG...")
+        _apply(apply, inputs, model, lm, device, batch_size, as_json, quiet)
+        return
+    if not inputs or len(inputs) != 1:
+        raise ConfigError("give exactly one TRAIN folder or token dataset: lqae probe TRAIN --val VAL --model RUN")
+    if val is None:
+        raise ConfigError("--val is required: the probe is scored on a held-out split with the same classes")
+    if model is None:
+        raise ConfigError("--model is required (or set LQAE_MODEL): the checkpoint folder written by `lqae train`")
+
+    from lqae.probe import ProbeConfig, run_probe, save_probe
+
+    config = ProbeConfig(
+        layers=layers, baselines=BASELINE_NAMES[baseline], epochs=epochs, batch_size=head_batch_size, lr=lr,
+        weight_decay=weight_decay, feature_batch_size=batch_size, seed=seed,
+    )
+    loaded = _load_model(model, device, lm)
+    with _progress(not quiet) as progress:
+        report, head = run_probe(loaded, inputs[0], val, config, progress=progress, model_dir=model)
+    if save is not None:
+        save_probe(save, head, report, loaded)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _render(report, save)
+
+
+def _load_model(model: Path, device: str, lm: Optional[str]):
+    from lqae.checkpoint import load_model
+
+    return load_model(model, resolve_device(device), lm_name=lm)
+
+
+def _apply(folder, images, model, lm, device, batch_size, as_json, quiet) -> None:
+    from lqae.errors import ConfigError
+    from lqae.probe import apply_probe, load_probe
+
+    loaded_probe = load_probe(folder)
+    model = model or (Path(loaded_probe.model) if loaded_probe.model else None)
+    if model is None:
+        raise ConfigError("--model is required with --apply (the checkpoint the probe was trained on)")
+    loaded = _load_model(model, device, lm)
+    with _progress(not quiet) as progress:
+        predictions = apply_probe(loaded, loaded_probe, images, batch_size, progress)
+    if as_json:
+        typer.echo(json.dumps([{"path": p.path, "class": p.label, "score": p.score} for p in predictions], indent=2))
+    elif len(predictions) == 1:
+        typer.echo(predictions[0].label)
+    else:
+        for p in predictions:
+            typer.echo(f"{p.path}\t{p.label}")
+
+
+class _progress:
+    """Progress bars on stderr, one per stage; `progress(stage, advanced, total)` is the library callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        self.bars = Progress(
+            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=not (enabled and console.is_terminal), transient=True,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bars.__exit__(*exc)
+
+    def __call__(self, stage: str, advanced: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bars.add_task(stage, total=total)
+        self.bars.advance(self.tasks[stage], advanced)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _render(report, saved: Optional[Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    if not out.is_terminal:  # piped or captured: do not squeeze the tables into 80 columns
+        out = Console(width=120)
+    rows = [("probe", report.probe)] + list(report.baselines.items())
+    summary = Table(title=f"linear probe, layers {_layer_summary(report.layers)}", title_justify="left")
+    for column in ("features", "dim", "train top-1 %", "val top-1 %", "val top-5 %", "extract s", "head s"):
+        summary.add_column(column, justify="left" if column == "features" else "right")
+    for name, scores in rows:
+        summary.add_row(
+            name, str(scores.feature_dim), _percent(scores.train_top1), _percent(scores.top1), _percent(scores.top5),
+            f"{scores.feature_seconds:.1f}", f"{scores.head_seconds:.1f}",
+        )
+    out.print(summary)
+    per_class = Table(title="per-class val top-1 %", title_justify="left")
+    per_class.add_column("class")
+    per_class.add_column("train n", justify="right")
+    per_class.add_column("val n", justify="right")
+    for name, _ in rows:
+        per_class.add_column(name, justify="right")
+    for cls in report.classes:
+        per_class.add_row(
+            cls, str(report.class_counts["train"][cls]), str(report.class_counts["val"][cls]),
+            *(_percent(scores.per_class[cls]) for _, scores in rows),
+        )
+    out.print(per_class)
+    out.print(
+        f"{report.train_size} train / {report.val_size} val images ({report.inputs['train']} / {report.inputs['val']}), "
+        f"{len(report.classes)} classes, majority-class top-1 {_percent(report.majority_top1)}%; features "
+        f"{report.probe.feature_seconds:.1f} s ({report.feature_seconds_per_1000:.1f} s per 1000 images)",
+        soft_wrap=True,
+    )
+    if saved is not None:
+        out.print(f"probe saved to {saved}")
+
+
+def _layer_summary(layers: list[str]) -> str:
+    return ",".join(layers) if len(layers) <= 8 else f"{','.join(layers[:3])},... ({len(layers)} states)"
