@@ -31,6 +31,8 @@ demo: $(STAMP) data/digits
 	$(BIN)/lqae encode data/digits/val/seven/0044.png --model $(DEMO_RUN) --format tokens \
 		| $(BIN)/lqae decode - --model $(DEMO_RUN) --out $(DEMO_RUN)/decoded_seven.png
 	@echo "--- decoded image: $(DEMO_RUN)/decoded_seven.png; sample grids: $(DEMO_RUN)/samples/"
+	@echo "--- few-shot label of that image (token-overlap baseline, 5 supports per class):"
+	$(BIN)/lqae fewshot --support data/digits/train data/digits/val/seven/0044.png --model $(DEMO_RUN) --llm overlap
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -40,6 +42,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/quantizer.py
+	$(BIN)/python bench/encode.py
+	$(BIN)/python bench/fewshot.py --model $(DEMO_RUN)
 
 clean:
 	rm -rf $(VENV) data/digits runs/digits .pytest_cache

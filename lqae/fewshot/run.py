@@ -1,0 +1,211 @@
+"""One entry point for `lqae fewshot`: load the sources, the template and the backend, then predict or evaluate."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lqae.errors import ConfigError, DataError
+from lqae.fewshot.backends import DEFAULT_LLM, Backend, make_backend
+from lqae.fewshot.episodes import TokenPool, TokenTextDecoder, pool_from_dataset
+from lqae.fewshot.evaluate import (
+    EvalSummary, FewshotSettings, Prediction, PredictionRun, ResultsFile, evaluate, fingerprint, predict,
+)
+from lqae.fewshot.prompts import DEFAULT_TEMPLATE, Template, load_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FewshotJob:
+    """What `lqae fewshot` was asked to do."""
+
+    support: Path  # image folder with class sub-folders, or a token dataset (.safetensors)
+    images: list[Path] = field(default_factory=list)  # prediction: images, folders or token datasets
+    query: Path | None = None  # evaluation: query folder or token dataset
+    model_dir: Path | None = None  # LQAE checkpoint, needed to encode images
+    llm: str = DEFAULT_LLM
+    api_base: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    settings: FewshotSettings = field(default_factory=FewshotSettings)
+    bpe_file: Path | None = None
+    device: str = "cpu"
+    out: Path | None = None  # JSON lines, resumable
+    timeout: float = 60.0
+    retries: int = 4
+    reuse_prefix: bool = True
+
+
+@dataclass
+class Progress:
+    """Callbacks for the caller's display; the library never prints."""
+
+    on_stage: Callable[[str], None] | None = None  # "encoding support", "loading LLM", ...
+    on_result: Callable[[dict, int, int], None] | None = None  # evaluation: (record, done, total)
+    on_prediction: Callable[[Prediction], None] | None = None
+
+
+def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> PredictionRun | EvalSummary:
+    """Predict labels for `job.images`, or evaluate on episodes drawn from `job.query`."""
+    progress = progress or Progress()
+    stage = progress.on_stage or (lambda message: None)
+    if bool(job.images) == (job.query is not None):
+        raise ConfigError("give query images to label, or --query DIR to evaluate on episodes (not both)")
+    job.settings.check()
+    template = load_template(job.template)
+    sources = Sources(job.model_dir, job.device, stage)
+    support = sources.pool(job.support, "support")
+    if job.query is not None:
+        queries = sources.pool(job.query, "query")
+    else:
+        queries = sources.images(job.images)
+    _check_compatible(support, queries, job)
+    text = TokenTextDecoder(sources.tokenizer(support.lm_name))
+
+    stage(f"loading {job.llm}")
+    backend = make_backend(
+        job.llm, device=job.device, api_base=job.api_base, timeout=job.timeout, retries=job.retries,
+        bpe_file=job.bpe_file, reuse_prefix=job.reuse_prefix,
+    )
+    _check_template(template, backend, job.settings)
+    run = fingerprint(
+        mode="evaluate" if job.query is not None else "predict", support=_source_id(job.support),
+        query=_source_id(job.query) if job.query is not None else None, llm=job.llm, api_base=job.api_base,
+        template=asdict(template), settings={k: v for k, v in asdict(job.settings).items() if k != "episodes"},
+    )
+    if job.query is not None:
+        results = ResultsFile(job.out, run, "episode") if job.out else None
+        stage("evaluating")
+        return evaluate(support, queries, backend, template, job.settings, text, results, progress.on_result)
+    results = ResultsFile(job.out, run, "query") if job.out else None
+    stage("classifying")
+    return predict(support, queries, backend, template, job.settings, text, results, progress.on_prediction)
+
+
+class Sources:
+    """Turns folders, image files and token datasets into TokenPools, loading the LQAE only when needed."""
+
+    def __init__(self, model_dir: Path | None, device: str, stage: Callable[[str], None]) -> None:
+        self.model_dir, self.device, self.stage = model_dir, device, stage
+        self._model = None
+
+    def model(self, why: str):
+        if self._model is None:
+            if self.model_dir is None:
+                raise DataError(f"{why} holds images: an LQAE checkpoint (--model RUN_DIR or $LQAE_MODEL) is needed to encode them")
+            from lqae.checkpoint import load_model
+
+            self.stage(f"loading LQAE {self.model_dir}")
+            lm_log = logging.getLogger("lqae.lm")
+            level = lm_log.level
+            lm_log.setLevel(logging.ERROR)  # "no MLM head" concerns training, not few-shot use
+            try:
+                self._model = load_model(self.model_dir, self.device)
+            finally:
+                lm_log.setLevel(level)
+        return self._model
+
+    def pool(self, source: Path, role: str) -> TokenPool:
+        from lqae.data import scan_image_folder
+        from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset
+
+        if is_token_dataset(source):
+            return pool_from_dataset(read_token_dataset(source), f"--{role} {source}")
+        if not Path(source).exists():
+            raise DataError(f"--{role} {source} does not exist (give an image folder or a token dataset .safetensors)")
+        folder = scan_image_folder(source)
+        if not folder.classes:
+            raise DataError(f"--{role} {source} has no class sub-folders; it needs one sub-folder per class (the folder name is the label)")
+        model = self.model(f"--{role} {source}")
+        self.stage(f"encoding {len(folder)} {role} images")
+        return pool_from_dataset(encode_folder(model, folder), f"--{role} {source}")
+
+    def images(self, paths: list[Path]) -> TokenPool:
+        """Query images to label: image files, folders of images, or token datasets (every row)."""
+        from lqae.data import IMAGE_EXTENSIONS, load_image, scan_image_folder
+        from lqae.tokendata import is_token_dataset, read_token_dataset
+
+        ids, names, lm_name, files = [], [], None, []
+        for path in paths:
+            if is_token_dataset(path):
+                dataset = read_token_dataset(path)
+                ids += dataset.ids.tolist()
+                names += [str(p) for p in dataset.paths]
+                lm_name = lm_name or str(dataset.model_config.get("lm_name", ""))
+            elif Path(path).is_dir():
+                for image in scan_image_folder(path).paths:
+                    files.append((len(names), image))
+                    names.append(str(image))
+                    ids.append(None)
+            else:
+                if not Path(path).is_file():
+                    raise DataError(f"query image {path} does not exist")
+                if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise DataError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)}) or a token dataset")
+                files.append((len(names), Path(path)))
+                names.append(str(path))
+                ids.append(None)
+        if files:
+            import torch
+
+            model = self.model(f"query {files[0][1]}")
+            self.stage(f"encoding {len(files)} query images")
+            size = model.config.image_size
+            for start in range(0, len(files), 64):
+                batch = files[start : start + 64]
+                images = torch.stack([load_image(p, size) for _, p in batch]).to(self.device)
+                for (position, _), row in zip(batch, model.encode(images).cpu().tolist()):
+                    ids[position] = row
+            lm_name = lm_name or model.config.lm_name
+        return TokenPool(ids, [-1] * len(ids), [], names, lm_name or "")
+
+    def tokenizer(self, lm_name: str):
+        """The tokenizer that turns LQAE token ids into token text."""
+        if self._model is not None and self._model.config.lm_name == lm_name:
+            return self._model.tokenizer
+        if not lm_name:
+            raise DataError("the token dataset does not name its LM (model_config.lm_name); re-encode it with `lqae encode`")
+        from transformers import AutoTokenizer
+
+        from lqae.errors import LMNotFoundError
+        from lqae.lm import _not_found_message, _quiet_transformers, resolve_lm_path
+
+        try:
+            with _quiet_transformers():
+                return AutoTokenizer.from_pretrained(resolve_lm_path(lm_name))
+        except (OSError, ValueError) as exc:
+            raise LMNotFoundError(_not_found_message(lm_name, exc)) from exc
+
+
+def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -> None:
+    if queries.lm_name and support.lm_name and queries.lm_name != support.lm_name:
+        raise DataError(
+            f"support tokens come from LM {support.lm_name!r} but query tokens from {queries.lm_name!r}; "
+            "encode both with the same LQAE checkpoint"
+        )
+    if len(queries) and queries.tokens_per_image != support.tokens_per_image:
+        raise DataError(
+            f"support images have {support.tokens_per_image} tokens each but queries {queries.tokens_per_image}; "
+            "encode both with the same LQAE checkpoint"
+        )
+
+
+def _check_template(template: Template, backend: Backend, settings: FewshotSettings) -> None:
+    if template.format != "chat" or not backend.reads_text:
+        return
+    if not backend.supports_chat():
+        raise ConfigError(f"{backend.name} has no chat template; use a completion template (--template completion)")
+    if settings.scoring == "loglik" and not backend.supports_chat_loglik:
+        raise ConfigError(
+            f"chat templates cannot be scored by log-likelihood through {backend.name} (/v1/completions takes "
+            "plain text); use --scoring generate or --template completion"
+        )
+
+
+def _source_id(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    path = Path(path)
+    return str(path.resolve())
