@@ -61,11 +61,20 @@ def nearest_codes(vectors: torch.Tensor, normalized_codebook: torch.Tensor, chun
 
     Chunked over tokens so memory stays at chunk_tokens x K scores whatever N is.
     """
+    with torch.autocast(device_type=vectors.device.type, enabled=False):  # exact fp32 search under bf16 training
+        return _nearest_codes_fp32(vectors, normalized_codebook, chunk_tokens)
+
+
+def _nearest_codes_fp32(vectors: torch.Tensor, normalized_codebook: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     queries = F.normalize(vectors.float(), dim=-1)
-    codes = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
-    for start in range(0, queries.shape[0], chunk_tokens):
-        scores = queries[start : start + chunk_tokens] @ normalized_codebook.T  # (n, K)
-        codes[start : start + chunk_tokens] = scores.argmax(dim=-1)
+    total = queries.shape[0]
+    codes = torch.empty(total, dtype=torch.long, device=queries.device)
+    # One score buffer reused by every chunk: no fresh multi-hundred-MB allocation per chunk.
+    scores = torch.empty(min(chunk_tokens, total), normalized_codebook.shape[0], device=queries.device)
+    for start in range(0, total, chunk_tokens):
+        chunk = queries[start : start + chunk_tokens]
+        torch.mm(chunk, normalized_codebook.T, out=scores[: chunk.shape[0]])  # (n, K)
+        codes[start : start + chunk.shape[0]] = scores[: chunk.shape[0]].argmax(dim=-1)
     return codes
 
 

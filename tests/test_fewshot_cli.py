@@ -15,7 +15,11 @@ from typer.testing import CliRunner
 from lqae_cli.app import app
 from test_fewshot_helpers import one_thread, write_tiny_gpt2
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    # the `lqae` script lives beside this interpreter, whether or not its venv is activated
+    "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+}
 
 
 @pytest.fixture(autouse=True)
