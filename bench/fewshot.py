@@ -3,7 +3,7 @@
 Prints one JSON line: seconds per episode both ways, the speed-up, prompt tokens per episode and
 per image (LLM tokens of one image's token text), and whether both paths predicted the same labels.
 
-    python bench/fewshot.py --model runs/t1 --support data/digits/train --query data/digits/val
+    python bench/fewshot.py --model runs/digits --support data/digits/train --query data/digits/val
     OMP_NUM_THREADS=1 python bench/fewshot.py ...   # on a busy CPU, one thread is often faster
 """
 
@@ -17,7 +17,7 @@ from dataclasses import replace
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/t1", help="LQAE checkpoint (to encode image folders)")
+    parser.add_argument("--model", default="runs/digits", help="LQAE checkpoint (to encode image folders)")
     parser.add_argument("--support", default="data/digits/train")
     parser.add_argument("--query", default="data/digits/val")
     parser.add_argument("--llm", default=None, help="hf:NAME_OR_PATH (default: the toolkit's default LLM)")

@@ -42,8 +42,8 @@ def decode(
     Several lines on stdin (PATH<TAB>TOKENS or jsonl, as `lqae encode` prints) give a folder of images.
     Bad input (wrong count, unknown token or id) is one error line, and nothing is written.
 
-    Example: lqae encode digit.png -m runs/t1 --format tokens | lqae decode -m runs/t1 --out back.png
-    From a token dataset: lqae decode --from train.safetensors --index 0 --index 5 -m runs/t1 --out decoded/
+    Example: lqae encode digit.png -m runs/digits --format tokens | lqae decode -m runs/digits --out back.png
+    From a token dataset: lqae decode --from train.safetensors --index 0 --index 5 -m runs/digits --out decoded/
     """
     from lqae.errors import ConfigError
 

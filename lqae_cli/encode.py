@@ -55,9 +55,9 @@ def encode(
     Images of any size are resized and centre-cropped to the model's resolution.
     The same image and model always give the same tokens.
 
-    Example: lqae encode digit.png --model runs/t1 --format tokens | lqae decode -m runs/t1 --out back.png
-    Folder to a token dataset: lqae encode data/digits/train -m runs/t1 --out train.safetensors
-    Reconstruction quality: lqae encode --eval data/digits/val -m runs/t1 --grid-png recon.png
+    Example: lqae encode digit.png --model runs/digits --format tokens | lqae decode -m runs/digits --out back.png
+    Folder to a token dataset: lqae encode data/digits/train -m runs/digits --out train.safetensors
+    Reconstruction quality: lqae encode --eval data/digits/val -m runs/digits --grid-png recon.png
     """
     from lqae.errors import ConfigError
 

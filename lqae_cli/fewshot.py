@@ -74,8 +74,8 @@ def fewshot(
 ) -> None:
     """Label images with an LLM shown labelled support images as token text, or evaluate it on episodes.
 
-    Example: lqae fewshot --support data/digits/train data/digits/val/seven/0007.png --model runs/t1
-    Evaluate: lqae fewshot --support train/ --query val/ --model runs/t1 --ways 5 --shots 1 --episodes 200 --seed 0
+    Example: lqae fewshot --support data/digits/train data/digits/val/seven/0044.png --model runs/digits
+    Evaluate: lqae fewshot --support train/ --query val/ --model runs/digits --ways 5 --shots 1 --episodes 200 --seed 0
     One query prints just its label; several print `path<TAB>label` lines. Templates: see prompts/README.md.
     """
     from lqae.errors import ConfigError
