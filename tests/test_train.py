@@ -110,3 +110,9 @@ def test_tiny_preset_trains_with_real_minilm(image_folder, tmp_path):
     assert result.step == 3 and torch.isfinite(torch.tensor(result.last_metrics["loss"]))
     config = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert (config["lm_vocab_size"], config["lm_width"]) == (30522, 384)
+
+
+def test_bf16_autocast_trains(tiny_lm_dir, image_folder, tmp_path):
+    """The bf16 path (the CUDA default) also runs under CPU autocast: no dtype mismatches."""
+    result = train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2, precision="bf16"))
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_metrics["loss"]))
