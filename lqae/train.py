@@ -7,12 +7,14 @@ through callbacks (the CLI draws a progress bar from them).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,9 +229,11 @@ def train(
                 for cb in callbacks:
                     cb.on_checkpoint(step, run_dir)
             if interrupted:
+                del wrapped, batches, loader
                 _teardown_distributed(world)
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step)
     result.step = step
+    del wrapped, batches, loader  # DDP's reducer must go before its process group does
     _teardown_distributed(world)
     return result
 
@@ -366,7 +370,10 @@ def _wrap_ddp(model, device: str):
 
     ids = [torch.device(device).index] if device.startswith("cuda") else None
     # The codebook buffers are identical on every rank: no need to broadcast them each step.
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # (Newer torch renames the flag; the old name still works and exists on every supported version.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def _any_rank(flag: bool, device: str) -> bool:
@@ -377,4 +384,6 @@ def _any_rank(flag: bool, device: str) -> bool:
 
 def _teardown_distributed(world: int) -> None:
     if world > 1 and dist.is_initialized():
+        gc.collect()
+        dist.barrier()  # nobody tears down while another rank still talks
         dist.destroy_process_group()

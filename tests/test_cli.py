@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -70,9 +71,7 @@ def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
     assert read_config(tmp_path / "run")[2] == 3
 
 
-def test_debug_env_shows_traceback(tmp_path, tiny_lm_dir, monkeypatch):
-    import os
-
+def test_debug_env_shows_traceback(tmp_path, tiny_lm_dir):
     env = dict(os.environ, LQAE_DEBUG="1")
     result = subprocess.run(
         [sys.executable, "-m", "lqae_cli", "train", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), "--lm", str(tiny_lm_dir)],
@@ -87,7 +86,7 @@ def test_ddp_two_processes_on_cpu_gloo(tmp_path, tiny_lm_dir, image_folder):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lqae_cli",
          "train", str(image_folder), "--out", str(tmp_path / "run"), "--lm", str(tiny_lm_dir), "--image-size", "16",
          "--patch-size", "4", "--batch-size", "4", "--steps", "2", "--log-every", "1", "--quiet", "--workers", "0", "--device", "cpu"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     import json
