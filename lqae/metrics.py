@@ -10,8 +10,13 @@ import torch.nn.functional as F
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB for images in [0, 1], averaged over the batch."""
+    return float(psnr_tensor(reconstruction, target))
+
+
+def psnr_tensor(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`psnr` as a 0-d tensor on the images' device (no host sync, for per-step bookkeeping)."""
     mse = (reconstruction.clamp(0, 1).float() - target.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((-10 * torch.log10(mse)).mean())
+    return (-10 * torch.log10(mse)).mean()
 
 
 def ssim(reconstruction: torch.Tensor, target: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:

@@ -28,7 +28,7 @@ from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, load_image, 
 from lqae.errors import CheckpointError, ConfigError
 from lqae.evaluate import evaluate_reconstruction
 from lqae.images import comparison_grid, save_png
-from lqae.metrics import psnr, usage_from_counts
+from lqae.metrics import psnr_tensor, usage_from_counts
 
 log = logging.getLogger(__name__)
 
@@ -242,30 +242,34 @@ def train(
 
 
 class _Window:
-    """Running sums of the metrics between two log lines."""
+    """Running sums of the metrics between two log lines, kept on the device: one host sync per
+    log line, not several per step."""
 
     def __init__(self, codebook_size: int) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.batches = 0
         self.steps = 0
         self.time = 0.0
-        self.counts = torch.zeros(codebook_size, dtype=torch.long)
+        self.codebook_size = codebook_size
+        self.counts: torch.Tensor | None = None
 
     def add(self, out, images: torch.Tensor) -> None:
         parts = {
-            "loss": out.loss, "recon_loss": out.losses.reconstruction,
-            "commitment_loss": out.losses.commitment, "mlm_loss": out.losses.mlm, "usage_loss": out.losses.usage,
+            "loss": out.loss, "recon_loss": out.losses.reconstruction, "commitment_loss": out.losses.commitment,
+            "mlm_loss": out.losses.mlm, "usage_loss": out.losses.usage,
+            "psnr": psnr_tensor(out.reconstruction.detach(), images),
         }
         for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
-        self.sums["psnr"] = self.sums.get("psnr", 0.0) + psnr(out.reconstruction.detach(), images)
-        self.counts += torch.bincount(out.codes.detach().flatten().cpu(), minlength=self.counts.numel())
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        counts = torch.bincount(out.codes.detach().flatten(), minlength=self.codebook_size)
+        self.counts = counts if self.counts is None else self.counts + counts
         self.batches += 1
 
     def summary(self, step: int, lr: float, images_per_step: int) -> dict[str, float]:
         metrics: dict[str, Any] = {"step": step, "lr": lr}
-        metrics.update({k: v / max(1, self.batches) for k, v in self.sums.items()})
-        metrics["unique_codes"], metrics["code_perplexity"] = usage_from_counts(self.counts)
+        metrics.update({k: float(v) / max(1, self.batches) for k, v in self.sums.items()})
+        counts = self.counts if self.counts is not None else torch.zeros(self.codebook_size, dtype=torch.long)
+        metrics["unique_codes"], metrics["code_perplexity"] = usage_from_counts(counts.cpu())
         metrics["sec_per_step"] = self.time / max(1, self.steps)
         metrics["images_per_sec"] = images_per_step / max(1e-9, metrics["sec_per_step"])
         return metrics
