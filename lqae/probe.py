@@ -498,22 +498,12 @@ def run_probe(
 
 def _check_token_source(model, split: ProbeSplit, role: str) -> None:
     """Token ids only mean something to the LM (and codebook) that wrote them."""
-    cfg, written = model.config, split.model_config or {}
-    if (written.get("lm_vocab_size"), written.get("lm_width")) != (cfg.lm_vocab_size, cfg.lm_width):
-        raise DataError(
-            f"{role} {split.source} was encoded with LM {written.get('lm_name')!r} (vocab {written.get('lm_vocab_size')} "
-            f"x width {written.get('lm_width')}), this model uses {cfg.lm_name!r} (vocab {cfg.lm_vocab_size} x width "
-            f"{cfg.lm_width}); re-encode it with this model or pass the image folder"
-        )
-    if split.ids.shape[1] != cfg.num_tokens:
-        raise DataError(
-            f"{role} {split.source} has {split.ids.shape[1]} tokens per image but this model uses "
-            f"{cfg.num_tokens}: it was encoded with another model; re-encode it or pass the image folder"
-        )
-    from lqae.config import to_dict
+    from lqae.tokendata import check_ids_fit
 
-    if _shape_keys(written) != _shape_keys(to_dict(cfg)):
-        log.warning("%s %s was encoded with a model of another config; its tokens may not match this model's", role, split.source)
+    check_ids_fit(
+        split.model_config or {}, split.ids.shape[1], model.config, f"{role} {split.source}",
+        "re-encode it with this model or pass the image folder",
+    )
 
 
 def _warn_imbalance(counts: dict[str, int]) -> None:

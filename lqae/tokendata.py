@@ -271,26 +271,34 @@ def select_rows(dataset: TokenDataset, index: list[int] | None) -> list[int]:
 
 
 def check_compatible(dataset: TokenDataset, config, source: str | Path = "the token dataset") -> None:
-    """Raise when `config`'s model cannot read the dataset's ids; warn when another model wrote them."""
+    """Raise when `config`'s model cannot decode the dataset's ids; warn when another model wrote them."""
+    check_ids_fit(dataset.model_config, dataset.ids.shape[1], config, source, "decode it with the model that wrote it")
+
+
+def check_ids_fit(written: dict, length: int, config, source: str | Path, fix: str) -> None:
+    """Token ids written by a model with config `written` (a dict) mean something to the model of
+    `config` only when both share the LM (vocabulary and width) and the sequence length. Raise when
+    they do not (the message ends with `fix`); warn when other config fields differ."""
     import logging
 
     from lqae.config import to_dict
     from lqae.errors import CheckpointError, TokenError
 
-    written, current = dataset.model_config, to_dict(config)
-    vocab = written.get("lm_vocab_size")
-    if vocab is not None and current.get("lm_vocab_size") is not None and vocab != current["lm_vocab_size"]:
+    current = to_dict(config)
+    lm_written = (written.get("lm_vocab_size"), written.get("lm_width"))
+    lm_current = (current.get("lm_vocab_size"), current.get("lm_width"))
+    if None not in lm_written and None not in lm_current and lm_written != lm_current:
         raise CheckpointError(
-            f"{source} holds ids of LM {written.get('lm_name')!r} (vocab {vocab}); this model uses "
-            f"{config.lm_name!r} (vocab {current['lm_vocab_size']}): decode it with the model that wrote it"
+            f"{source} holds ids of LM {written.get('lm_name')!r} (vocab {lm_written[0]} x width {lm_written[1]}); "
+            f"this model uses {config.lm_name!r} (vocab {lm_current[0]} x width {lm_current[1]}): {fix}"
         )
-    if dataset.ids.shape[1] != config.num_tokens:
+    if length != config.num_tokens:
         raise TokenError(
-            f"{source} holds {dataset.ids.shape[1]} tokens per image, this model expects {config.num_tokens} "
-            f"({config.grid_size}x{config.grid_size} grid): decode it with the model that wrote it"
+            f"{source} holds {length} tokens per image, this model expects {config.num_tokens} "
+            f"({config.grid_size}x{config.grid_size} grid): {fix}"
         )
     differing = sorted(k for k in set(written) | set(current) if written.get(k) != current.get(k))
     if differing:
         logging.getLogger(__name__).warning(
-            "%s was written by a model with a different config (%s); decoding anyway", source, ", ".join(differing[:5])
+            "%s was written by a model with a different config (%s); using it anyway", source, ", ".join(differing[:5])
         )

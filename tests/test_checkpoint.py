@@ -4,10 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model_config, tiny_train_config, write_tiny_lm
+from conftest import tiny_train_config, write_tiny_lm
 from lqae import checkpoint as ckpt
 from lqae.errors import CheckpointError
-from lqae.model import LQAE
 
 
 def test_save_load_round_trip(tiny_model, tmp_path):
