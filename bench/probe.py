@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -20,14 +19,9 @@ from lqae.data import load_image
 from lqae.probe import ProbeSplit, extract_features, layer_counts, load_split, parse_layers
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+
+
+from _timing import best_time  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 
 def main() -> None:

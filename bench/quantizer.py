@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +16,9 @@ import torch.nn.functional as F
 from lqae.quantizer import nearest_codes
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+
+
+from _timing import best_time  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 
 def main() -> None:
