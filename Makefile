@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RUN ?= runs/digits
-DEMO_STEPS ?= 600
+DEMO_STEPS ?= 1200
 
 .PHONY: install demo test test-all bench clean
 
@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/quantizer.py
 	$(BIN)/python bench/encode.py
 	$(BIN)/python bench/fewshot.py --model $(DEMO_RUN)
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) data/digits runs/digits .pytest_cache

@@ -18,7 +18,7 @@ from lqae.vit import Decoder, Encoder, init_weights
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_MODULES = ("encoder", "decoder")
+TRAINABLE_MODULES = ("encoder", "decoder", "codebook")  # the codebook has weights only with a learned search map
 
 
 class LossBreakdown(NamedTuple):
@@ -26,6 +26,7 @@ class LossBreakdown(NamedTuple):
     commitment: torch.Tensor  # mean((sg(e) - z)^2), unweighted
     mlm: torch.Tensor  # LM-head cross-entropy at masked positions (0 when skipped)
     usage: torch.Tensor  # code-usage regulariser (0 when usage_weight is 0 or at eval)
+    codebook: torch.Tensor  # learned search map's codebook loss (0 with the reference search)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class LQAEOutput:
     token_ids: torch.Tensor  # (B, N) LM vocabulary ids
     codes: torch.Tensor  # (B, N) codebook indices
     mask: torch.Tensor  # (B, N) bool, True where the LM saw its mask token
+    encoder_norm: torch.Tensor  # scalar, mean L2 norm of the raw encoder output
     loss: torch.Tensor  # weighted total
     losses: LossBreakdown
 
@@ -62,7 +64,10 @@ class LQAE(nn.Module):
         self.mlm_head = lm.mlm_head
         self.position_offset = lm.position_offset
         self.codebook = LanguageCodebook(
-            word_embeddings, token_ids, config.search_chunk_tokens, config.usage_temperature, config.usage_sample_tokens
+            word_embeddings, token_ids, config.search_chunk_tokens, config.usage_temperature, config.usage_sample_tokens,
+            encoder_output=config.encoder_output, commitment=config.commitment,
+            straight_through=config.straight_through, search_space=config.search_space, latent_dim=config.latent_dim,
+            soft_top_k=config.soft_top_k, soft_temperature=config.soft_temperature,
         )
         mask_id = lm.tokenizer.mask_token_id
         if mask_id is None and config.mask_ratio > 0:
@@ -75,7 +80,7 @@ class LQAE(nn.Module):
         )
         self.encoder = Encoder(
             width=config.encoder_width, depth=config.encoder_depth, heads=config.encoder_heads,
-            out_width=lm_width, **shared,
+            out_width=lm_width, standardize=config.encoder_output == "standardize", **shared,
         )
         self.decoder = Decoder(
             width=config.decoder_width, depth=config.decoder_depth, heads=config.decoder_heads,
@@ -83,6 +88,9 @@ class LQAE(nn.Module):
         )
         init_weights(self.encoder)
         init_weights(self.decoder)
+        if self.encoder.standardize is not None:
+            codes = self.codebook.embeddings
+            self.encoder.standardize.set_target(codes.mean(0), codes.std(0))
 
     # -- frozen LM -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "LQAE":
@@ -109,15 +117,18 @@ class LQAE(nn.Module):
         return self.run_lm(self.codebook.embeddings[codes], output_hidden_states=True).hidden_states
 
     # -- main API --------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> LQAEOutput:
-        """images: (B, C, H, W) in [0, 1]. Masks tokens only in training mode."""
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, mask_scale: float = 1.0
+    ) -> LQAEOutput:
+        """images: (B, C, H, W) in [0, 1]. Masks tokens only in training mode, at `mask_scale` times the
+        configured ratio (the trainer's mask warm-up)."""
         z = self.encoder(images)  # (B, N, D)
         quant = self.codebook(z, usage=self.training and self.config.usage_weight > 0)
-        mask = self._sample_mask(quant.codes.shape, images.device, generator)
+        mask = self._sample_mask(quant.codes.shape, images.device, generator, mask_scale)
         lm_input = quant.quantized
         if mask.any():
             lm_input = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(lm_input.dtype), lm_input)
-        hidden = self.run_lm(lm_input).last_hidden_state  # (B, N, D)
+        hidden = self._decoder_input(lm_input)  # (B, N, D)
         reconstruction = self.decoder(hidden)
         recon_loss = F.mse_loss(reconstruction.float(), images.float())
         mlm_loss = self._mlm_loss(hidden, quant.token_ids, mask)
@@ -127,10 +138,11 @@ class LQAE(nn.Module):
             + cfg.commitment_weight * quant.commitment_loss
             + cfg.mlm_weight * mlm_loss
             + cfg.usage_weight * quant.usage_loss
+            + cfg.codebook_weight * quant.codebook_loss
         )
         return LQAEOutput(
-            reconstruction, quant.token_ids, quant.codes, mask, loss,
-            LossBreakdown(recon_loss, quant.commitment_loss, mlm_loss, quant.usage_loss),
+            reconstruction, quant.token_ids, quant.codes, mask, quant.encoder_norm, loss,
+            LossBreakdown(recon_loss, quant.commitment_loss, mlm_loss, quant.usage_loss, quant.codebook_loss),
         )
 
     @torch.no_grad()
@@ -146,8 +158,7 @@ class LQAE(nn.Module):
 
             raise TokenError(f"got {token_ids.shape[-1]} tokens, this model expects {self.config.num_tokens}")
         codes = self.codebook.codes_from_token_ids(token_ids)
-        hidden = self.run_lm(self.codebook.embeddings[codes]).last_hidden_state
-        return self.decoder(hidden).clamp(0, 1)
+        return self.decoder(self._decoder_input(self.codebook.embeddings[codes])).clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -155,12 +166,28 @@ class LQAE(nn.Module):
         return self.decode(self.encode(images))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _sample_mask(self, shape, device, generator) -> torch.Tensor:
-        ratio = self.config.mask_ratio if self.training and self.mask_embedding is not None else 0.0
-        if ratio <= 0:
+    def _decoder_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads: the LM's last hidden state (the method), or, as a diagnostic that
+        separates quantizer limits from LM-channel limits, the code embeddings themselves."""
+        if self.config.decoder_input == "embeddings":
+            return embeddings
+        return self.run_lm(embeddings).last_hidden_state
+
+    def _sample_mask(self, shape, device, generator, scale: float = 1.0) -> torch.Tensor:
+        """(B, N) bool. A fixed per-token ratio, or with mask_ratio_min a ratio drawn per image from
+        [mask_ratio_min, mask_ratio]. (The official release draws a ratio per token, which for
+        independent tokens is the same as a fixed ratio at the range's mean.)"""
+        cfg = self.config
+        if not self.training or self.mask_embedding is None or cfg.mask_ratio * scale <= 0:
             return torch.zeros(shape, dtype=torch.bool, device=device)
-        noise = torch.rand(shape, generator=generator, device=generator.device if generator else device)
-        return (noise < ratio).to(device)
+        sample_device = generator.device if generator else device
+        noise = torch.rand(shape, generator=generator, device=sample_device)
+        ratio = torch.full((shape[0], 1), cfg.mask_ratio, device=sample_device)
+        if cfg.mask_ratio_min is not None:
+            ratio = cfg.mask_ratio_min + (cfg.mask_ratio - cfg.mask_ratio_min) * torch.rand(
+                shape[0], 1, generator=generator, device=sample_device
+            )
+        return (noise < ratio * scale).to(device)
 
     def _mlm_loss(self, hidden: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.mlm_head is None or self.config.mlm_weight == 0 or not mask.any():

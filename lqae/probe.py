@@ -203,8 +203,10 @@ def _require_images(split: ProbeSplit, role: str, why: str) -> None:
 
 
 # -- features --------------------------------------------------------------------------------------
-def random_encoder(model, seed: int) -> nn.Module:
-    """The model's encoder architecture, freshly initialised (seeded, global RNG untouched)."""
+def random_encoder(model, seed: int, calibration: ProbeSplit | None = None, batch_size: int = 64) -> nn.Module:
+    """The model's encoder architecture, freshly initialised (seeded, global RNG untouched). An
+    output standardisation gets the model's target statistics and running statistics measured on
+    (up to 1,024 of) the `calibration` images, as the trained encoder's were on its training data."""
     from lqae.vit import Encoder, init_weights
 
     cfg = model.config
@@ -214,9 +216,22 @@ def random_encoder(model, seed: int) -> nn.Module:
         encoder = Encoder(
             image_size=cfg.image_size, patch_size=cfg.patch_size, channels=cfg.channels, width=cfg.encoder_width,
             depth=cfg.encoder_depth, heads=cfg.encoder_heads, mlp_ratio=cfg.mlp_ratio, out_width=cfg.lm_width,
+            standardize=model.encoder.standardize is not None,
         )
         init_weights(encoder)
-    return encoder.to(device).eval()
+    encoder = encoder.to(device).eval()
+    if encoder.standardize is not None:
+        trained = model.encoder.standardize
+        encoder.standardize.set_target(trained.target_mean, trained.target_std)
+        if calibration is not None:
+            paths = calibration.paths[:1024]
+            batches = (
+                encoder.features(torch.stack([load_image(p, cfg.image_size) for p in paths[i : i + batch_size]]).to(device))
+                for i in range(0, len(paths), batch_size)
+            )
+            with torch.no_grad():
+                encoder.standardize.calibrate(batches)
+    return encoder
 
 
 @torch.no_grad()
@@ -480,7 +495,7 @@ def run_probe(
         size = model.config.image_size
         baselines["pixels"] = fit("pixels", lambda s, stage: pixel_features(s, size, progress, stage))[0]
     if "random-encoder" in config.baselines:
-        encoder = random_encoder(model, config.seed)
+        encoder = random_encoder(model, config.seed, train, config.feature_batch_size)
         baselines["random-encoder"] = fit(
             "random-encoder",
             lambda s, stage: extract_features(model, s, layers, batch, encoder=encoder, progress=progress, stage=stage),

@@ -56,40 +56,75 @@ def _is_whole_word(token: str, marker: str | None) -> bool:
     return word.isascii() and word.isalpha()
 
 
-def nearest_codes(vectors: torch.Tensor, normalized_codebook: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
-    """Exact cosine nearest neighbour: (N, D) x (K, D) unit rows -> (N,) code indices.
+def nearest_codes(
+    vectors: torch.Tensor, normalized_codebook: torch.Tensor, chunk_tokens: int = 4096, k: int = 1
+) -> torch.Tensor:
+    """Exact cosine nearest neighbour: (N, D) x (K, D) unit rows -> (N,) code indices, or with k > 1
+    the (N, k) nearest, nearest first.
 
     Chunked over tokens so memory stays at chunk_tokens x K scores whatever N is.
     """
     with torch.autocast(device_type=vectors.device.type, enabled=False):  # exact fp32 search under bf16 training
-        return _nearest_codes_fp32(vectors, normalized_codebook, chunk_tokens)
+        return _nearest_codes_fp32(vectors, normalized_codebook, chunk_tokens, k)
 
 
-def _nearest_codes_fp32(vectors: torch.Tensor, normalized_codebook: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def _nearest_codes_fp32(vectors: torch.Tensor, normalized_codebook: torch.Tensor, chunk_tokens: int, k: int) -> torch.Tensor:
     queries = F.normalize(vectors.float(), dim=-1)
     total = queries.shape[0]
-    codes = torch.empty(total, dtype=torch.long, device=queries.device)
+    codes = torch.empty(total, k, dtype=torch.long, device=queries.device)
     # One score buffer reused by every chunk: no fresh multi-hundred-MB allocation per chunk.
     scores = torch.empty(min(chunk_tokens, total), normalized_codebook.shape[0], device=queries.device)
     for start in range(0, total, chunk_tokens):
         chunk = queries[start : start + chunk_tokens]
         torch.mm(chunk, normalized_codebook.T, out=scores[: chunk.shape[0]])  # (n, K)
-        codes[start : start + chunk.shape[0]] = scores[: chunk.shape[0]].argmax(dim=-1)
-    return codes
+        block = scores[: chunk.shape[0]]
+        codes[start : start + chunk.shape[0]] = block.argmax(dim=-1, keepdim=True) if k == 1 else block.topk(k, dim=-1).indices
+    return codes[:, 0] if k == 1 else codes
 
 
 class QuantizerOutput(NamedTuple):
     quantized: torch.Tensor  # (B, N, D) raw LM embeddings, straight-through to the encoder
     codes: torch.Tensor  # (B, N) indices into the codebook
     token_ids: torch.Tensor  # (B, N) LM vocabulary ids
-    commitment_loss: torch.Tensor  # scalar, unweighted mean((sg(e) - z)^2)
+    commitment_loss: torch.Tensor  # scalar, unweighted: pulls the encoder output towards its code
     usage_loss: torch.Tensor  # scalar: mean per-token code entropy minus entropy of the mean (0 when off)
+    codebook_loss: torch.Tensor  # scalar: pulls the learned search map's code towards the encoder output (0 without one)
+    encoder_norm: torch.Tensor  # scalar: mean L2 norm of the raw encoder output (shows norm drift)
+
+
+ENCODER_OUTPUTS = ("linear", "unit")
+COMMITMENTS = ("mse", "cosine")
+STRAIGHT_THROUGH = ("identity", "rotation", "soft")
+SEARCH_SPACES = ("embedding", "latent", "mapped", "pca")
 
 
 class LanguageCodebook(nn.Module):
     """A frozen codebook made of (a subset of) an LM's input word embeddings.
 
     The embeddings are non-persistent buffers: rebuilt from the LM, never saved in checkpoints.
+    Whatever the options, the quantized value is the raw embedding row of a real LM token.
+
+    Options (defaults are the reference's):
+    - encoder_output "unit": the encoder output is L2-normalised and scaled to the codebook's mean
+      row norm before the search, so only its direction is learned and its norm cannot drift.
+    - commitment "cosine": 1 - cos(z, e) instead of mean((sg(e) - z)^2).
+    - straight_through "rotation": the rotation trick (Fifty et al. 2024, arXiv 2410.06424): the
+      quantized value is sg(s R) z with R the rotation taking z's direction to e's and s = |e| / |z|,
+      so the gradient reaches z rotated into z's frame instead of copied.
+      "soft": forward the nearest code, backward through a softmax over the `soft_top_k` nearest
+      codes' cosine similarities (temperature `soft_temperature`): z learns which nearby code would
+      lower the loss. In 384 dimensions even the nearest of 20k word embeddings is typically ~78
+      degrees from an arbitrary direction, so an identity copy of the gradient says little about
+      which code to pick next.
+    - search_space "latent": the official release's `quantizer_latent_dim`: two learned linear maps
+      (encoder output -> latent, code -> latent), cosine search in that latent space, plus a latent
+      commitment and codebook loss. "mapped": SimVQ (Zhu et al. 2024): one learned square map of the
+      frozen codebook (identity at start), search against the mapped codes. Latent losses are on unit
+      vectors: on raw vectors both maps can shrink to zero and make every code equally near.
+      "pca": a fixed search space, the codebook's top `latent_dim` principal directions (centred),
+      saved with the weights so the search never depends on a re-computed SVD. 20k codes are dense
+      on a 16-d sphere (nearest cosine ~0.8 for a random direction, against ~0.2 in 384-d), so the
+      nearest code moves smoothly with the encoder output.
     """
 
     def __init__(
@@ -99,9 +134,16 @@ class LanguageCodebook(nn.Module):
         chunk_tokens: int = 4096,
         usage_temperature: float = 0.01,
         usage_sample_tokens: int = 1024,
+        encoder_output: str = "linear",
+        commitment: str = "mse",
+        straight_through: str = "identity",
+        search_space: str = "embedding",
+        latent_dim: int = 32,
+        soft_top_k: int = 32,
+        soft_temperature: float = 0.05,
     ) -> None:
         super().__init__()
-        vocab_rows = word_embeddings.shape[0]
+        vocab_rows, width = word_embeddings.shape
         ids = torch.tensor(token_ids, dtype=torch.long)
         embeddings = word_embeddings.detach()[ids].float().clone()
         token_to_code = torch.full((vocab_rows,), -1, dtype=torch.long)
@@ -112,6 +154,33 @@ class LanguageCodebook(nn.Module):
         self.register_buffer("token_to_code", token_to_code, persistent=False)  # (V,), -1 = not a code
         self.chunk_tokens = chunk_tokens
         self.usage_temperature, self.usage_sample_tokens = usage_temperature, usage_sample_tokens
+        self.unit_output = encoder_output == "unit"
+        self.embedding_scale = float(embeddings.norm(dim=-1).mean())  # typical |e|: the unit output's length
+        self.cosine_commitment = commitment == "cosine"
+        self.straight_through = straight_through
+        self.soft_top_k, self.soft_temperature = soft_top_k, soft_temperature
+        self.search_space = search_space
+        if search_space == "latent":
+            self.input_to_latent = nn.Linear(width, latent_dim)
+            self.code_to_latent = nn.Linear(width, latent_dim)
+        elif search_space == "mapped":
+            self.code_map = nn.Linear(width, width, bias=False)
+            nn.init.eye_(self.code_map.weight)
+        elif search_space == "pca":
+            mean = embeddings.mean(0)
+            directions = principal_directions(embeddings - mean, latent_dim)  # (d, D)
+            self.register_buffer("pca_mean", mean)  # (D,) persistent: saved with the checkpoint
+            self.register_buffer("pca_directions", directions)  # (d, D)
+            self.register_buffer("pca_codes", self._pca(embeddings), persistent=False)  # (K, d) unit rows
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        if self.search_space == "pca":  # the saved projection wins over the one computed at init
+            self.pca_codes = self._pca(self.embeddings)
+        return result
+
+    def _pca(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize((vectors.float() - self.pca_mean) @ self.pca_directions.T, dim=-1)
 
     @property
     def size(self) -> int:
@@ -119,22 +188,66 @@ class LanguageCodebook(nn.Module):
 
     def forward(self, z: torch.Tensor, usage: bool = False) -> QuantizerOutput:
         """z: (B, N, D) encoder output in LM embedding space; `usage` adds the code-usage loss."""
+        encoder_norm = z.detach().float().norm(dim=-1).mean()
+        if self.unit_output:
+            z = F.normalize(z, dim=-1) * self.embedding_scale
+        query, search_codes = self.search_vectors(z)  # (B, N, d), (K, d) unit rows
+        soft = self.straight_through == "soft" and self.training and torch.is_grad_enabled()
+        k = min(self.soft_top_k, self.size) if soft else 1
         with torch.no_grad():
-            codes = nearest_codes(z.detach().flatten(0, 1), self.normalized, self.chunk_tokens).view(z.shape[:2])
+            found = nearest_codes(query.detach().flatten(0, 1), search_codes, self.chunk_tokens, k)
+        candidates = found.view(*z.shape[:2], k) if k > 1 else None  # (B, N, k), nearest first
+        codes = candidates[..., 0] if k > 1 else found.view(z.shape[:2])
         embedded = self.embeddings[codes].to(z.dtype)  # (B, N, D)
-        commitment = F.mse_loss(z.float(), embedded.float())  # gradient reaches z only: e is a constant
-        quantized = z + (embedded - z).detach()  # straight-through estimator
-        usage_loss = self.usage_loss(z) if usage else z.new_zeros(())
-        return QuantizerOutput(quantized, codes, self.code_to_token[codes], commitment, usage_loss)
+        if self.cosine_commitment:  # gradient reaches z only: e is a constant
+            commitment = 1 - F.cosine_similarity(z.float(), embedded.float(), dim=-1).mean()
+        else:
+            commitment = F.mse_loss(z.float(), embedded.float())
+        codebook_loss = z.new_zeros((), dtype=torch.float32)
+        if self.search_space in ("latent", "mapped"):
+            mapped = self.search_codes(codes)  # (B, N, d) unit rows, with gradient to the map
+            commitment = commitment + F.mse_loss(query.float(), mapped.detach().float())
+            codebook_loss = F.mse_loss(mapped.float(), query.detach().float())
+        if self.straight_through == "rotation":
+            quantized = rotate_onto(z, embedded)
+        elif candidates is not None:
+            sims = (query.unsqueeze(-2) * search_codes[candidates]).sum(-1)  # (B, N, k)
+            weights = (sims.float() / self.soft_temperature).softmax(dim=-1)
+            # value: the nearest code; gradient: that of the softmax mixture sum_j w_j e_j
+            quantized = embedded + _MixtureGradient.apply(weights, candidates, self.embeddings, self.chunk_tokens).to(z.dtype)
+        else:
+            quantized = z + (embedded - z).detach()  # straight-through estimator
+        usage_loss = self.usage_loss(query, search_codes) if usage else z.new_zeros(())
+        return QuantizerOutput(
+            quantized, codes, self.code_to_token[codes], commitment, usage_loss, codebook_loss, encoder_norm
+        )
 
-    def usage_loss(self, z: torch.Tensor) -> torch.Tensor:
+    def search_vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries (B, N, d), codes (K, d)), both L2-normalised, in the space the search runs in."""
+        if self.search_space == "latent":
+            return F.normalize(self.input_to_latent(z), dim=-1), F.normalize(self.code_to_latent(self.embeddings), dim=-1).detach()
+        if self.search_space == "pca":
+            return self._pca(z), self.pca_codes
+        if self.search_space == "mapped":
+            with torch.no_grad():
+                codes = F.normalize(self.code_map(self.embeddings), dim=-1)
+            return F.normalize(z, dim=-1), codes
+        return F.normalize(z, dim=-1), self.normalized
+
+    def search_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Search-space vectors of the chosen codes, with gradient to the learned map."""
+        rows = self.embeddings[codes]
+        mapped = self.code_to_latent(rows) if self.search_space == "latent" else self.code_map(rows)
+        return F.normalize(mapped, dim=-1)
+
+    def usage_loss(self, query: torch.Tensor, search_codes: torch.Tensor) -> torch.Tensor:
         """Entropy regulariser on soft code assignments (as in MaskGIT/MAGVIT-v2's LFQ): confident per
         token, spread over the codebook per batch. A frozen codebook cannot move towards unused
         encoder outputs, so without it the encoder tends to collapse onto a handful of codes."""
-        flat = z.flatten(0, 1)
+        flat = query.flatten(0, 1)
         stride = max(1, flat.shape[0] // self.usage_sample_tokens)
-        sample = F.normalize(flat[::stride][: self.usage_sample_tokens].float(), dim=-1)  # (S, D)
-        probs = (sample @ self.normalized.T / self.usage_temperature).softmax(dim=-1)  # (S, K)
+        sample = flat[::stride][: self.usage_sample_tokens].float()  # (S, d) unit rows
+        probs = (sample @ search_codes.T / self.usage_temperature).softmax(dim=-1)  # (S, K)
         per_token = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         mean = probs.mean(0)
         return per_token + (mean * mean.clamp_min(1e-12).log()).sum()
@@ -148,3 +261,51 @@ class LanguageCodebook(nn.Module):
             bad = sorted(set(token_ids[codes < 0].tolist()))[:5]
             raise TokenError(f"token ids {bad} are not codes of this model's codebook (special or filtered tokens)")
         return codes
+
+
+def rotate_onto(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024): returns `target` in the forward pass, computed as
+    sg(s R) z where R rotates z's direction onto target's and s = |target| / |z| (both constants), so
+    the gradient reaches z through the same rotation. z, target: (..., D)."""
+    with torch.no_grad():
+        u = F.normalize(z.float(), dim=-1)
+        v = F.normalize(target.float(), dim=-1)
+        r = F.normalize(u + v, dim=-1)  # the bisector; R = I - 2 r r^T + 2 v u^T
+        scale = target.float().norm(dim=-1, keepdim=True) / z.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    zf = z.float()
+    rotated = zf - 2 * r * (zf * r).sum(-1, keepdim=True) + 2 * v * (zf * u).sum(-1, keepdim=True)
+    out = (scale * rotated).to(z.dtype)
+    return out + (target - out).detach()  # exact forward value despite float rounding
+
+
+def principal_directions(centred: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, D) top principal directions of centred (K, D) rows, signs fixed (largest entry positive)."""
+    _, _, vh = torch.linalg.svd(centred.double(), full_matrices=False)
+    directions = vh[:count]
+    signs = directions.gather(1, directions.abs().argmax(1, keepdim=True)).sign()
+    return (directions * signs).float()
+
+
+class _MixtureGradient(torch.autograd.Function):
+    """Zero in the forward pass; in the backward pass, the gradient of the mixture
+    sum_j weights[..., j] * embeddings[candidates[..., j]] with respect to the weights.
+
+    Equal to `mix - mix.detach()` without keeping the (B, N, k, D) gathered candidates alive from
+    the forward to the backward pass; the backward gathers them a chunk of tokens at a time."""
+
+    @staticmethod
+    def forward(ctx, weights, candidates, embeddings, chunk_tokens):
+        ctx.save_for_backward(candidates)
+        ctx.embeddings, ctx.chunk_tokens = embeddings, chunk_tokens
+        return weights.new_zeros(*weights.shape[:-1], embeddings.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (candidates,) = ctx.saved_tensors
+        flat_candidates, flat_grad = candidates.flatten(0, -2), grad.flatten(0, -2).float()
+        out = torch.empty(flat_candidates.shape, device=grad.device)  # (T, k)
+        for start in range(0, flat_candidates.shape[0], ctx.chunk_tokens):
+            stop = start + ctx.chunk_tokens
+            rows = ctx.embeddings[flat_candidates[start:stop]]  # (n, k, D)
+            out[start:stop] = torch.einsum("nkd,nd->nk", rows, flat_grad[start:stop])
+        return out.view(candidates.shape), None, None, None

@@ -86,6 +86,13 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def mask_scale_at(step: int, total: int, config: TrainConfig) -> float:
+    """Fraction of the configured mask ratio in use at `step`: a linear ramp from 0 over
+    mask_warmup_fraction of training, then 1."""
+    ramp = config.mask_warmup_fraction * total
+    return 1.0 if ramp <= 0 else min(1.0, step / ramp)
+
+
 def total_steps(config: TrainConfig, images: int) -> int:
     if config.steps is not None:
         return config.steps
@@ -176,7 +183,7 @@ def train(
 
     stop = _SignalFlag()
     result = TrainResult(start_step)
-    window = _Window(model.codebook.size)
+    window = _Window(model.codebook.size, model_config)
     batches = iter(loader)
     model.train()
     step = start_step
@@ -185,6 +192,7 @@ def train(
             lr = lr_at(step, steps, train_config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            mask_scale = mask_scale_at(step, steps, train_config)
             started = time.perf_counter()
             images = next(batches).to(device, non_blocking=True)
             for micro, chunk in enumerate(images.split(micro_batch)):
@@ -193,7 +201,7 @@ def train(
                 )
                 sync = micro == train_config.grad_accum - 1 or world == 1
                 with autocast, (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                    out = wrapped(chunk, generator=generator)
+                    out = wrapped(chunk, generator=generator, mask_scale=mask_scale)
                 (out.loss / train_config.grad_accum).backward()
                 window.add(out, chunk)
             if train_config.grad_clip > 0:
@@ -207,7 +215,7 @@ def train(
             if step % train_config.log_every == 0 or step == steps:
                 metrics = window.summary(step, lr, micro_batch * train_config.grad_accum * world)
                 result.last_metrics = metrics
-                window = _Window(model.codebook.size)
+                window = _Window(model.codebook.size, model_config)
                 if is_main:
                     _append_jsonl(run_dir / METRICS_FILE, metrics)
             if is_main:
@@ -245,7 +253,8 @@ class _Window:
     """Running sums of the metrics between two log lines, kept on the device: one host sync per
     log line, not several per step."""
 
-    def __init__(self, codebook_size: int) -> None:
+    def __init__(self, codebook_size: int, model_config: ModelConfig) -> None:
+        self.weights = (model_config.commitment_weight, model_config.recon_weight)
         self.sums: dict[str, torch.Tensor] = {}
         self.batches = 0
         self.steps = 0
@@ -256,8 +265,8 @@ class _Window:
     def add(self, out, images: torch.Tensor) -> None:
         parts = {
             "loss": out.loss, "recon_loss": out.losses.reconstruction, "commitment_loss": out.losses.commitment,
-            "mlm_loss": out.losses.mlm, "usage_loss": out.losses.usage,
-            "psnr": psnr_tensor(out.reconstruction.detach(), images),
+            "mlm_loss": out.losses.mlm, "usage_loss": out.losses.usage, "codebook_loss": out.losses.codebook,
+            "encoder_norm": out.encoder_norm, "psnr": psnr_tensor(out.reconstruction.detach(), images),
         }
         for key, value in parts.items():
             self.sums[key] = self.sums.get(key, 0) + value.detach().float()
@@ -270,6 +279,11 @@ class _Window:
         metrics.update({k: float(v) / max(1, self.batches) for k, v in self.sums.items()})
         counts = self.counts if self.counts is not None else torch.zeros(self.codebook_size, dtype=torch.long)
         metrics["unique_codes"], metrics["code_perplexity"] = usage_from_counts(counts.cpu())
+        # weighted commitment over weighted reconstruction: a growing ratio means the encoder output drifts
+        commitment_weight, recon_weight = self.weights
+        metrics["commit_recon_ratio"] = commitment_weight * metrics.get("commitment_loss", 0.0) / max(
+            1e-12, recon_weight * metrics.get("recon_loss", 0.0)
+        )
         metrics["sec_per_step"] = self.time / max(1, self.steps)
         metrics["images_per_sec"] = images_per_step / max(1e-9, metrics["sec_per_step"])
         return metrics
@@ -321,6 +335,7 @@ def _save(run_dir, model, config, step, optimizer, is_main, world) -> None:
 
 
 def _save_samples(model, images: torch.Tensor, path: Path) -> None:
+    model.eval()  # eval statistics and no masking; the caller switches back to training
     recon = model.reconstruct(images)
     upscale = max(1, 128 // images.shape[-1])
     save_png(comparison_grid(images, recon), path, upscale=upscale)

@@ -56,21 +56,70 @@ class Transformer(nn.Module):
         return (x, hidden) if return_hidden else x
 
 
+class Standardize(nn.Module):
+    """Per-feature standardisation over every token of the batch (BatchNorm without a learned affine;
+    running statistics at eval), then a fixed affine onto target statistics (the codebook's).
+
+    Counters index collapse by matching the encoder output's distribution to the codebook's, as the
+    affine re-parameterisation of Huh et al. 2023 ("Straightening out the straight-through
+    estimator") does from the codebook side; here the codebook is frozen, so the encoder side moves.
+    """
+
+    def __init__(self, width: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(width))
+        self.register_buffer("running_var", torch.ones(width))
+        self.register_buffer("target_mean", torch.zeros(width), persistent=False)
+        self.register_buffer("target_std", torch.ones(width), persistent=False)
+
+    def set_target(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = F.batch_norm(
+            x.flatten(0, -2).float(), self.running_mean, self.running_var,
+            training=self.training, momentum=self.momentum, eps=1e-5,
+        )  # (B*N, D), zero mean and unit variance per feature
+        return (flat * self.target_std + self.target_mean).view(x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def calibrate(self, outputs) -> None:
+        """Set the running statistics to the exact mean/variance of the given (..., D) batches
+        (an iterable), e.g. for a freshly initialised encoder used as a baseline."""
+        count, total, squares = 0, 0.0, 0.0
+        for batch in outputs:
+            flat = batch.flatten(0, -2).double()
+            count, total, squares = count + flat.shape[0], total + flat.sum(0), squares + flat.pow(2).sum(0)
+        mean = total / count
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(squares / count - mean.pow(2))
+
+
 class Encoder(nn.Module):
     """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, N, out_width), N = (H / patch)^2."""
 
-    def __init__(self, image_size, patch_size, channels, width, depth, heads, mlp_ratio, out_width):
+    def __init__(self, image_size, patch_size, channels, width, depth, heads, mlp_ratio, out_width, standardize=False):
         super().__init__()
         num_tokens = (image_size // patch_size) ** 2
         self.patchify = nn.Conv2d(channels, width, kernel_size=patch_size, stride=patch_size)
         self.transformer = Transformer(num_tokens, width, depth, heads, mlp_ratio)
         self.to_lm = nn.Linear(width, out_width)
+        self.standardize = Standardize(out_width) if standardize else None
 
     def forward(self, images: torch.Tensor, return_hidden: bool = False):
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
         x, hidden = self.transformer(x, return_hidden=True)
         out = self.to_lm(x)  # (B, N, out_width)
+        if self.standardize is not None:
+            out = self.standardize(out)
         return (out, hidden) if return_hidden else out
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The output before standardisation (what `Standardize.calibrate` needs)."""
+        x = self.patchify(images).flatten(2).transpose(1, 2)
+        return self.to_lm(self.transformer(x))
 
 
 class Decoder(nn.Module):

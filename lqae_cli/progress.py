@@ -42,9 +42,9 @@ class TrainProgress(TrainCallback):
         status = ""
         if metrics:
             status = (
-                f"loss {metrics['loss']:.4f} rec {metrics['recon_loss']:.4f} com {metrics['commitment_loss']:.3f} "
-                f"mlm {metrics['mlm_loss']:.2f} psnr {metrics['psnr']:.1f} codes {metrics['unique_codes']} "
-                f"{metrics['sec_per_step']:.2f}s/step"
+                f"loss {metrics['loss']:.4f} rec {metrics['recon_loss']:.4f} com/rec {metrics['commit_recon_ratio']:.2g} "
+                f"|z| {metrics['encoder_norm']:.3g} psnr {metrics['psnr']:.1f} codes {metrics['unique_codes']} "
+                f"ppl {metrics['code_perplexity']:.0f} {metrics['sec_per_step']:.2f}s/step"
             )
         self.progress.update(self.task, completed=step, status=status)
 

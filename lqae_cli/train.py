@@ -56,17 +56,19 @@ def train(
     save_every: Optional[int] = typer.Option(None, min=1, help="Steps between checkpoints."),
     val_every: Optional[int] = typer.Option(None, min=1, help="Steps between validation passes."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, augmentation and masking."),
+    overrides: list[str] = typer.Option([], "--set", help="Override any config field: --set mask_ratio=0.3 (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train an LQAE on an image folder.
 
     Example: lqae train data/digits --out runs/digits --preset tiny --steps 300
+    Any config field: lqae train data/digits --out runs/x --set encoder_output=linear --set mask_ratio_min=null
     Several GPUs: torchrun --nproc_per_node 4 -m lqae_cli train data/ --out runs/x --preset base
     """
-    from lqae.config import get_preset
+    from lqae.config import apply_overrides, get_preset
     from lqae.train import TrainingInterrupted, train as run_training
 
-    chosen = get_preset(preset.value)
+    chosen = apply_overrides(get_preset(preset.value), overrides)
     model_overrides = {
         "lm_name": lm, "image_size": image_size, "patch_size": patch_size,
         "vocab": vocab.value if vocab else None, "mask_ratio": mask_ratio,

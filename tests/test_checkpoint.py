@@ -74,3 +74,38 @@ def test_optimizer_state_round_trip(tiny_model):
     assert fresh.param_groups[0]["lr"] == 1e-3
     first = optimizer.state[params[0]]
     assert torch.equal(fresh.state[params[0]]["exp_avg"], first["exp_avg"])
+
+
+def test_learned_search_map_round_trips(tiny_lm_dir, tmp_path):
+    from conftest import tiny_model_config
+    from lqae.model import LQAE
+
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir, search_space="latent", latent_dim=8))
+    with torch.no_grad():
+        model.codebook.input_to_latent.weight.normal_()  # not the init: the load must restore it
+    ckpt.save_checkpoint(tmp_path / "run", model, tiny_train_config(), step=1)
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert {"codebook.input_to_latent.weight", "codebook.code_to_latent.weight"} <= set(weights)
+    loaded = ckpt.load_model(tmp_path / "run")
+    images = torch.rand(4, 3, 16, 16)
+    assert torch.equal(loaded.encode(images), model.encode(images))
+
+
+def test_checkpoint_from_before_the_recipe_fields_loads_with_reference_behaviour(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(run, tiny_model, tiny_train_config(), step=3)
+    config = json.loads((run / "config.json").read_text())
+    new_fields = ("encoder_output", "commitment", "straight_through", "search_space", "latent_dim",
+                  "codebook_weight", "decoder_input", "mask_ratio_min")
+    for name in new_fields:
+        config["model"].pop(name)
+    config["train"].pop("mask_warmup_fraction")
+    (run / "config.json").write_text(json.dumps(config))
+    loaded = ckpt.load_model(run)
+    c = loaded.config
+    assert (c.encoder_output, c.commitment, c.straight_through, c.search_space, c.decoder_input) == (
+        "linear", "mse", "identity", "embedding", "lm")
+    assert c.mask_ratio_min is None
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.equal(loaded.encode(images), tiny_model.encode(images))

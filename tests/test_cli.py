@@ -71,6 +71,22 @@ def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
     assert read_config(tmp_path / "run")[2] == 3
 
 
+def test_train_set_overrides_any_config_field(tmp_path, tiny_lm_dir, image_folder):
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0"]
+    result = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "1", *common,
+                     "--set", "encoder_output=unit", "--set", "mask_ratio_min=0.1", "--set", "weight_decay=0.5")
+    assert result.returncode == 0, result.stderr
+    from lqae.checkpoint import read_config
+
+    model, train, _ = read_config(tmp_path / "run")
+    assert (model.encoder_output, model.mask_ratio_min, train.weight_decay) == ("unit", 0.1, 0.5)
+    assert_one_clean_error(run_cli("train", image_folder, "--out", tmp_path / "r2", *common, "--set", "colour=red"),
+                           "unknown config field 'colour'")
+    assert_one_clean_error(run_cli("train", image_folder, "--out", tmp_path / "r2", *common, "--set", "commitment=huber"),
+                           "unknown commitment 'huber'")
+    assert not (tmp_path / "r2").exists()
+
+
 def test_debug_env_shows_traceback(tmp_path, tiny_lm_dir):
     env = dict(os.environ, LQAE_DEBUG="1")
     result = subprocess.run(

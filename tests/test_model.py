@@ -72,3 +72,75 @@ def test_presets_cover_reference_decisions():
     assert get_preset("tiny").model.lm_name == "sentence-transformers/all-MiniLM-L6-v2"
     with pytest.raises(ConfigError, match="known presets: paper, base, small, tiny"):
         get_preset("huge")
+
+
+def test_per_image_mask_ratio_and_warmup_scale(tiny_lm_dir):
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir, mask_ratio=0.9, mask_ratio_min=0.0)).train()
+    images = torch.rand(64, 3, 16, 16)
+    mask = model(images, generator=torch.Generator().manual_seed(0)).mask.float().mean(1)  # per image
+    assert mask.min() < 0.2 and mask.max() > 0.7  # ratios spread over [0, 0.9]
+    assert not model(images, mask_scale=0.0).mask.any()
+    fixed = LQAE(tiny_model_config(tiny_lm_dir, mask_ratio=0.5)).train()
+    assert 0.4 < fixed(images, generator=torch.Generator().manual_seed(0)).mask.float().mean() < 0.6
+    with pytest.raises(ConfigError, match="mask_ratio_min"):
+        tiny_model_config(tiny_lm_dir, mask_ratio=0.3, mask_ratio_min=0.5)
+
+
+def test_mask_warmup_schedule():
+    from lqae.config import TrainConfig
+    from lqae.train import mask_scale_at
+
+    config = TrainConfig(steps=100, mask_warmup_fraction=0.2)
+    assert [mask_scale_at(s, 100, config) for s in (0, 10, 20, 50)] == [0.0, 0.5, 1.0, 1.0]
+    assert mask_scale_at(0, 100, TrainConfig(steps=100)) == 1.0
+
+
+def test_decoder_reading_embeddings_skips_the_lm(tiny_lm_dir, monkeypatch):
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir, decoder_input="embeddings", mask_ratio=0.0)).eval()
+    images = torch.rand(2, 3, 16, 16)
+    ids = model.encode(images)
+    monkeypatch.setattr(model, "run_lm", lambda *a, **k: pytest.fail("the LM ran"))
+    codes = model.codebook.codes_from_token_ids(ids)
+    expected = model.decoder(model.codebook.embeddings[codes]).clamp(0, 1)
+    assert torch.allclose(model.decode(ids), expected)
+
+
+def test_unknown_option_lists_the_choices(tiny_lm_dir):
+    with pytest.raises(ConfigError, match="unknown straight_through 'copy'; choose one of: identity, rotation"):
+        tiny_model_config(tiny_lm_dir, straight_through="copy")
+
+
+def test_standardized_encoder_output_has_the_codebook_statistics(tiny_lm_dir):
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir, encoder_output="standardize", mask_ratio=0.0)).train()
+    codes = model.codebook.embeddings
+    images = torch.rand(16, 3, 16, 16)
+    z = model.encoder(images).flatten(0, 1)  # training mode: batch statistics
+    assert torch.allclose(z.mean(0), codes.mean(0), atol=1e-4)
+    assert torch.allclose(z.std(0, unbiased=False), codes.std(0), rtol=1e-2)
+    out = model(images)
+    assert out.codes.unique().numel() > 8  # spread over the codebook from the first step
+    model.eval()  # running statistics: deterministic, independent of the batch
+    one = model.encode(images[:1])
+    assert torch.equal(one, model.encode(images)[:1])
+    stats = model.encoder.standardize
+    stats.calibrate([model.encoder.features(images)])
+    flat = model.encoder.features(images).flatten(0, 1)
+    assert torch.allclose(stats.running_mean, flat.mean(0), atol=1e-5)
+    assert "encoder.standardize.running_mean" in model.trainable_state_dict()  # saved with the weights
+    assert "encoder.standardize.target_mean" not in model.trainable_state_dict()  # rebuilt from the LM
+
+
+def test_apply_overrides_parses_values_and_names_unknown_fields():
+    from lqae.config import apply_overrides, get_preset
+
+    preset = apply_overrides(get_preset("tiny"), ["mask_ratio=0.3", "mask_ratio_min=null", "encoder_output=unit", "steps=7"])
+    assert (preset.model.mask_ratio, preset.model.mask_ratio_min, preset.model.encoder_output) == (0.3, None, "unit")
+    assert preset.train.steps == 7
+    assert get_preset("tiny").model.mask_ratio == 0.5  # presets are not mutated
+    with pytest.raises(ConfigError, match="unknown config field 'nope'.*model fields: .*mask_ratio"):
+        apply_overrides(get_preset("tiny"), ["nope=1"])
+    with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
+        apply_overrides(get_preset("tiny"), ["mask_ratio"])

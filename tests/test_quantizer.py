@@ -82,3 +82,107 @@ def test_word_filter_for_byte_level_bpe():
     marker = _word_marker(tokens)
     assert marker == "Ġ"
     assert [_is_whole_word(t, marker) for t in ["Ġthe", "ing", "Ġ123", "Ġcat", "."]] == [True, False, False, True, False]
+
+
+def test_rotation_trick_forward_is_the_code_and_gradient_is_rotated():
+    from lqae.quantizer import rotate_onto
+
+    torch.manual_seed(0)
+    z = (torch.randn(5, 8) * 3).requires_grad_(True)
+    target = torch.randn(5, 8)
+    out = rotate_onto(z, target)
+    assert torch.allclose(out, target)  # forward value: exactly the code
+    grad = torch.randn(5, 8)
+    out.backward(grad)
+    # the gradient goes through s R with R a rotation: its norm scales by s = |e| / |z| exactly
+    scale = target.norm(dim=-1) / z.detach().norm(dim=-1)
+    assert torch.allclose(z.grad.norm(dim=-1), scale * grad.norm(dim=-1), rtol=1e-4)
+    # and the gradient along e's direction arrives along z's direction: R^T e_hat = z_hat
+    z.grad = None
+    rotate_onto(z, target).backward(F.normalize(target, dim=-1))
+    assert torch.allclose(F.normalize(z.grad, dim=-1), F.normalize(z.detach(), dim=-1), atol=1e-5)
+
+
+def test_unit_output_removes_the_norm_from_the_gradient_and_cosine_commitment():
+    torch.manual_seed(0)
+    words = torch.randn(30, 6)
+    codebook = LanguageCodebook(words, list(range(3, 25)), encoder_output="unit", commitment="cosine")
+    z = (torch.randn(2, 5, 6) * 10).requires_grad_(True)
+    out = codebook(z)
+    assert torch.allclose(out.quantized, words[out.token_ids])  # still the raw embedding of a real token
+    assert torch.allclose(out.encoder_norm, z.detach().norm(dim=-1).mean())
+    expected = 1 - F.cosine_similarity(z.detach(), words[out.token_ids], dim=-1).mean()
+    assert torch.allclose(out.commitment_loss, expected)
+    out.quantized.sum().backward()
+    radial = (z.grad * z.detach()).sum(-1)  # only the direction is learned: no gradient along z
+    assert radial.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("space", ["latent", "mapped"])
+def test_learned_search_space_picks_nearest_in_that_space_and_trains_its_map(space):
+    torch.manual_seed(0)
+    words = torch.randn(40, 8)
+    codebook = LanguageCodebook(words, list(range(40)), search_space=space, latent_dim=4)
+    z = torch.randn(3, 7, 8, requires_grad=True)
+    out = codebook(z)
+    query, codes = codebook.search_vectors(z.detach())
+    assert torch.equal(out.codes, (query @ codes.T).argmax(-1))
+    assert torch.allclose(out.quantized, words[out.token_ids])  # the LM still gets the raw embedding
+    assert out.codebook_loss > 0
+    (out.commitment_loss + out.codebook_loss).backward()
+    weights = [p for p in codebook.parameters()]
+    assert weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+    assert set(codebook.state_dict()) == {name for name, _ in codebook.named_parameters()}  # maps saved, codebook not
+    if space == "mapped":  # SimVQ's map starts as the identity: the same codes as the plain search
+        plain = LanguageCodebook(words, list(range(40)))
+        assert torch.equal(LanguageCodebook(words, list(range(40)), search_space="mapped")(z).codes, plain(z).codes)
+
+
+def test_top_k_search_is_sorted_and_starts_with_the_nearest():
+    torch.manual_seed(0)
+    normalized = F.normalize(torch.randn(50, 8), dim=-1)
+    vectors = torch.randn(23, 8)
+    top = nearest_codes(vectors, normalized, 5, k=4)
+    assert top.shape == (23, 4) and torch.equal(top[:, 0], nearest_codes(vectors, normalized, 5))
+    sims = F.normalize(vectors, dim=-1) @ normalized.T
+    chosen = sims.gather(1, top)
+    assert (chosen[:, :-1] >= chosen[:, 1:]).all()
+    assert torch.equal(chosen[:, -1], sims.topk(4, dim=-1).values[:, -1])
+
+
+def test_soft_straight_through_forwards_the_code_and_prefers_codes_that_lower_the_loss():
+    torch.manual_seed(0)
+    words = torch.randn(30, 6)
+    codebook = LanguageCodebook(words, list(range(30)), straight_through="soft", soft_top_k=5, soft_temperature=0.1)
+    z = torch.randn(1, 1, 6, requires_grad=True)
+    out = codebook(z)
+    assert torch.allclose(out.quantized, words[out.token_ids])  # forward: exactly the nearest code
+    _, candidates = (F.normalize(z.detach(), dim=-1)[0] @ F.normalize(words, dim=-1).T).topk(5)
+    better = candidates[0, 3]  # a candidate that is not the nearest
+    # a loss that is lower the closer the LM input is to `better`: one gradient step turns z towards it
+    loss = -(out.quantized * words[better]).sum()
+    loss.backward()
+    step = z.detach() - 0.5 * z.grad
+    before = F.cosine_similarity(z.detach().flatten(), words[better], dim=0)
+    after = F.cosine_similarity(step.flatten(), words[better], dim=0)
+    assert after > before
+    codebook.eval()
+    assert codebook(z).quantized.requires_grad  # eval: plain nearest code (no top-k work)
+
+
+def test_mixture_gradient_equals_the_explicit_mixture():
+    from lqae.quantizer import _MixtureGradient
+
+    torch.manual_seed(0)
+    embeddings = torch.randn(20, 6)
+    candidates = torch.randint(0, 20, (2, 3, 4))
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    grad = torch.randn(2, 3, 6)
+    weights = logits.softmax(-1)
+    explicit = (weights.unsqueeze(-1) * embeddings[candidates]).sum(-2)
+    (explicit - explicit.detach()).backward(grad)
+    expected, logits.grad = logits.grad.clone(), None
+    out = _MixtureGradient.apply(logits.softmax(-1), candidates, embeddings, 2)  # chunks of 2 tokens
+    assert torch.equal(out, torch.zeros(2, 3, 6))
+    out.backward(grad)
+    assert torch.allclose(logits.grad, expected, atol=1e-6)

@@ -21,22 +21,27 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="output side in pixels (bicubic upscale)")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     args = parser.parse_args()
+    counts = write_digits(args.out, args.size, args.val_fraction)
+    print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
 
+
+def write_digits(out: Path, size: int = 32, val_fraction: float = 0.2) -> dict[str, int]:
+    """Write the folder; returns images written per split."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    every = max(2, round(1 / args.val_fraction))
+    every = max(2, round(1 / val_fraction))
     seen = {label: 0 for label in range(10)}
     counts = {"train": 0, "val": 0}
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         split = "val" if seen[label] % every == every - 1 else "train"
         seen[label] += 1
-        folder = args.out / split / NAMES[label]
+        folder = out / split / NAMES[label]
         folder.mkdir(parents=True, exist_ok=True)
         gray = Image.fromarray(np.uint8(pixels * (255 / 16)), mode="L")
-        gray.resize((args.size, args.size), Image.BICUBIC).save(folder / f"{index:04d}.png")
+        gray.resize((size, size), Image.BICUBIC).save(folder / f"{index:04d}.png")
         counts[split] += 1
-    print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
+    return counts
 
 
 if __name__ == "__main__":
