@@ -190,7 +190,7 @@ class LQAE(nn.Module):
         return (noise < ratio * scale).to(device)
 
     def _mlm_loss(self, hidden: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.mlm_head is None or self.config.mlm_weight == 0 or not mask.any():
+        if self.mlm_head is None or self.config.mlm_weight == 0 or not mask.any() or self.config.decoder_input != "lm":
             return hidden.new_zeros(())
         logits = self.mlm_head(hidden[mask])  # (M, V)
         return F.cross_entropy(logits.float(), token_ids[mask])

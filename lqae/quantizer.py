@@ -92,19 +92,14 @@ class QuantizerOutput(NamedTuple):
     encoder_norm: torch.Tensor  # scalar: mean L2 norm of the raw encoder output (shows norm drift)
 
 
-ENCODER_OUTPUTS = ("linear", "unit")
-COMMITMENTS = ("mse", "cosine")
-STRAIGHT_THROUGH = ("identity", "rotation", "soft")
-SEARCH_SPACES = ("embedding", "latent", "mapped", "pca")
-
-
 class LanguageCodebook(nn.Module):
     """A frozen codebook made of (a subset of) an LM's input word embeddings.
 
     The embeddings are non-persistent buffers: rebuilt from the LM, never saved in checkpoints.
     Whatever the options, the quantized value is the raw embedding row of a real LM token.
 
-    Options (defaults are the reference's):
+    Options (defaults are the reference's; `lqae.config.CHOICES` lists the values; the encoder's
+    "standardize" output lives in `lqae.vit.Standardize`):
     - encoder_output "unit": the encoder output is L2-normalised and scaled to the codebook's mean
       row norm before the search, so only its direction is learned and its norm cannot drift.
     - commitment "cosine": 1 - cos(z, e) instead of mean((sg(e) - z)^2).

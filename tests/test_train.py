@@ -20,8 +20,13 @@ def test_training_writes_checkpoint_metrics_and_samples(tiny_lm_dir, image_folde
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [l["step"] for l in lines if "loss" in l]
     assert steps == [1, 2, 3, 4]
-    for key in ("recon_loss", "commitment_loss", "mlm_loss", "psnr", "unique_codes", "lr", "sec_per_step"):
+    for key in ("recon_loss", "commitment_loss", "mlm_loss", "psnr", "unique_codes", "lr", "sec_per_step",
+                "code_perplexity", "commit_recon_ratio", "encoder_norm"):
         assert key in lines[-1] or key in lines[-2]
+    last = next(l for l in reversed(lines) if "loss" in l)
+    config = tiny_model_config(tiny_lm_dir)
+    expected = config.commitment_weight * last["commitment_loss"] / (config.recon_weight * last["recon_loss"])
+    assert last["commit_recon_ratio"] == pytest.approx(expected) and last["encoder_norm"] > 0
     assert any("val_psnr" in l and "val_ssim" in l for l in lines)
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     assert ckpt.read_config(run)[2] == 4
