@@ -1,16 +1,23 @@
 """Checkpoints are folders: config.json + model.safetensors (+ train_state.safetensors). No pickle.
 
-A save first writes every file into RUN_DIR/.saving/, marks it complete, then moves the files into
-place. A kill at any moment leaves either the previous checkpoint or a complete journal that the
-next load rolls forward, never a mix of two steps.
+A save first writes every file into RUN_DIR/.saving/, marks it complete (the marker records each
+file's size and SHA-256), then moves the files into place. A kill at any moment leaves either the
+previous checkpoint or a complete journal that is rolled forward once every file checks out
+(otherwise discarded), never a mix of two steps.
+
+One process trains a run folder at a time: `RunLock` (an flock on RUN_DIR/.lock naming its pid).
+Readers never delete or roll a journal while a trainer holds the lock: they read the last
+checkpoint in place, retrying while the trainer is mid-move.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,54 @@ WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
 _JOURNAL = ".saving"
 _COMPLETE = "COMPLETE"
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """Exclusive lock on a run folder for the process that trains it; a second trainer gets a
+    CheckpointError naming the holder's pid. Released on exit, and by the OS if the process dies."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.handle = None
+
+    def acquire(self, blocking_error: bool = True) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no protection, as before
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            if blocking_error:
+                raise CheckpointError(
+                    f"{self.path.parent} is being trained by process {holder}; wait for it to finish, stop it, "
+                    "or choose another --out"
+                ) from None
+            return False
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return True
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the flock
+            self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def save_checkpoint(
@@ -54,20 +109,46 @@ def save_checkpoint(
         meta = {"step": str(step), "meta": json.dumps(train_meta or {}, sort_keys=True)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in train_state.items()}
         save_file(tensors, journal / TRAIN_STATE_FILE, metadata=meta)
-    for name in os.listdir(journal):
+    files = {}
+    for name in sorted(os.listdir(journal)):
         with open(journal / name, "rb") as handle:
             os.fsync(handle.fileno())
-    (journal / _COMPLETE).write_text(str(step))
+        files[name] = _file_identity(journal / name)
+    (journal / _COMPLETE).write_text(json.dumps({"step": step, "files": files}, sort_keys=True))
     fsync_dir(journal)
-    _roll_forward(run_dir)
+    roll_forward(run_dir)
 
 
-def _roll_forward(run_dir: Path) -> None:
-    """Finish an interrupted save, or discard a save that never completed."""
+def _file_identity(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _journal_is_sound(journal: Path) -> bool:
+    """The COMPLETE marker parses and every file it lists is there with its recorded size and hash."""
+    try:
+        marker = json.loads((journal / _COMPLETE).read_text())
+        files = marker["files"]
+        return bool(files) and all(_file_identity(journal / name) == identity for name, identity in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def roll_forward(run_dir: Path) -> None:
+    """Finish an interrupted save whose files all check out; discard any other journal.
+    Only the lock holder calls this (the trainer, or a reader that took the free lock)."""
     journal = run_dir / _JOURNAL
     if not journal.is_dir():
         return
     if not (journal / _COMPLETE).exists():
+        shutil.rmtree(journal, ignore_errors=True)
+        return
+    if not _journal_is_sound(journal):
+        log.warning("%s: discarding a checkpoint journal whose files do not match its record; the previous "
+                    "checkpoint stays", run_dir)
         shutil.rmtree(journal, ignore_errors=True)
         return
     for name in (TRAIN_STATE_FILE, WEIGHTS_FILE, CONFIG_FILE):
@@ -77,12 +158,29 @@ def _roll_forward(run_dir: Path) -> None:
     shutil.rmtree(journal, ignore_errors=True)
 
 
+def recover(run_dir: Path) -> None:
+    """Roll a journal left by a dead trainer forward (or discard it), but only when no process holds
+    the run folder's lock: a live trainer's journal is its own business."""
+    if not (Path(run_dir) / _JOURNAL).is_dir():
+        return
+    lock = RunLock(run_dir)
+    try:
+        if not lock.acquire(blocking_error=False):
+            return
+    except OSError:  # a read-only run folder: read what is there
+        return
+    try:
+        roll_forward(Path(run_dir))
+    finally:
+        lock.release()
+
+
 def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
     """Read config.json of a checkpoint folder: (model config, train config or None, step)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist; train one with `lqae train`")
-    _roll_forward(run_dir)
+    recover(run_dir)
     path = run_dir / CONFIG_FILE
     if not path.is_file() or not (run_dir / WEIGHTS_FILE).is_file():
         raise CheckpointError(
@@ -101,12 +199,39 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu", lm_name: str |
     """Rebuild an LQAE from a checkpoint folder; the frozen LM comes from its name (or `lm_name`)."""
     from lqae.model import LQAE
 
-    model_config, _, _ = read_config(run_dir)
+    model_config, weights = _consistent_read(Path(run_dir))
     if lm_name is not None:
         model_config.lm_name = lm_name
     model = LQAE(model_config, mlm_head=False)  # inference: no MLM loss, so no head to load
-    model.load_trainable_state_dict(load_trainable_from(run_dir))
+    model.load_trainable_state_dict(weights)
     return model.to(device).eval()
+
+
+def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and weights of the same step. A trainer moving a new checkpoint into place can be caught
+    between two files: read again until both name the same step."""
+    for attempt in range(attempts):
+        model_config, _, step = read_config(run_dir)
+        weights, weights_step = _load_tensors_with_step(run_dir / WEIGHTS_FILE)
+        if weights_step is None or weights_step == step:
+            return model_config, weights
+        time.sleep(pause)
+    raise CheckpointError(
+        f"{run_dir}: config.json is at step {step} but model.safetensors at step {weights_step}; "
+        "was one of them copied from another run?"
+    )
+
+
+def _load_tensors_with_step(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    from safetensors import safe_open
+
+    tensors = _load_tensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            step = (handle.metadata() or {}).get("step")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    return tensors, int(step) if step is not None and str(step).isdigit() else None
 
 
 def load_trainable_from(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
         raise DataError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = _image_files(root)
     class_dirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
     flat = [p for p in files if len(p.relative_to(root).parts) == 1]
     classes = class_dirs if class_dirs and not flat else []
@@ -56,7 +57,8 @@ def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
         paths.append(path)
         labels.append(class_index[path.relative_to(root).parts[0]] if classes else -1)
     if skipped:
-        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(skipped), root, skipped[0])
+        named = ", ".join(str(p) for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), root, named)
     if not paths:
         raise DataError(
             f"no readable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}"
@@ -65,26 +67,63 @@ def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
     return ImageFolder(root, paths, labels, classes, skipped)
 
 
+def _image_files(root: Path) -> list[Path]:
+    """Image files under `root`, sorted, following symlinked folders (each real folder once, so a
+    link back up the tree cannot loop)."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        for name in names:
+            path = Path(folder) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                files.append(path)
+    return sorted(files)
+
+
+# What opening a bad file can raise: corrupt data, truncation, and PIL's decompression-bomb guard.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def is_readable_image(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             image.verify()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except _UNREADABLE:
         return False
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open any image as RGB; a missing or corrupt file raises DataError."""
+    """Open any image as RGB; a missing or corrupt file raises DataError.
+
+    16-bit greyscale is scaled to 8 bits (not clipped); transparency is composited on white."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return _to_rgb(image)
+    except _UNREADABLE as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -109,8 +109,23 @@ def train(
     device: str = "cpu",
     callbacks: list[TrainCallback] = (),
 ) -> TrainResult:
-    """Train an LQAE on an image folder, writing checkpoints, metrics and sample grids to `run_dir`."""
+    """Train an LQAE on an image folder, writing checkpoints, metrics and sample grids to `run_dir`.
+
+    Rank 0 holds the run folder's lock throughout (a second trainer on the same folder is refused)
+    and owns any checkpoint journal a killed run left there."""
     run_dir = Path(run_dir)
+    lock = ckpt.RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        if lock is not None and run_dir.is_dir():
+            lock.acquire()
+            ckpt.roll_forward(run_dir)
+        return _train(data_dir, run_dir, model_config, train_config, val_dir, resume, device, callbacks, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume, device, callbacks, lock) -> TrainResult:
     rank, world, device = _setup_distributed(device)
     is_main = rank == 0
     callbacks = list(callbacks) if is_main else []
@@ -172,6 +187,8 @@ def train(
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None and lock.handle is None:
+            lock.acquire()  # a new run folder: claimed now that it exists
         info = TrainInfo(
             total_steps=steps, start_step=start_step, images=len(folder), skipped=len(folder.skipped),
             classes=len(folder.classes), codebook_size=model.codebook.size, tokens_per_image=model_config.num_tokens,

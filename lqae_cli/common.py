@@ -93,4 +93,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_line_paths(paths, instead: str) -> None:
+    """PATH<TAB>VALUE lines cannot carry a file name holding a tab or a line break: refuse before
+    anything is printed, naming the file and the safe alternative."""
+    from lqae.errors import DataError
+
+    for path in paths:
+        text = str(path)
+        if any(c in text for c in "\t\n\r"):
+            raise DataError(
+                f"file name {text!r} holds a tab or line break, which PATH<TAB>... output lines cannot carry; "
+                f"{instead}"
+            )
+
+
 MODEL_OPTION_HELP = "Checkpoint folder written by `lqae train` (default: $LQAE_MODEL)."

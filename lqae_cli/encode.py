@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import MODEL_OPTION_HELP, handle_errors
+from lqae_cli.common import MODEL_OPTION_HELP, check_line_paths, handle_errors
 
 
 class Format(str, Enum):
@@ -51,7 +51,8 @@ def encode(
 ) -> None:
     """Encode images into tokens of the model's frozen language model.
 
-    One image prints its token text alone on stdout; several (or a folder): PATH<TAB>TEXT per line.
+    One image prints its token text alone on stdout; several (or a folder): PATH<TAB>TEXT per line,
+    or with --format jsonl one JSON object per line with the path inside.
     Images of any size are resized and centre-cropped to the model's resolution.
     The same image and model always give the same tokens.
 
@@ -90,10 +91,13 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings
     from lqae_cli.inference import count_progress, load_run, show_progress
 
     paths = collect_images(inputs)
+    # several images: PATH<TAB>TEXT lines; jsonl carries the path inside each JSON object instead
+    with_paths = (len(inputs) > 1 or any(p.is_dir() for p in inputs)) and token_format is not Format.jsonl
+    if with_paths and not grid:
+        check_line_paths(paths, "use --format jsonl, which quotes the path inside each JSON object, or rename the file")
     net = load_run(model, device)
     loaded = time.perf_counter()
     token_text = TokenText.for_model(net)
-    with_paths = len(inputs) > 1 or any(p.is_dir() for p in inputs)
     spent = EncodeTimings()
     bar = show_progress(quiet, len(paths)) and not sys.stdout.isatty()  # a person reading stdout sees it move
     with count_progress("encode", len(paths), bar) as advance:

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import MODEL_OPTION_HELP, handle_errors
+from lqae_cli.common import MODEL_OPTION_HELP, check_line_paths, handle_errors
 
 DEFAULT_LLM = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"  # = lqae.fewshot.backends.DEFAULT_LLM (kept light for --help)
 
@@ -123,6 +123,7 @@ def _render_predictions(run, as_json: bool, single_argument: bool) -> None:
     if single_argument and len(run.predictions) == 1:
         sys.stdout.write(f"{run.predictions[0].label or '?'}\n")
         return
+    check_line_paths([p.path for p in run.predictions], "use --json, which quotes every path, or rename the file")
     for prediction in run.predictions:
         sys.stdout.write(f"{prediction.path}\t{prediction.label or '?'}\n")
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import MODEL_OPTION_HELP, handle_errors, resolve_device
+from lqae_cli.common import MODEL_OPTION_HELP, check_line_paths, handle_errors, resolve_device
 
 
 class Baseline(str, Enum):
@@ -110,6 +110,7 @@ def _apply(folder, images, model, lm, device, batch_size, as_json, quiet) -> Non
     elif len(predictions) == 1:
         typer.echo(predictions[0].label)
     else:
+        check_line_paths([p.path for p in predictions], "use --json, which quotes every path, or rename the file")
         for p in predictions:
             typer.echo(f"{p.path}\t{p.label}")
 

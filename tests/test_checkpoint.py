@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -49,16 +50,64 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_model, tmp_path):
     assert (run / "model.safetensors").read_bytes() == before and not journal.exists()
 
 
-def test_completed_journal_is_rolled_forward(tiny_model, tmp_path):
+def _journal_of_step_2(run, tiny_model, monkeypatch):
+    """A save of step 2 killed after its COMPLETE marker, before any file moved into place."""
+    ckpt.save_checkpoint(run, tiny_model, step=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "roll_forward", lambda run_dir: None)
+        ckpt.save_checkpoint(run, tiny_model, step=2)
+    assert (run / ".saving" / "COMPLETE").exists()
+    return run / ".saving"
+
+
+def test_completed_journal_is_rolled_forward(tiny_model, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _journal_of_step_2(run, tiny_model, monkeypatch)
+    assert ckpt.read_config(run)[2] == 2
+    assert not (run / ".saving").exists()
+
+
+def test_completed_journal_with_a_truncated_file_is_discarded(tiny_model, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    journal = _journal_of_step_2(run, tiny_model, monkeypatch)
+    before = (run / "model.safetensors").read_bytes()
+    weights = journal / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the marker says complete, the file is not
+    assert ckpt.read_config(run)[2] == 1
+    assert (run / "model.safetensors").read_bytes() == before and not journal.exists()
+    ckpt.load_model(run)
+
+
+def test_reader_leaves_a_live_trainers_journal_alone(tiny_model, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    journal = _journal_of_step_2(run, tiny_model, monkeypatch)
+    with ckpt.RunLock(run):  # a trainer holds the folder (flock: another open file = another holder)
+        assert ckpt.read_config(run)[2] == 1
+        ckpt.load_model(run)
+        assert (journal / "COMPLETE").exists()
+        incomplete = journal / "COMPLETE"
+        incomplete.unlink()  # mid-save, before the marker: still not the reader's to delete
+        ckpt.read_config(run)
+        assert journal.is_dir()
+
+
+def test_second_trainer_is_refused_with_the_holders_pid(tmp_path):
+    run = tmp_path / "run"
+    with ckpt.RunLock(run):
+        with pytest.raises(CheckpointError, match=rf"process {os.getpid()}.*another --out"):
+            ckpt.RunLock(run).acquire()
+    with ckpt.RunLock(run):  # released on exit
+        pass
+
+
+def test_reader_gets_config_and_weights_of_one_step(tiny_model, tmp_path, monkeypatch):
     run = tmp_path / "run"
     ckpt.save_checkpoint(run, tiny_model, step=1)
     ckpt.save_checkpoint(tmp_path / "next", tiny_model, step=2)
-    journal = run / ".saving"
-    journal.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (journal / name).write_bytes((tmp_path / "next" / name).read_bytes())
-    (journal / "COMPLETE").write_text("2")  # killed after marking complete, before moving files
-    assert ckpt.read_config(run)[2] == 2
+    (run / "config.json").write_bytes((tmp_path / "next" / "config.json").read_bytes())
+    monkeypatch.setattr(ckpt.time, "sleep", lambda seconds: None)
+    with pytest.raises(CheckpointError, match="config.json is at step 2 but model.safetensors at step 1"):
+        ckpt.load_model(run)
 
 
 def test_optimizer_state_round_trip(tiny_model):

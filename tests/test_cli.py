@@ -64,9 +64,13 @@ def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
     assert (tmp_path / "run" / "model.safetensors").exists() and first.stdout == ""
     again = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "2", *common)
     assert_one_clean_error(again, "--resume")
+    from lqae.checkpoint import RunLock, read_config
+
+    with RunLock(tmp_path / "run"):  # another trainer holds the folder
+        second = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "3", "--resume", *common)
+        assert_one_clean_error(second, f"being trained by process {os.getpid()}")
     resumed = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "3", "--resume", *common)
     assert resumed.returncode == 0, resumed.stderr
-    from lqae.checkpoint import read_config
 
     assert read_config(tmp_path / "run")[2] == 3
 

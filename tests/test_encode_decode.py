@@ -157,6 +157,25 @@ def test_encode_several_images_and_folders_prints_path_tab_text_in_order(runner,
     assert rows[paths[1]] == files.stdout.splitlines()[1].split("\t")[1] == single.stdout.strip()
 
 
+def test_encode_several_images_as_jsonl_gives_one_json_object_per_line(runner, tiny_checkpoint, image_folder):
+    result = invoke(runner, "encode", image_folder, "-m", tiny_checkpoint, "-f", "jsonl")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == sorted(str(p) for p in image_folder.rglob("*.png"))
+    assert all(len(r["ids"]) == LENGTH for r in records)
+
+
+def test_file_names_with_a_tab_or_newline_are_refused_in_path_tab_lines(runner, tiny_checkpoint, image, tmp_path):
+    odd = tmp_path / "odd\tname.png"
+    odd.write_bytes(image.read_bytes())
+    result = invoke(runner, "encode", image, odd, "-m", tiny_checkpoint)
+    assert_one_error_line(result, "tab or line break", "--format jsonl")
+    assert result.stdout == ""
+    safe = invoke(runner, "encode", image, odd, "-m", tiny_checkpoint, "-f", "jsonl")
+    assert safe.exit_code == 0, safe.output
+    assert [json.loads(line)["path"] for line in safe.stdout.splitlines()] == [str(image), str(odd)]
+
+
 def test_encode_model_defaults_to_the_environment(runner, tiny_checkpoint, image):
     result = invoke(runner, "encode", image, env={"LQAE_MODEL": str(tiny_checkpoint)})
     assert result.exit_code == 0, result.output

@@ -70,6 +70,18 @@ def test_several_queries_print_path_tab_label(image_folder, tiny_checkpoint):
     assert all(line.split("\t")[1] in {"red", "blue"} for line in lines)
 
 
+def test_a_query_name_with_a_tab_is_refused_in_path_tab_lines_but_fine_in_json(image_folder, tiny_checkpoint, tmp_path):
+    odd = tmp_path / "odd\tquery.png"
+    odd.write_bytes(first_image(image_folder, "red").read_bytes())
+    queries = [first_image(image_folder, "blue"), odd]
+    result = invoke("--support", image_folder, *queries, "--model", tiny_checkpoint, "--llm", "overlap")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "tab or line break" in result.stderr and "--json" in result.stderr
+    safe = invoke("--support", image_folder, *queries, "--model", tiny_checkpoint, "--llm", "overlap", "--json")
+    assert safe.exit_code == 0, safe.stderr
+    assert [p["path"] for p in json.loads(safe.stdout)["predictions"]] == [str(q) for q in queries]
+
+
 def test_script_usage_in_a_shell(image_folder, tiny_checkpoint):
     query = first_image(image_folder, "blue")
     script = f'label=$(lqae fewshot --support "{image_folder}" "{query}" --model "{tiny_checkpoint}" --llm overlap) && echo "[$label]"'

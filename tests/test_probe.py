@@ -224,6 +224,11 @@ def test_save_then_apply_classifies_new_images(tiny_checkpoint, splits, tmp_path
     correct = sum(Path(path).parent.name == label for path, label in rows)
     assert correct / len(rows) == pytest.approx(report["top1"])  # same features, same head as the report
 
+    odd = val / "green" / "odd\tname.png"
+    odd.write_bytes(one.read_bytes())
+    assert_clean_error(invoke("--apply", saved, val, "-q"), "tab or line break", "--json")
+    assert str(odd) in [p["path"] for p in json.loads(invoke("--apply", saved, val, "-q", "--json").stdout)]
+
 
 def test_apply_rejects_a_model_with_other_features(tiny_checkpoint, splits, tmp_path, tiny_lm_dir):
     from conftest import tiny_model_config, tiny_train_config
