@@ -104,7 +104,7 @@ def save_checkpoint(
         config["train"] = to_dict(train_config)
     (journal / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
-    save_file(weights, journal / WEIGHTS_FILE, metadata={"step": str(step)})
+    save_file(weights, journal / WEIGHTS_FILE, metadata={"step": str(step), "fingerprint": weights_fingerprint(weights)})
     if train_state is not None:
         meta = {"step": str(step), "meta": json.dumps(train_meta or {}, sort_keys=True)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in train_state.items()}
@@ -117,6 +117,18 @@ def save_checkpoint(
     (journal / _COMPLETE).write_text(json.dumps({"step": step, "files": files}, sort_keys=True))
     fsync_dir(journal)
     roll_forward(run_dir)
+
+
+def weights_fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """A short id of trainable weights (names, dtypes, shapes and values): token ids written by one set
+    of weights mean nothing to another, even of the same config. Recorded in model.safetensors at save;
+    computed the same way for checkpoints written before it was recorded."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
@@ -199,22 +211,26 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu", lm_name: str |
     """Rebuild an LQAE from a checkpoint folder; the frozen LM comes from its name (or `lm_name`)."""
     from lqae.model import LQAE
 
-    model_config, weights = _consistent_read(Path(run_dir))
+    model_config, weights, fingerprint = _consistent_read(Path(run_dir))
     if lm_name is not None:
         model_config.lm_name = lm_name
     model = LQAE(model_config, mlm_head=False)  # inference: no MLM loss, so no head to load
     model.load_trainable_state_dict(weights)
+    model.weights_fingerprint = fingerprint or weights_fingerprint(weights)
     return model.to(device).eval()
 
 
-def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and weights of the same step. A trainer moving a new checkpoint into place can be caught
-    between two files: read again until both name the same step."""
+def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25):
+    """Config, weights and the weights' recorded fingerprint (None in older checkpoints), all of one
+    step. A trainer moving a new checkpoint into place can be caught between two files: read again
+    until both name the same step."""
     for attempt in range(attempts):
         model_config, _, step = read_config(run_dir)
-        weights, weights_step = _load_tensors_with_step(run_dir / WEIGHTS_FILE)
+        weights, metadata = _load_tensors_with_metadata(run_dir / WEIGHTS_FILE)
+        weights_step = metadata.get("step")
+        weights_step = int(weights_step) if weights_step is not None and str(weights_step).isdigit() else None
         if weights_step is None or weights_step == step:
-            return model_config, weights
+            return model_config, weights, metadata.get("fingerprint")
         time.sleep(pause)
     raise CheckpointError(
         f"{run_dir}: config.json is at step {step} but model.safetensors at step {weights_step}; "
@@ -222,16 +238,16 @@ def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25) -> 
     )
 
 
-def _load_tensors_with_step(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+def _load_tensors_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     tensors = _load_tensors(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            step = (handle.metadata() or {}).get("step")
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    return tensors, int(step) if step is not None and str(step).isdigit() else None
+    return tensors, metadata
 
 
 def load_trainable_from(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,25 +1,93 @@
-"""Crash-safe file writes: a kill mid-write leaves the old file or the new one, never half of one."""
+"""Crash-safe file writes: a kill mid-write leaves the old file or the new one, never half of one.
+
+New files get the permissions any file would (0666 less the umask), and temp files that a killed
+writer left beside a path are removed on the next write to that path.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import time
 from pathlib import Path
+from typing import BinaryIO
+
+_ORPHAN_AGE = 3600.0  # seconds after which a temp file that names no writer counts as abandoned
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_beside(path: Path) -> tuple[BinaryIO, Path]:
+    """A new temp file in `path`'s folder, open for writing: `.NAME.PID.RANDOM.tmp`, so a later
+    write can tell a dead writer's leftover from a live one's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except (AttributeError, OSError):  # no fchmod (Windows): keep what mkstemp gave
+        pass
+    return os.fdopen(fd, "wb"), Path(tmp)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files of ours beside `path` whose writer is gone (its pid is not running), or,
+    for names without a pid, that nobody touched for an hour. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        middle = candidate.name[len(path.name) + 2 : -len(".tmp")]
+        writer = middle.split(".")[0]
+        try:
+            if writer.isdigit() and "." in middle:
+                if _running(int(writer)):
+                    continue
+            elif time.time() - candidate.stat().st_mtime < _ORPHAN_AGE:
+                continue
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            continue
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or cannot tell): leave it
+    return True
+
+
+def current_umask() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:

@@ -59,6 +59,7 @@ class LQAE(nn.Module):
             )
         config.lm_vocab_size, config.lm_width, config.codebook_size = vocab_rows, lm_width, len(token_ids)
         self.config = config
+        self.weights_fingerprint: str | None = None  # set by checkpoint.load_model; token datasets record it
         self.tokenizer = lm.tokenizer
         self.lm = lm.backbone
         self.mlm_head = lm.mlm_head

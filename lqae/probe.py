@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ class ProbeSplit:
     classes: list[str]
     ids: torch.Tensor | None = None  # (N, L) LM ids for token datasets
     model_config: dict | None = None  # config of the model that wrote a token dataset
+    weights: str | None = None  # fingerprint of the weights that wrote a token dataset
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -138,7 +140,7 @@ def load_split(source: str | Path, role: str = "TRAIN") -> ProbeSplit:
         data = read_token_dataset(source)
         split = ProbeSplit(
             source, "tokens", [Path(p) for p in data.paths], data.labels.long(), list(data.classes), data.ids,
-            data.model_config,
+            data.model_config, data.weights,
         )
     else:
         if source.is_file():
@@ -458,16 +460,21 @@ def run_probe(
     config: ProbeConfig | None = None,
     progress: Progress | None = None,
     model_dir: str | Path = "",
+    allow_foreign_tokens: bool = False,
 ) -> tuple[ProbeReport, ProbeHead]:
-    """Extract features once, train the head on TRAIN, score it on VAL, then the same for each baseline."""
+    """Extract features once, train the head on TRAIN, score it on VAL, then the same for each baseline.
+
+    Token datasets must come from the model's own weights (and TRAIN's and VAL's from the same ones)
+    unless `allow_foreign_tokens`."""
     config = config or ProbeConfig()
     layers = parse_layers(config.layers, layer_counts(model))
     train = load_split(train_source, "TRAIN")
     val = match_classes(train, load_split(val_source, "VAL"))
     _warn_imbalance(train.class_counts())
+    _warn_shared_images(train, val)
     for split, role in ((train, "TRAIN"), (val, "VAL")):
         if split.kind == "tokens":
-            _check_token_source(model, split, role)
+            _check_token_source(model, split, role, allow_foreign_tokens)
             if uses_encoder(layers):
                 raise ConfigError(
                     f"{role} {split.source} is a token dataset: encoder layers need the images; use LM layers "
@@ -511,14 +518,25 @@ def run_probe(
     return report, head
 
 
-def _check_token_source(model, split: ProbeSplit, role: str) -> None:
-    """Token ids only mean something to the LM (and codebook) that wrote them."""
-    from lqae.tokendata import check_ids_fit
+def _check_token_source(model, split: ProbeSplit, role: str, allow_foreign: bool) -> None:
+    """Token ids only mean something to the LM and the weights that wrote them."""
+    from lqae.tokendata import check_ids_fit, check_same_weights
 
-    check_ids_fit(
-        split.model_config or {}, split.ids.shape[1], model.config, f"{role} {split.source}",
-        "re-encode it with this model or pass the image folder",
-    )
+    fix = "re-encode it with this model or pass the image folder"
+    source = f"{role} {split.source}"
+    check_ids_fit(split.model_config or {}, split.ids.shape[1], model.config, source, fix)
+    check_same_weights(split.weights, model.weights_fingerprint, source, "this model's", fix, allow_foreign)
+
+
+def _warn_shared_images(train: ProbeSplit, val: ProbeSplit) -> None:
+    """A held-out score means little when VAL holds TRAIN's images."""
+    seen = {os.path.realpath(p) for p in train.paths}
+    shared = [p for p in val.paths if os.path.realpath(p) in seen]
+    if shared:
+        log.warning(
+            "%d of %d VAL images are also in TRAIN (e.g. %s): the VAL score is not a held-out score",
+            len(shared), len(val), shared[0],
+        )
 
 
 def _warn_imbalance(counts: dict[str, int]) -> None:

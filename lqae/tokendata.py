@@ -2,7 +2,8 @@
 
 Layout: tensors `ids` (N, L) (uint16 when the LM vocabulary fits, else int32) and `labels` (N,)
 int32 (-1 = no class); metadata `lqae_token_dataset` (format version), `classes`, `paths`,
-`grid` (JSON) and `model_config` (the ModelConfig of the model that wrote it, JSON).
+`grid` (JSON), `model_config` (the ModelConfig of the model that wrote it, JSON) and `weights`
+(the fingerprint of the weights that wrote it; absent in files written before it was recorded).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TokenDataset:
     paths: list[str]  # source image path of each row
     model_config: dict  # config of the model that wrote the tokens
     grid: tuple[int, int]  # (rows, columns) of the patch grid; rows * columns = L
+    weights: str | None = None  # fingerprint of the weights that wrote the ids (checkpoint.weights_fingerprint)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -46,7 +48,7 @@ def write_token_dataset(path: str | Path, dataset: TokenDataset) -> None:
 
     dtype = ids_dtype(dataset.model_config)
     tensors = {"ids": dataset.ids.to(dtype).contiguous(), "labels": dataset.labels.to(torch.int32).contiguous()}
-    metadata = _metadata(dataset.classes, dataset.paths, dataset.grid, dataset.model_config)
+    metadata = _metadata(dataset.classes, dataset.paths, dataset.grid, dataset.model_config, dataset.weights)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
@@ -60,14 +62,17 @@ def ids_dtype(model_config: dict) -> torch.dtype:
     return torch.int32
 
 
-def _metadata(classes: list[str], paths: list[str], grid, model_config: dict) -> dict[str, str]:
-    return {
+def _metadata(classes: list[str], paths: list[str], grid, model_config: dict, weights: str | None) -> dict[str, str]:
+    metadata = {
         "lqae_token_dataset": FORMAT,
         "classes": json.dumps(classes),
         "paths": json.dumps(paths),
         "grid": json.dumps(list(grid)),
         "model_config": json.dumps(model_config, sort_keys=True),
     }
+    if weights:
+        metadata["weights"] = weights
+    return metadata
 
 
 def read_token_dataset(path: str | Path) -> TokenDataset:
@@ -85,10 +90,17 @@ def read_token_dataset(path: str | Path) -> TokenDataset:
             labels = handle.get_tensor("labels").long()
     except (SafetensorError, OSError) as exc:
         raise DataError(f"cannot read token dataset {path}: {exc}") from exc
-    return TokenDataset(
-        ids=ids, labels=labels, classes=json.loads(metadata["classes"]), paths=json.loads(metadata["paths"]),
-        model_config=json.loads(metadata["model_config"]), grid=tuple(json.loads(metadata["grid"])),
-    )
+    try:
+        dataset = TokenDataset(
+            ids=ids, labels=labels, classes=json.loads(metadata["classes"]), paths=json.loads(metadata["paths"]),
+            model_config=json.loads(metadata["model_config"]), grid=tuple(json.loads(metadata["grid"])),
+            weights=metadata.get("weights"),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"token dataset {path} has corrupt metadata ({type(exc).__name__}: {exc}); re-encode it") from exc
+    if not isinstance(dataset.model_config, dict) or len(dataset.paths) != len(ids) or len(labels) != len(ids):
+        raise DataError(f"token dataset {path} has corrupt metadata (rows, labels and paths disagree); re-encode it")
+    return dataset
 
 
 @torch.no_grad()
@@ -115,6 +127,7 @@ def encode_folder(
     return TokenDataset(
         ids=torch.from_numpy(ids), labels=torch.tensor(folder.labels, dtype=torch.long), classes=list(folder.classes),
         paths=[str(p) for p in folder.paths], model_config=to_dict(model.config), grid=(grid, grid),
+        weights=getattr(model, "weights_fingerprint", None),
     )
 
 
@@ -144,7 +157,7 @@ class TokenDatasetWriter:
 
     def __init__(
         self, path: str | Path, labels: list[int], length: int, classes: list[str], paths: list[str],
-        model_config: dict, grid: tuple[int, int],
+        model_config: dict, grid: tuple[int, int], weights: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.rows, self.length, self.written = len(labels), length, 0
@@ -153,7 +166,7 @@ class TokenDatasetWriter:
         label_bytes = 4 * self.rows
         self.id_bytes = self.rows * length * np.dtype(self._numpy_dtype).itemsize
         header = {  # labels (4-byte) before ids (2-byte) keeps both aligned, as safetensors does
-            "__metadata__": _metadata(classes, paths, grid, model_config),
+            "__metadata__": _metadata(classes, paths, grid, model_config, weights),
             "labels": {"dtype": "I32", "shape": [self.rows], "data_offsets": [0, label_bytes]},
             "ids": {
                 "dtype": tag, "shape": [self.rows, length], "data_offsets": [label_bytes, label_bytes + self.id_bytes],
@@ -166,13 +179,11 @@ class TokenDatasetWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> "TokenDatasetWriter":
-        import os
         import struct
-        import tempfile
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp, self._handle = Path(tmp), os.fdopen(fd, "wb")
+        from lqae.io import temp_beside
+
+        self._handle, self._tmp = temp_beside(self.path)
         self._handle.write(struct.pack("<Q", len(self._header)) + self._header)
         self._handle.write(self._labels.tobytes())
         return self
@@ -244,7 +255,7 @@ def encode_folder_to_file(
     grid = (config.grid_size, config.grid_size)
     writer = TokenDatasetWriter(
         path, list(folder.labels), config.num_tokens, list(folder.classes), [str(p) for p in folder.paths],
-        to_dict(config), grid,
+        to_dict(config), grid, getattr(model, "weights_fingerprint", None),
     )
     with writer:
         for chunk, ids in encode_images(model, folder.paths, batch_size, timings):
@@ -270,9 +281,33 @@ def select_rows(dataset: TokenDataset, index: list[int] | None) -> list[int]:
     return list(dict.fromkeys(index))
 
 
-def check_compatible(dataset: TokenDataset, config, source: str | Path = "the token dataset") -> None:
-    """Raise when `config`'s model cannot decode the dataset's ids; warn when another model wrote them."""
-    check_ids_fit(dataset.model_config, dataset.ids.shape[1], config, source, "decode it with the model that wrote it")
+def check_compatible(
+    dataset: TokenDataset, model, source: str | Path = "the token dataset", allow_foreign: bool = False
+) -> None:
+    """Raise when `model` cannot decode the dataset's ids or other weights wrote them; warn when
+    another config wrote them."""
+    fix = "decode it with the model that wrote it"
+    check_ids_fit(dataset.model_config, dataset.ids.shape[1], model.config, source, fix)
+    check_same_weights(dataset.weights, model.weights_fingerprint, source, "this model's", fix, allow_foreign)
+
+
+def check_same_weights(
+    written: str | None, current: str | None, source: str | Path, current_name: str, fix: str, allow_foreign: bool
+) -> None:
+    """Token ids are bound to the weights that wrote them: two checkpoints of one config give
+    unrelated ids for the same image. Raise when both fingerprints are known and differ (a warning
+    with `allow_foreign`); files from before fingerprints were recorded are not checked."""
+    import logging
+
+    from lqae.errors import TokenError
+
+    if not written or not current or written == current:
+        return
+    message = f"{source} was encoded by other weights (fingerprint {written}) than {current_name} ({current})"
+    if allow_foreign:
+        logging.getLogger(__name__).warning("%s; using it anyway (--allow-foreign-tokens)", message)
+        return
+    raise TokenError(f"{message}: {fix}, or pass --allow-foreign-tokens if you know why they match")
 
 
 def check_ids_fit(written: dict, length: int, config, source: str | Path, fix: str) -> None:

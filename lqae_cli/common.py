@@ -108,3 +108,7 @@ def check_line_paths(paths, instead: str) -> None:
 
 
 MODEL_OPTION_HELP = "Checkpoint folder written by `lqae train` (default: $LQAE_MODEL)."
+ALLOW_FOREIGN_HELP = (
+    "Use token datasets written by other weights than the model's (or than each other's); "
+    "ids of two checkpoints are unrelated, so only for people who know why they match."
+)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import MODEL_OPTION_HELP, handle_errors
+from lqae_cli.common import ALLOW_FOREIGN_HELP, MODEL_OPTION_HELP, handle_errors
 
 
 @handle_errors
@@ -32,6 +32,7 @@ def decode(
     index: Optional[List[int]] = typer.Option(
         None, "--index", "-i", help="With --from: entry to decode (repeat for several; default: all entries).",
     ),
+    allow_foreign: bool = typer.Option(False, "--allow-foreign-tokens", help=ALLOW_FOREIGN_HELP),
     batch_size: int = typer.Option(64, min=1, help="Images per decoder pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
@@ -54,7 +55,7 @@ def decode(
     if source is not None:
         if tokens or ids or text:
             raise ConfigError("--from decodes a token dataset; do not also pass token text, --ids or --text")
-        _decode_dataset(source, index, model, out, batch_size, device, quiet)
+        _decode_dataset(source, index, model, out, batch_size, device, quiet, allow_foreign)
         return
     if index:
         raise ConfigError("--index picks entries of a token dataset; use it with --from FILE.safetensors")
@@ -89,7 +90,9 @@ def _decode_text(raw: str, form: str, model, out: Path, batch_size: int, device:
     _summary(paths, net, out, quiet)
 
 
-def _decode_dataset(source: Path, index, model, out: Path, batch_size: int, device: str, quiet: bool) -> None:
+def _decode_dataset(
+    source: Path, index, model, out: Path, batch_size: int, device: str, quiet: bool, allow_foreign: bool
+) -> None:
     from lqae.codec import decode_to_pngs, image_name, output_paths
     from lqae.tokendata import check_compatible, read_token_dataset, select_rows
     from lqae_cli.inference import count_progress, load_run, show_progress
@@ -97,7 +100,7 @@ def _decode_dataset(source: Path, index, model, out: Path, batch_size: int, devi
     dataset = read_token_dataset(source)
     positions = select_rows(dataset, index)
     net = load_run(model, device)
-    check_compatible(dataset, net.config, source)
+    check_compatible(dataset, net, source, allow_foreign)
     paths = output_paths(out, [image_name(i, dataset.paths[i]) for i in positions])
     with count_progress("decode", len(paths), show_progress(quiet, len(paths))) as advance:
         decode_to_pngs(net, dataset.ids[positions], paths, batch_size, advance)

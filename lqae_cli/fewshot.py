@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import MODEL_OPTION_HELP, check_line_paths, handle_errors
+from lqae_cli.common import ALLOW_FOREIGN_HELP, MODEL_OPTION_HELP, check_line_paths, handle_errors
 
 DEFAULT_LLM = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"  # = lqae.fewshot.backends.DEFAULT_LLM (kept light for --help)
 
@@ -70,6 +70,7 @@ def fewshot(
     prefix_cache: bool = typer.Option(
         True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's key/values (local models)."
     ),
+    allow_foreign: bool = typer.Option(False, "--allow-foreign-tokens", help=ALLOW_FOREIGN_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ) -> None:
     """Label images with an LLM shown labelled support images as token text, or evaluate it on episodes.
@@ -101,7 +102,7 @@ def fewshot(
     job = FewshotJob(
         support=support, images=list(queries or []), query=query, model_dir=model, llm=llm, api_base=api_base,
         template=template, settings=settings, bpe_file=bpe_file, device=resolve_device(device), out=out,
-        timeout=timeout, retries=retries, reuse_prefix=prefix_cache,
+        timeout=timeout, retries=retries, reuse_prefix=prefix_cache, allow_foreign_tokens=allow_foreign,
     )
     display = _Display(enabled=not quiet and sys.stderr.isatty())
     with display:

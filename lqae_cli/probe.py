@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import MODEL_OPTION_HELP, check_line_paths, handle_errors, resolve_device
+from lqae_cli.common import ALLOW_FOREIGN_HELP, MODEL_OPTION_HELP, check_line_paths, handle_errors, resolve_device
 
 
 class Baseline(str, Enum):
@@ -48,6 +48,7 @@ def probe(
     save: Optional[Path] = typer.Option(None, "--save", help="Write the trained head to this folder (probe.safetensors + probe.json)."),
     apply: Optional[Path] = typer.Option(None, "--apply", help="Classify the given images with a probe folder written by --save."),
     lm: Optional[str] = typer.Option(None, help="Load the frozen LM from here instead of the checkpoint's LM name."),
+    allow_foreign: bool = typer.Option(False, "--allow-foreign-tokens", help=ALLOW_FOREIGN_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure and nothing else on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -79,7 +80,9 @@ def probe(
     )
     loaded = _load_model(model, device, lm)
     with _progress(not quiet) as progress:
-        report, head = run_probe(loaded, inputs[0], val, config, progress=progress, model_dir=model)
+        report, head = run_probe(
+            loaded, inputs[0], val, config, progress=progress, model_dir=model, allow_foreign_tokens=allow_foreign,
+        )
     if save is not None:
         save_probe(save, head, report, loaded)
     if as_json:

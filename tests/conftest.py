@@ -109,6 +109,21 @@ def tiny_checkpoint(tiny_lm_dir, tmp_path) -> Path:
     return run
 
 
+@pytest.fixture
+def other_checkpoint(tiny_lm_dir, tmp_path) -> Path:
+    """A second tiny checkpoint of exactly the same config as `tiny_checkpoint`, other weights."""
+    import torch
+
+    from lqae.checkpoint import save_checkpoint
+    from lqae.model import LQAE
+
+    torch.manual_seed(1)
+    model = LQAE(tiny_model_config(tiny_lm_dir))
+    run = tmp_path / "other_run"
+    save_checkpoint(run, model, tiny_train_config(), step=0)
+    return run
+
+
 def write_class_images(root: Path, classes=("red", "blue"), per_class: int = 6, size: int = 20, seed: int = 0) -> Path:
     """Synthetic colour images, one sub-folder per class; classes differ in their dominant colour
     (linearly separable in pixel space). Mixed sizes and a grayscale file exercise loading."""

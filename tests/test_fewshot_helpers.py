@@ -139,11 +139,12 @@ class StubServer:
     """An OpenAI-compatible server on 127.0.0.1 with scripted behaviour.
 
     mode: "ok" | "no-logprobs" (logprobs: null) | "no-echo" (echo ignored) | "zeros" (all log-probs 0);
-    fail_first: HTTP statuses to answer before behaving (e.g. [429]).
+    fail_first: HTTP statuses to answer before behaving (e.g. [429]);
+    redirect_to: answer every request with a 302 to this base URL.
     """
 
-    def __init__(self, mode: str = "ok", fail_first=(), chat_reply: str = "cat") -> None:
-        self.mode, self.fail_first, self.chat_reply = mode, list(fail_first), chat_reply
+    def __init__(self, mode: str = "ok", fail_first=(), chat_reply: str = "cat", redirect_to: str | None = None) -> None:
+        self.mode, self.fail_first, self.chat_reply, self.redirect_to = mode, list(fail_first), chat_reply, redirect_to
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         stub = self
@@ -156,6 +157,9 @@ class StubServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, **body})
                 stub.headers.append(dict(self.headers))
+                if stub.redirect_to:
+                    self._send(302, {}, {"Location": stub.redirect_to + self.path.removeprefix("/v1")})
+                    return
                 if stub.fail_first:
                     status = stub.fail_first.pop(0)
                     self._send(status, {"error": {"message": f"scripted {status}"}}, {"Retry-After": "0"})

@@ -63,6 +63,19 @@ def test_prefix_reuse_gives_the_naive_scores(random_gpt2, template):
     assert [score for row in again for score, _ in row] == pytest.approx(flat, abs=1e-5)
 
 
+def test_scoring_and_generation_use_the_current_cache_api(random_gpt2, capfd):
+    import warnings
+
+    model, tokenizer = random_gpt2
+    backend = HFBackend(model, tokenizer)
+    request = Request(prompts_for(backend, labels=["cat", "dog"]), ["cat", "dog"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' `past_key_values` deprecation
+        backend.loglik(request)
+        backend.generate(request, 2)
+    assert "deprecated" not in capfd.readouterr().err
+
+
 def test_scores_are_real_log_probabilities(random_gpt2):
     """Summed label log-probs equal a direct computation with the model on the concatenated ids."""
     import torch

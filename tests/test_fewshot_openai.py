@@ -93,6 +93,20 @@ def test_unreachable_server_is_a_clear_error_without_the_key(caplog):
     assert SECRET not in message and SECRET not in caplog.text
 
 
+@pytest.mark.parametrize("template", ["completion", "chat"])
+def test_a_redirect_to_another_host_never_receives_the_key(template):
+    with StubServer() as elsewhere, StubServer(redirect_to=elsewhere.url.replace("127.0.0.1", "localhost")) as server:
+        backend = backend_for(server.url)
+        with pytest.raises(LLMError, match="redirect.*--api-base") as info:
+            if template == "completion":
+                backend.loglik(request())
+            else:
+                backend.generate(request("chat"), 4)
+    assert len(server.requests) == 1 and server.headers[0]["Authorization"] == f"Bearer {SECRET}"
+    assert elsewhere.requests == []  # the key never left for the other host
+    assert "localhost" in str(info.value) and SECRET not in str(info.value)
+
+
 def test_client_errors_are_not_retried_and_hide_the_key():
     with StubServer(fail_first=[401]) as server:
         with pytest.raises(LLMError, match="HTTP 401.*OPENAI_API_KEY") as info:

@@ -28,6 +28,7 @@ class TokenPool:
     classes: list[str]  # class names (folder names), index = label
     paths: list[str]  # source image of each row
     lm_name: str  # the LM whose tokenizer turns ids into token text
+    weights: str | None = None  # fingerprint of the LQAE weights that wrote the ids, when known
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -38,6 +39,14 @@ class TokenPool:
 
     def class_name(self, index: int) -> str:
         return self.classes[self.labels[index]]
+
+    def digest(self) -> str:
+        """A short id of the pool's content: ids, labels, classes and paths."""
+        import hashlib
+        import json
+
+        content = json.dumps([self.ids, self.labels, self.classes, self.paths], separators=(",", ":"))
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
 
     def indices_by_class(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {name: [] for name in self.classes}
@@ -54,7 +63,7 @@ def pool_from_dataset(dataset, source: str, need_classes: bool = True) -> TokenP
     lm_name = str(dataset.model_config.get("lm_name", ""))
     return TokenPool(
         ids=dataset.ids.tolist(), labels=dataset.labels.tolist(), classes=list(dataset.classes),
-        paths=[str(p) for p in dataset.paths], lm_name=lm_name,
+        paths=[str(p) for p in dataset.paths], lm_name=lm_name, weights=dataset.weights,
     )
 
 

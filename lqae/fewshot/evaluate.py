@@ -170,8 +170,8 @@ class ResultsFile:
                 raise ConfigError(f"{self.path} line {number} is not JSON ({exc}); remove it or use another --out") from exc
             if record.get("run") != self.run:
                 raise ConfigError(
-                    f"{self.path} holds results of other settings (run {record.get('run')}, this run {self.run}); "
-                    "use another --out, or delete the file to start over"
+                    f"{self.path} holds results of another run (other settings, model weights or data: run "
+                    f"{record.get('run')}, this run {self.run}); use another --out, or delete the file to start over"
                 )
             done[record[self.key]] = record
         return done

@@ -72,7 +72,10 @@ class HFBackend(Backend):
         self._encoded: dict[str, list[int]] = {}  # memo of the last prefixes' ids
         self._prefix_key: tuple[int, ...] | None = None
         self._prefix_state = None  # (cache, log-probs after the prefix)
-        self._accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._accepts_keep = "logits_to_keep" in parameters
+        # transformers >= 5.2x names the key/value cache `cache` and warns on every `past_key_values`
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @classmethod
     def load(cls, name: str = DEFAULT_HF_MODEL, device: str = "cpu", reuse_prefix: bool = True) -> "HFBackend":
@@ -145,7 +148,7 @@ class HFBackend(Backend):
         """One forward pass; `keep` limits the vocabulary projection to the positions needed."""
         kwargs = {"input_ids": ids, "use_cache": True}
         if past is not None:
-            kwargs["past_key_values"] = past
+            kwargs[self._cache_arg] = past
         if mask is not None:
             kwargs["attention_mask"] = mask
         if self._accepts_keep and not (isinstance(keep, int) and keep == 0):
@@ -156,7 +159,8 @@ class HFBackend(Backend):
             logits = logits[:, -keep:]
         elif not self._accepts_keep and torch.is_tensor(keep):
             logits = logits[:, keep]
-        return output.past_key_values, logits.float().log_softmax(-1)
+        cache = output.get("cache", output.get("past_key_values"))
+        return cache, logits.float().log_softmax(-1)
 
     def _score_full(self, context: list[int], continuation: list[int]) -> tuple[float, int]:
         """Naive path: one forward pass over the whole prompt + label."""

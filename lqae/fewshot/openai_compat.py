@@ -122,8 +122,13 @@ class OpenAIBackend(Backend):
             log.debug("POST %s (try %d)", url, attempt + 1)
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _NO_REDIRECTS.open(request, timeout=self.timeout) as response:
                     body = response.read()
+            except _Redirected as exc:
+                raise LLMError(
+                    f"{url} answered a redirect (HTTP {exc.code}) to {self._redact(exc.location)}; requests carrying "
+                    "the API key do not follow redirects: set --api-base to the final address"
+                ) from None
             except urllib.error.HTTPError as exc:
                 detail = self._redact(_server_message(exc))
                 if (exc.code == 429 or exc.code >= 500) and not last_try:
@@ -153,6 +158,23 @@ class OpenAIBackend(Backend):
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
+
+
+class _Redirected(Exception):
+    def __init__(self, code: int, location: str) -> None:
+        super().__init__(f"HTTP {code} to {location}")
+        self.code, self.location = code, location
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib keeps the Authorization header across a redirect, even to another host (and turns the
+    POST into a GET): never follow one with the key; say where the server pointed instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise _Redirected(code, newurl)
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 def continuation_logprob(response: dict, full: str, start: int, where: str = "the server") -> tuple[float, int]:

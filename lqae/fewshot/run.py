@@ -36,6 +36,7 @@ class FewshotJob:
     timeout: float = 60.0
     retries: int = 4
     reuse_prefix: bool = True
+    allow_foreign_tokens: bool = False  # token datasets of other weights than the model's / each other's
 
 
 @dataclass
@@ -55,7 +56,7 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
         raise ConfigError("give query images to label, or --query DIR to evaluate on episodes (not both)")
     job.settings.check()
     template = load_template(job.template)
-    sources = Sources(job.model_dir, job.device, stage)
+    sources = Sources(job.model_dir, job.device, stage, job.allow_foreign_tokens)
     support = sources.pool(job.support, "support")
     if job.query is not None:
         queries = sources.pool(job.query, "query")
@@ -70,10 +71,13 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
         bpe_file=job.bpe_file, reuse_prefix=job.reuse_prefix,
     )
     _check_template(template, backend, job.settings)
+    # the data itself, not only its paths: another model, a retrained one or a re-encoded token
+    # dataset at the same path must not resume from these results
     run = fingerprint(
         mode="evaluate" if job.query is not None else "predict", support=_source_id(job.support),
         query=_source_id(job.query) if job.query is not None else None, llm=job.llm, api_base=job.api_base,
         template=asdict(template), settings={k: v for k, v in asdict(job.settings).items() if k != "episodes"},
+        support_data=support.digest(), query_data=queries.digest() if job.query is not None else queries.weights,
     )
     if job.query is not None:
         results = ResultsFile(job.out, run, "episode") if job.out else None
@@ -87,8 +91,10 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
 class Sources:
     """Turns folders, image files and token datasets into TokenPools, loading the LQAE only when needed."""
 
-    def __init__(self, model_dir: Path | None, device: str, stage: Callable[[str], None]) -> None:
-        self.model_dir, self.device, self.stage = model_dir, device, stage
+    def __init__(
+        self, model_dir: Path | None, device: str, stage: Callable[[str], None], allow_foreign: bool = False
+    ) -> None:
+        self.model_dir, self.device, self.stage, self.allow_foreign = model_dir, device, stage, allow_foreign
         self._model = None
 
     def model(self, why: str):
@@ -127,10 +133,11 @@ class Sources:
         from lqae.data import IMAGE_EXTENSIONS, load_image, scan_image_folder
         from lqae.tokendata import is_token_dataset, read_token_dataset
 
-        ids, names, lm_name, files = [], [], None, []
+        ids, names, lm_name, files, written_by = [], [], None, [], []
         for path in paths:
             if is_token_dataset(path):
                 dataset = read_token_dataset(path)
+                written_by.append((f"query tokens {path}", dataset.weights))
                 ids += dataset.ids.tolist()
                 names += [str(p) for p in dataset.paths]
                 lm_name = lm_name or str(dataset.model_config.get("lm_name", ""))
@@ -159,7 +166,15 @@ class Sources:
                 for (position, _), row in zip(batch, model.encode(images).cpu().tolist()):
                     ids[position] = row
             lm_name = lm_name or model.config.lm_name
-        return TokenPool(ids, [-1] * len(ids), [], names, lm_name or "")
+            written_by.insert(0, ("this model", model.weights_fingerprint))
+        from lqae.tokendata import check_same_weights
+
+        known = [(source, weights) for source, weights in written_by if weights]
+        for source, weights in known[1:]:
+            check_same_weights(
+                weights, known[0][1], source, known[0][0], "encode every query with one LQAE checkpoint", self.allow_foreign
+            )
+        return TokenPool(ids, [-1] * len(ids), [], names, lm_name or "", known[0][1] if known else None)
 
     def tokenizer(self, lm_name: str):
         """The tokenizer that turns LQAE token ids into token text."""
@@ -180,11 +195,17 @@ class Sources:
 
 
 def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -> None:
+    from lqae.tokendata import check_same_weights
+
     if queries.lm_name and support.lm_name and queries.lm_name != support.lm_name:
         raise DataError(
             f"support tokens come from LM {support.lm_name!r} but query tokens from {queries.lm_name!r}; "
             "encode both with the same LQAE checkpoint"
         )
+    check_same_weights(
+        queries.weights, support.weights, "the query tokens", "the support tokens'",
+        "encode both with the same LQAE checkpoint", job.allow_foreign_tokens,
+    )
     if len(queries) and queries.tokens_per_image != support.tokens_per_image:
         raise DataError(
             f"support images have {support.tokens_per_image} tokens each but queries {queries.tokens_per_image}; "
