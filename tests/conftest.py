@@ -94,34 +94,28 @@ def tiny_model(tiny_lm_dir):
     return LQAE(tiny_model_config(tiny_lm_dir)).eval()
 
 
-@pytest.fixture
-def tiny_checkpoint(tiny_lm_dir, tmp_path) -> Path:
-    """An (untrained) tiny LQAE saved as a checkpoint folder."""
+def save_tiny_checkpoint(tiny_lm_dir: Path, run: Path, seed: int) -> Path:
+    """An untrained tiny LQAE, initialised from `seed`, saved as a checkpoint folder."""
     import torch
 
     from lqae.checkpoint import save_checkpoint
     from lqae.model import LQAE
 
-    torch.manual_seed(0)
-    model = LQAE(tiny_model_config(tiny_lm_dir))
-    run = tmp_path / "run"
-    save_checkpoint(run, model, tiny_train_config(), step=0)
+    torch.manual_seed(seed)
+    save_checkpoint(run, LQAE(tiny_model_config(tiny_lm_dir)), tiny_train_config(), step=0)
     return run
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_lm_dir, tmp_path) -> Path:
+    """An (untrained) tiny LQAE saved as a checkpoint folder."""
+    return save_tiny_checkpoint(tiny_lm_dir, tmp_path / "run", seed=0)
 
 
 @pytest.fixture
 def other_checkpoint(tiny_lm_dir, tmp_path) -> Path:
     """A second tiny checkpoint of exactly the same config as `tiny_checkpoint`, other weights."""
-    import torch
-
-    from lqae.checkpoint import save_checkpoint
-    from lqae.model import LQAE
-
-    torch.manual_seed(1)
-    model = LQAE(tiny_model_config(tiny_lm_dir))
-    run = tmp_path / "other_run"
-    save_checkpoint(run, model, tiny_train_config(), step=0)
-    return run
+    return save_tiny_checkpoint(tiny_lm_dir, tmp_path / "other_run", seed=1)
 
 
 def write_class_images(root: Path, classes=("red", "blue"), per_class: int = 6, size: int = 20, seed: int = 0) -> Path:
