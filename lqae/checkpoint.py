@@ -207,14 +207,29 @@ def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
     return model_config, train_config, int(data.get("step", 0))
 
 
-def load_model(run_dir: Path, device: str | torch.device = "cpu", lm_name: str | None = None):
-    """Rebuild an LQAE from a checkpoint folder; the frozen LM comes from its name (or `lm_name`)."""
+def load_model(
+    run_dir: Path, device: str | torch.device = "cpu", lm_name: str | None = None, encode_only: bool = False
+) -> "LQAE":
+    """Rebuild an LQAE from a checkpoint folder; the frozen LM comes from its name (or `lm_name`).
+
+    `encode_only`: the LM's layers are not loaded, only its embedding matrix and tokenizer, read
+    from its files without transformers where they allow it (seconds faster; `encode` gives the
+    same ids). Decoding or LM features then raise CheckpointError."""
+    from lqae.lm import FrozenLM
     from lqae.model import LQAE
 
     model_config, weights, fingerprint = _consistent_read(Path(run_dir))
     if lm_name is not None:
         model_config.lm_name = lm_name
-    model = LQAE(model_config, mlm_head=False)  # inference: no MLM loss, so no head to load
+    model = None
+    light = FrozenLM.for_encoding(model_config.lm_name) if encode_only else None
+    if light is not None:
+        try:
+            model = LQAE(model_config, lm=light, mlm_head=False, for_loading=True)
+        except CheckpointError as exc:  # the light reading disagrees with the checkpoint: let transformers decide
+            log.debug("encoding-only load of %s failed (%s); loading the whole LM", model_config.lm_name, exc)
+    if model is None:
+        model = LQAE(model_config, mlm_head=False, for_loading=True)  # inference: no MLM loss, no head
     model.load_trainable_state_dict(weights)
     model.weights_fingerprint = fingerprint or weights_fingerprint(weights)
     return model.to(device).eval()

@@ -41,10 +41,29 @@ def resolve_lm_path(name: str) -> str:
 class FrozenLM:
     """A frozen encoder LM: the backbone, its optional MLM head and its tokenizer."""
 
-    backbone: nn.Module  # HF base model (BertModel, RobertaModel, ...)
+    backbone: nn.Module | None  # HF base model (BertModel, RobertaModel, ...); None: loaded for encoding only
     mlm_head: nn.Module | None  # maps hidden states to vocabulary logits; None when absent
-    tokenizer: object  # HF tokenizer
+    tokenizer: object  # HF tokenizer (or lm_files.LightTokenizer when loaded for encoding only)
     position_offset: int  # first position id (RoBERTa counts from padding_idx + 1)
+    embeddings: torch.Tensor | None = None  # the input embedding matrix, when there is no backbone
+
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        """(V, D) the LM's input token embeddings: the codebook."""
+        if self.embeddings is not None:
+            return self.embeddings
+        return self.backbone.get_input_embeddings().weight
+
+    @classmethod
+    def for_encoding(cls, name: str) -> "FrozenLM | None":
+        """Only what encoding needs (embedding matrix and tokenizer), read from the LM's files without
+        transformers; None when they cannot be read that way."""
+        from lqae.lm_files import read_codebook_source
+
+        source = read_codebook_source(name)
+        if source is None:
+            return None
+        return cls(backbone=None, mlm_head=None, tokenizer=source.tokenizer, position_offset=0, embeddings=source.embeddings)
 
 
 @contextlib.contextmanager

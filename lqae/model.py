@@ -45,10 +45,14 @@ class LQAEOutput:
 class LQAE(nn.Module):
     """ViT encoder -> nearest frozen LM token embedding -> frozen LM -> ViT decoder."""
 
-    def __init__(self, config: ModelConfig, lm: FrozenLM | None = None, mlm_head: bool = True) -> None:
+    def __init__(
+        self, config: ModelConfig, lm: FrozenLM | None = None, mlm_head: bool = True, for_loading: bool = False
+    ) -> None:
+        """`for_loading`: every trainable weight will come from a checkpoint, so skip the random
+        initialisation and fitting the search space (start-up time)."""
         super().__init__()
         lm = lm or load_frozen_lm(config.lm_name, mlm_head=mlm_head and config.mlm_weight > 0)
-        word_embeddings = lm.backbone.get_input_embeddings().weight
+        word_embeddings = lm.input_embeddings
         vocab_rows, lm_width = word_embeddings.shape
         _check_lm_shape(config, vocab_rows, lm_width)
         token_ids = select_token_ids(lm.tokenizer, vocab_rows, config.vocab, config.exclude_special_tokens)
@@ -68,7 +72,7 @@ class LQAE(nn.Module):
             word_embeddings, token_ids, config.search_chunk_tokens, config.usage_temperature, config.usage_sample_tokens,
             encoder_output=config.encoder_output, commitment=config.commitment,
             straight_through=config.straight_through, search_space=config.search_space, latent_dim=config.latent_dim,
-            soft_top_k=config.soft_top_k, soft_temperature=config.soft_temperature,
+            soft_top_k=config.soft_top_k, soft_temperature=config.soft_temperature, fit_search_space=not for_loading,
         )
         mask_id = lm.tokenizer.mask_token_id
         if mask_id is None and config.mask_ratio > 0:
@@ -87,8 +91,9 @@ class LQAE(nn.Module):
             width=config.decoder_width, depth=config.decoder_depth, heads=config.decoder_heads,
             in_width=lm_width, **shared,
         )
-        init_weights(self.encoder)
-        init_weights(self.decoder)
+        if not for_loading:
+            init_weights(self.encoder)
+            init_weights(self.decoder)
         if self.encoder.standardize is not None:
             codes = self.codebook.embeddings
             self.encoder.standardize.set_target(codes.mean(0), codes.std(0))
@@ -96,13 +101,19 @@ class LQAE(nn.Module):
     # -- frozen LM -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "LQAE":
         super().train(mode)
-        self.lm.eval()  # frozen: dropout stays off whatever the caller does
+        if self.lm is not None:
+            self.lm.eval()  # frozen: dropout stays off whatever the caller does
         if self.mlm_head is not None:
             self.mlm_head.eval()
         return self
 
     def run_lm(self, embeddings: torch.Tensor, output_hidden_states: bool = False):
         """Run the frozen LM on `inputs_embeds` (B, N, D): no BOS/EOS, all-ones attention mask."""
+        if self.lm is None:
+            raise CheckpointError(
+                "this model was loaded for encoding only, without its LM's layers; load it with "
+                "checkpoint.load_model(RUN_DIR) to decode or read LM features"
+            )
         batch, length = embeddings.shape[:2]
         positions = torch.arange(length, device=embeddings.device) + self.position_offset
         return self.lm(

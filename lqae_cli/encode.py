@@ -95,7 +95,7 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings
     with_paths = (len(inputs) > 1 or any(p.is_dir() for p in inputs)) and token_format is not Format.jsonl
     if with_paths and not grid:
         check_line_paths(paths, "use --format jsonl, which quotes the path inside each JSON object, or rename the file")
-    net = load_run(model, device)
+    net = load_run(model, device, encode_only=True)
     loaded = time.perf_counter()
     token_text = TokenText.for_model(net)
     spent = EncodeTimings()
@@ -138,7 +138,7 @@ def _write_dataset(folder_dir, out, model, batch_size, device, timings, quiet, s
     from lqae_cli.inference import count_progress, load_run, show_progress
 
     folder = scan_image_folder(folder_dir)
-    net = load_run(model, device)
+    net = load_run(model, device, encode_only=True)
     loaded = time.perf_counter()
     spent = EncodeTimings()
     with count_progress("encode", len(folder), show_progress(quiet, len(folder))) as advance:

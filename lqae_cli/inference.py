@@ -10,15 +10,16 @@ from typing import Callable, Iterator, Optional
 MODEL_ENV = "LQAE_MODEL"
 
 
-def load_run(model: Optional[Path], device: str):
-    """The model of a checkpoint folder (--model, else $LQAE_MODEL), in eval mode on `device`."""
+def load_run(model: Optional[Path], device: str, encode_only: bool = False):
+    """The model of a checkpoint folder (--model, else $LQAE_MODEL), in eval mode on `device`;
+    `encode_only` skips the LM's layers (see `checkpoint.load_model`)."""
     from lqae.checkpoint import load_model
     from lqae.errors import ConfigError
     from lqae_cli.common import resolve_device
 
     if model is None:
         raise ConfigError(f"no model given: pass --model RUN_DIR (a folder written by `lqae train`) or set {MODEL_ENV}")
-    return load_model(model, resolve_device(device))
+    return load_model(model, resolve_device(device), encode_only=encode_only)
 
 
 @contextlib.contextmanager

@@ -108,7 +108,7 @@ class Sources:
             level = lm_log.level
             lm_log.setLevel(logging.ERROR)  # "no MLM head" concerns training, not few-shot use
             try:
-                self._model = load_model(self.model_dir, self.device)
+                self._model = load_model(self.model_dir, self.device, encode_only=True)
             finally:
                 lm_log.setLevel(level)
         return self._model
@@ -182,6 +182,11 @@ class Sources:
             return self._model.tokenizer
         if not lm_name:
             raise DataError("the token dataset does not name its LM (model_config.lm_name); re-encode it with `lqae encode`")
+        from lqae.lm_files import read_light_tokenizer
+
+        light = read_light_tokenizer(lm_name)  # tokenizer.json alone, without importing transformers
+        if light is not None:
+            return light
         from transformers import AutoTokenizer
 
         from lqae.errors import LMNotFoundError
