@@ -19,11 +19,18 @@ DEFAULT_LLM = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"  # = lqae.fewshot.backend
 class Scoring(str, Enum):
     loglik = "loglik"
     generate = "generate"
+    constrained = "constrained"
+
+
+class Order(str, Enum):
+    random = "random"
+    similar_last = "similar-last"
 
 
 class LabelMode(str, Enum):
     real = "real"
     open = "open"
+    letters = "letters"
 
 
 @handle_errors
@@ -43,7 +50,16 @@ def fewshot(
         None, help="OpenAI-compatible base URL ending in /v1 (default: $OPENAI_BASE_URL or api.openai.com)."
     ),
     template: str = typer.Option("completion", help="Prompt template: a shipped name (completion, chat) or a file."),
-    scoring: Scoring = typer.Option(Scoring.loglik, help="loglik: most likely label wins; generate: reply must start with a label."),
+    scoring: Scoring = typer.Option(
+        Scoring.loglik, help="loglik: most likely label wins; generate: reply must start with a label; "
+        "constrained: greedy decoding among the label tokens only (local models).",
+    ),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="Divide out the label prior measured after content-free queries (loglik).",
+    ),
+    order: Order = typer.Option(
+        Order.random, help="Support order: random, or similar-last (most token overlap with the query last).",
+    ),
     ways: Optional[int] = typer.Option(None, help="Classes per episode (evaluation; default 2)."),
     shots: Optional[int] = typer.Option(
         None, help="Support images per class (evaluation default 1; labelling default: up to 5)."
@@ -52,7 +68,9 @@ def fewshot(
     seed: int = typer.Option(0, help="Seed for episodes, support choice and open labels."),
     repeats: int = typer.Option(0, min=0, help="Extra copies of the support block (Frozen protocol: 0, 1, 3, 5)."),
     induction: bool = typer.Option(True, "--induction/--no-induction", help="Instruction line naming the labels."),
-    labels: LabelMode = typer.Option(LabelMode.real, help="real: class folder names; open: nonsense words."),
+    labels: LabelMode = typer.Option(
+        LabelMode.real, help="real: class folder names; open: nonsense words; letters: A, B, C (one token each).",
+    ),
     length_norm: bool = typer.Option(False, "--length-norm", help="loglik per label token instead of summed."),
     context_tokens: Optional[int] = typer.Option(
         None, help="Context budget in LLM tokens (default: the local model's window, 4096 for API models)."
@@ -97,6 +115,7 @@ def fewshot(
         ways=ways if ways is not None else 2, shots=shots if shots is not None else (1 if evaluating else 5),
         episodes=episodes if episodes is not None else 200, seed=seed, repeats=repeats, induction=induction,
         scoring=scoring.value, labels=labels.value, length_norm=length_norm, context_tokens=context_tokens,
+        calibrate=calibrate, order=order.value,
         min_image_tokens=min_image_tokens, max_new_tokens=max_new_tokens,
     )
     job = FewshotJob(
@@ -158,6 +177,23 @@ def _render_evaluation(summary, as_json: bool, out: Optional[Path]) -> None:
     sys.stderr.write(
         f"mean prompt {summary.mean_prompt_tokens:.0f} tokens, {summary.seconds_per_episode:.2f} s/episode\n"
     )
+    _diagnostics_note(summary.diagnostics)
+
+
+def _diagnostics_note(diagnostics: dict) -> None:
+    """Two stderr lines: what the LLM answers, and where its right answers sit."""
+    if not diagnostics:
+        return
+    answered = ", ".join(f"{label} {100 * share:.0f}%" for label, share in list(diagnostics["predicted"].items())[:5])
+    positions = ", ".join(
+        f"#{int(position) + 1} {100 * cell['accuracy']:.0f}%" for position, cell in diagnostics["accuracy_by_label_position"].items()
+    )
+    line = f"answers: {answered}; accuracy by the right label's place in the list: {positions}"
+    if diagnostics.get("answers_last_example") is not None:
+        line += f"; answers the last example's class {100 * diagnostics['answers_last_example']:.0f}%"
+    if diagnostics.get("mean_margin") is not None:
+        line += f"; mean margin {diagnostics['mean_margin']:.2f}"
+    sys.stderr.write(line + "\n")
 
 
 def _budget_note(dropped: dict, kept: str) -> None:

@@ -99,6 +99,10 @@ def test_evaluation_json_is_one_object(image_folder, tiny_checkpoint):
         assert key in summary
     assert summary["episodes"] == 20 and summary["ways"] == 2 and summary["chance"] == 0.5
     assert summary["interval"][0] <= summary["accuracy"] <= summary["interval"][1]
+    diagnostics = summary["diagnostics"]
+    assert sum(diagnostics["predicted"].values()) == pytest.approx(1.0)
+    assert set(diagnostics["accuracy_by_label_position"]) == {"0", "1"}
+    assert "answers:" not in result.stderr  # --json: the figures are in the object, stderr stays quiet
     again = invoke("--support", image_folder, "--query", image_folder, "--model", tiny_checkpoint, "--llm", "overlap",
                    "--ways", 2, "--episodes", 20, "--seed", 0, "--json")
     assert json.loads(again.stdout)["accuracy"] == summary["accuracy"]  # deterministic under --seed
@@ -115,8 +119,21 @@ def test_evaluation_text_and_resume(image_folder, tiny_checkpoint, tmp_path):
     second = invoke(*common, "--episodes", 10, "--json")
     assert json.loads(second.stdout)["resumed"] == 6 and len(out.read_text().splitlines()) == 10
     assert "read back from" in second.stderr
+    assert "answers:" in first.stderr and "accuracy by the right label's place" in first.stderr
     changed = invoke(*common, "--episodes", 10, "--seed", 1)
     assert changed.exit_code != 0 and "other settings" in changed.stderr and changed.stdout == ""
+
+
+def test_protocol_options_that_need_an_llm_are_refused_for_overlap(image_folder, tiny_checkpoint):
+    common = ["--support", image_folder, "--query", image_folder, "--model", tiny_checkpoint, "--llm", "overlap",
+              "--ways", 2, "--episodes", 4]
+    calibrated = invoke(*common, "--calibrate")
+    assert calibrated.exit_code == 1 and "--calibrate" in calibrated.stderr and calibrated.stdout == ""
+    mixed = invoke(*common, "--calibrate", "--scoring", "generate")
+    assert mixed.exit_code == 1 and "--scoring loglik" in mixed.stderr
+    ordered = invoke(*common, "--order", "similar-last", "--scoring", "constrained", "--labels", "letters", "--json")
+    assert ordered.exit_code == 0, ordered.stderr
+    assert json.loads(ordered.stdout)["settings"]["order"] == "similar-last"
 
 
 def test_token_datasets_need_no_model(image_folder, tiny_checkpoint, tmp_path):

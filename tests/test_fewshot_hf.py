@@ -63,7 +63,7 @@ def test_prefix_reuse_gives_the_naive_scores(random_gpt2, template):
     assert [score for row in again for score, _ in row] == pytest.approx(flat, abs=1e-5)
 
 
-def test_scoring_and_generation_use_the_current_cache_api(random_gpt2, capfd):
+def test_scoring_and_generation_use_the_current_cache_api(random_gpt2, capfd, caplog):
     import warnings
 
     model, tokenizer = random_gpt2
@@ -73,7 +73,7 @@ def test_scoring_and_generation_use_the_current_cache_api(random_gpt2, capfd):
         warnings.simplefilter("error", FutureWarning)  # transformers' `past_key_values` deprecation
         backend.loglik(request)
         backend.generate(request, 2)
-    assert "deprecated" not in capfd.readouterr().err
+    assert "deprecated" not in capfd.readouterr().err and "deprecated" not in caplog.text
 
 
 def test_scores_are_real_log_probabilities(random_gpt2):

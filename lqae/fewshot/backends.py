@@ -58,6 +58,12 @@ class Backend:
     def generate(self, request: Request, max_new_tokens: int) -> list[str]:
         raise NotImplementedError
 
+    supports_constrained = False  # `constrained` is implemented
+
+    def constrained(self, request: Request) -> list[int]:
+        """Greedy decoding restricted to the labels' tokens: per query, the index of the label produced."""
+        raise ConfigError(f"{self.name} cannot restrict generation to the labels; use --scoring loglik or generate")
+
 
 class OverlapBackend(Backend):
     """No LLM: each label scores the largest token overlap (multiset intersection, as a fraction of
@@ -81,9 +87,13 @@ class OverlapBackend(Backend):
             ])
         return results
 
+    supports_constrained = True
+
     def generate(self, request: Request, max_new_tokens: int) -> list[str]:
-        rows = self.loglik(request)
-        return [request.labels[max(range(len(row)), key=lambda j: row[j][0])] for row in rows]
+        return [request.labels[j] for j in self.constrained(request)]
+
+    def constrained(self, request: Request) -> list[int]:
+        return [max(range(len(row)), key=lambda j: row[j][0]) for row in self.loglik(request)]
 
 
 def make_backend(

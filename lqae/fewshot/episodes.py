@@ -162,6 +162,13 @@ def prediction_supports(support: TokenPool, shots: int | None, seed: int) -> lis
     return chosen
 
 
+def letter_labels(count: int) -> list[str]:
+    """A, B, C, ...: labels of one token in any tokenizer (`--labels letters`)."""
+    if count > 26:
+        raise ConfigError(f"--labels letters has 26 letters; {count} classes need more")
+    return [chr(ord("A") + i) for i in range(count)]
+
+
 def open_label_names(classes: Sequence[str], seed: int) -> list[str]:
     """Fixed nonsense words for `classes` (prediction with --labels open)."""
     if len(classes) > len(OPEN_LABELS):

@@ -3,7 +3,13 @@
 Scoring (METHOD.md): `loglik` sums the log-probabilities of each label's tokens after the prompt
 (optionally divided by their count, `length_norm`) and takes the arg-max; `generate` decodes
 greedily and the reply must start with a label (as the paper scored GPT-3); a reply that starts
-with none counts as wrong.
+with none counts as wrong; `constrained` decodes greedily among the label tokens only (as V2L), so
+the reply is always a label.
+
+Calibration (Zhao et al. 2021, "Calibrate Before Use"): the labels' probabilities after
+content-free queries (`N/A`, an empty input, `[MASK]`), averaged, are the prompt's prior; each
+query's label probabilities are divided by it before the arg-max. Ordering `similar-last` puts the
+support whose tokens overlap the query's most right before the query (KATE-style selection).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,12 +28,15 @@ from lqae.errors import ConfigError
 from lqae.fewshot.backends import Backend, Request, match_label
 from lqae.fewshot.budget import Dropped, Fit, fit_prompt
 from lqae.fewshot.episodes import (
-    TokenPool, TokenTextDecoder, check_episode_setup, open_label_names, prediction_supports, sample_episode,
+    TokenPool, TokenTextDecoder, check_episode_setup, letter_labels, open_label_names, prediction_supports,
+    sample_episode,
 )
 from lqae.fewshot.prompts import Template, render
 
-SCORING = ("loglik", "generate")
-LABEL_MODES = ("real", "open")
+SCORING = ("loglik", "generate", "constrained")
+LABEL_MODES = ("real", "open", "letters")
+ORDERS = ("random", "similar-last")
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs; their prior is averaged
 
 
 @dataclass
@@ -40,7 +50,9 @@ class FewshotSettings:
     repeats: int = 0  # extra copies of the support block (Frozen protocol: 0, 1, 3, 5)
     induction: bool = True  # the template's [instruction] line before the examples
     scoring: str = "loglik"  # "loglik" or "generate"
-    labels: str = "real"  # "real" (class folder names) or "open" (nonsense words)
+    labels: str = "real"  # "real" (class folder names), "open" (nonsense words), "letters" (A, B, ...)
+    calibrate: bool = False  # divide out the label prior measured after content-free queries (loglik)
+    order: str = "random"  # support order: "random", or "similar-last" (most token overlap with the query last)
     length_norm: bool = False  # loglik per label token instead of summed
     context_tokens: int | None = None  # None = the backend's window
     min_image_tokens: int | None = None  # shortest token text per image when fitting; None = half
@@ -51,6 +63,10 @@ class FewshotSettings:
             raise ConfigError(f"unknown scoring {self.scoring!r}; choose one of: {', '.join(SCORING)}")
         if self.labels not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.labels!r}; choose one of: {', '.join(LABEL_MODES)}")
+        if self.order not in ORDERS:
+            raise ConfigError(f"unknown order {self.order!r}; choose one of: {', '.join(ORDERS)}")
+        if self.calibrate and self.scoring != "loglik":
+            raise ConfigError("--calibrate divides out the label prior of log-likelihood scores; use --scoring loglik")
         for name in ("episodes", "context_tokens", "min_image_tokens", "max_new_tokens", "shots"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -67,6 +83,8 @@ class Answer:
     scores: list[float]  # per label (generate: 1 for the named label, else 0)
     prompt_tokens: int  # LLM tokens of the prompt (0 without an LLM)
     generated: str | None = None  # the reply (generate scoring)
+    order: list[int] = field(default_factory=list)  # support-pool indices in prompt order
+    prior: list[float] | None = None  # calibration: each label's probability after content-free queries
 
 
 class SupportSet:
@@ -90,6 +108,7 @@ class SupportSet:
         must hold for the longest)."""
         self.backend, self.template, self.settings, self.text = backend, template, settings, text
         self.pool, self.labels, self.shots = pool, list(labels), shots
+        self._priors: dict[tuple[int, ...], list[float]] = {}
         label_of = dict(zip(supports, support_labels))
         self.label_of = label_of
         full = pool.tokens_per_image
@@ -112,33 +131,70 @@ class SupportSet:
         self.fit = fit_prompt(measure, supports, classes, settings.repeats, full, limit, settings.min_image_tokens)
 
     def _prompts(self, supports, repeats: int, length: int, queries: Sequence[Sequence[int]]):
+        return self._prompts_for_texts(supports, repeats, length, [self.text(q, length) for q in queries])
+
+    def _prompts_for_texts(self, supports, repeats: int, length: int, texts: Sequence[str]):
         examples = [(self.text(self.pool.ids[i], length), self.labels[self.label_of[i]]) for i in supports]
         return render(
-            self.template, self.labels, examples, [self.text(q, length) for q in queries],
+            self.template, self.labels, examples, list(texts),
             induction=self.settings.induction, shots=self.shots, repeats=repeats, chat_format=self.backend.chat_format,
         )
 
     def answer(self, queries: Sequence[Sequence[int]]) -> list[Answer]:
-        fit, backend = self.fit, self.backend
-        prompts = self._prompts(fit.supports, fit.repeats, fit.image_tokens, queries) if backend.reads_text else []
+        return [self._answer(list(query)) for query in queries]
+
+    def _answer(self, query: list[int]) -> Answer:
+        fit, backend, settings = self.fit, self.backend, self.settings
+        supports = self.ordered(fit.supports, query)
+        prompts = self._prompts(supports, fit.repeats, fit.image_tokens, [query]) if backend.reads_text else []
         request = Request(
-            prompts, self.labels, [self.pool.ids[i] for i in fit.supports], [self.label_of[i] for i in fit.supports],
-            [list(q) for q in queries],
+            prompts, self.labels, [self.pool.ids[i] for i in supports], [self.label_of[i] for i in supports], [query],
         )
-        tokens = [backend.count(p) for p in prompts] or [0] * len(queries)
-        if self.settings.scoring == "generate" and backend.reads_text:
-            replies = backend.generate(request, self.max_new_tokens)
-            answers = []
-            for reply, count in zip(replies, tokens):
-                chosen = match_label(reply, self.labels)
-                scores = [1.0 if j == chosen else 0.0 for j in range(len(self.labels))]
-                answers.append(Answer(chosen, scores, count, reply))
-            return answers
-        answers = []
-        for row, count in zip(backend.loglik(request), tokens):
-            scores = [value / max(n, 1) if self.settings.length_norm else value for value, n in row]
-            answers.append(Answer(max(range(len(scores)), key=scores.__getitem__), scores, count))
-        return answers
+        count = backend.count(prompts[0]) if prompts else 0
+        if settings.scoring == "constrained":
+            chosen = backend.constrained(request)[0]
+            scores = [1.0 if j == chosen else 0.0 for j in range(len(self.labels))]
+            return Answer(chosen, scores, count, self.labels[chosen], supports)
+        if settings.scoring == "generate" and backend.reads_text:
+            reply = backend.generate(request, self.max_new_tokens)[0]
+            chosen = match_label(reply, self.labels)
+            scores = [1.0 if j == chosen else 0.0 for j in range(len(self.labels))]
+            return Answer(chosen, scores, count, reply, supports)
+        scores = self._scores(backend.loglik(request)[0])
+        prior = None
+        if settings.calibrate:
+            prior = self.prior(supports)
+            scores = [s - math.log(p) for s, p in zip(_log_softmax(scores), prior)]
+        return Answer(max(range(len(scores)), key=scores.__getitem__), scores, count, order=supports, prior=prior)
+
+    def _scores(self, row: list[tuple[float, int]]) -> list[float]:
+        return [value / max(n, 1) if self.settings.length_norm else value for value, n in row]
+
+    def ordered(self, supports: Sequence[int], query: Sequence[int]) -> list[int]:
+        """The supports in prompt order: as drawn, or with `similar-last` ascending by token overlap
+        with the query (ties keep the drawn order), so the most similar one comes right before it."""
+        if self.settings.order != "similar-last":
+            return list(supports)
+        bag = Counter(query)
+        return sorted(supports, key=lambda i: sum((bag & Counter(self.pool.ids[i])).values()))
+
+    def prior(self, supports: Sequence[int]) -> list[float]:
+        """Each label's probability after the content-free queries, averaged (one short forward each
+        on the cached prefix of a local model); remembered for the same support order."""
+        key = tuple(supports)
+        if key not in self._priors:
+            fit = self.fit
+            prompts = self._prompts_for_texts(supports, fit.repeats, fit.image_tokens, CONTENT_FREE)
+            rows = self.backend.loglik(Request(prompts, self.labels))
+            probabilities = [[math.exp(v) for v in _log_softmax(self._scores(row))] for row in rows]
+            self._priors = {key: [sum(column) / len(rows) for column in zip(*probabilities)]}
+        return self._priors[key]
+
+
+def _log_softmax(values: Sequence[float]) -> list[float]:
+    top = max(values)
+    total = top + math.log(sum(math.exp(v - top) for v in values))
+    return [v - total for v in values]
 
 
 # -- results file ----------------------------------------------------------------------------
@@ -206,6 +262,7 @@ class EvalSummary:
     resumed: int  # episodes read back from --out
     dropped: dict = field(default_factory=dict)  # budget cuts: episodes affected and totals
     settings: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # see `diagnose`
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -240,6 +297,8 @@ def evaluate(
             episode = sample_episode(
                 support, query, settings.ways, shots, settings.seed, index, eligible, settings.labels == "open"
             )
+            if settings.labels == "letters":
+                episode = replace(episode, shown=tuple(letter_labels(len(episode.classes))))
             started = time.perf_counter()
             position = {name: j for j, name in enumerate(episode.classes)}
             support_set = SupportSet(
@@ -254,12 +313,15 @@ def evaluate(
                 "run": results.run if results else None, "episode": index, "query": query.paths[episode.query],
                 "target": episode.target, "predicted": predicted, "correct": predicted == episode.target,
                 "scores": {name: round(s, 6) for name, s in zip(episode.classes, answer.scores)},
+                "labels": list(episode.classes), "order": [support.class_name(i) for i in answer.order],
                 "prompt_tokens": answer.prompt_tokens, "supports": len(support_set.fit.supports),
                 "image_tokens": support_set.fit.image_tokens, "repeats": support_set.fit.repeats,
                 "dropped": support_set.fit.dropped.as_dict(), "seconds": round(seconds, 4),
             }
-            if settings.labels == "open":
+            if settings.labels != "real":
                 record["shown"] = dict(zip(episode.classes, episode.shown))
+            if answer.prior is not None:
+                record["prior"] = {name: round(p, 6) for name, p in zip(episode.classes, answer.prior)}
             if answer.generated is not None:
                 record["generated"] = answer.generated
             if results:
@@ -289,8 +351,58 @@ def _summarize(records: list[dict], settings: FewshotSettings, shots: int, resum
         mean_prompt_tokens=sum(r["prompt_tokens"] for r in records) / total if total else 0.0,
         seconds_per_episode=sum(seconds) / len(seconds) if seconds else 0.0,
         unanswered=sum(1 for r in records if r["predicted"] is None), resumed=resumed, dropped=dropped,
-        settings=settings_dict,
+        settings=settings_dict, diagnostics=diagnose(records, settings.scoring == "loglik"),
     )
+
+
+def diagnose(records: list[dict], with_margin: bool = True) -> dict:
+    """What an accuracy alone hides: which labels the LLM answers (a model that always says the first,
+    the last or one favourite label shows here), accuracy by the query's class, by the position of the
+    right label in the instruction's list, and by how recently its example was shown (0 = its class
+    had the last example before the query), the share of answers naming the last example's class,
+    and the mean margin between the best and second-best score."""
+
+    def share(counts: Counter) -> dict:
+        total = sum(counts.values())
+        return {str(k): round(v / total, 4) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))}
+
+    def accuracy_by(key) -> dict:
+        groups: dict = {}
+        for record in records:
+            group = key(record)
+            if group is not None:
+                groups.setdefault(group, []).append(record["correct"])
+        return {str(k): {"accuracy": round(sum(v) / len(v), 4), "episodes": len(v)} for k, v in sorted(groups.items())}
+
+    def labels_of(record) -> list[str]:
+        return record.get("labels") or list(record["scores"])
+
+    def recency(record, name) -> int | None:
+        order = record.get("order")
+        if not order or name not in order:
+            return None
+        last = {cls: position for position, cls in enumerate(order)}
+        return sum(1 for position in last.values() if position > last[name])
+
+    margins = []
+    for record in records:
+        values = sorted(record["scores"].values(), reverse=True)
+        if with_margin and len(values) > 1 and all(math.isfinite(v) for v in values[:2]):
+            margins.append(values[0] - values[1])
+    with_order = [r for r in records if r.get("order")]
+    return {
+        "predicted": share(Counter(r["predicted"] or "?" for r in records)),
+        "predicted_position": share(Counter(
+            labels_of(r).index(r["predicted"]) for r in records if r["predicted"] in labels_of(r)
+        )),
+        "accuracy_by_class": accuracy_by(lambda r: r["target"]),
+        "accuracy_by_label_position": accuracy_by(lambda r: labels_of(r).index(r["target"])),
+        "accuracy_by_recency": accuracy_by(lambda r: recency(r, r["target"])),
+        "answers_last_example": round(
+            sum(1 for r in with_order if r["predicted"] == r["order"][-1]) / len(with_order), 4
+        ) if with_order else None,
+        "mean_margin": round(sum(margins) / len(margins), 4) if margins else None,
+    }
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -347,7 +459,9 @@ def predict(
     settings.check()
     chosen = prediction_supports(support, settings.shots, settings.seed)
     classes = [c for c in support.classes if any(support.class_name(i) == c for i in chosen)]
-    shown = open_label_names(classes, settings.seed) if settings.labels == "open" else classes
+    shown = {"open": lambda: open_label_names(classes, settings.seed), "letters": lambda: letter_labels(len(classes))}.get(
+        settings.labels, lambda: classes
+    )()
     position = {name: j for j, name in enumerate(classes)}
     done = results.load() if results else {}
     pending = [i for i, path in enumerate(queries.paths) if path not in done]

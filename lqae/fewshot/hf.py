@@ -159,7 +159,7 @@ class HFBackend(Backend):
             logits = logits[:, -keep:]
         elif not self._accepts_keep and torch.is_tensor(keep):
             logits = logits[:, keep]
-        cache = output.get("cache", output.get("past_key_values"))
+        cache = output["cache"] if "cache" in output else output.get("past_key_values")
         return cache, logits.float().log_softmax(-1)
 
     def _score_full(self, context: list[int], continuation: list[int]) -> tuple[float, int]:
@@ -234,6 +234,37 @@ class HFBackend(Backend):
                 next_logprobs = logprobs[0, -1]
             replies.append(self.tokenizer.decode(generated, skip_special_tokens=True).split("\n")[0])
         return replies
+
+    supports_constrained = True
+
+    @torch.no_grad()
+    def constrained(self, request: Request) -> list[int]:
+        """Greedy decoding among the labels' tokens only (each label tokenised as in scoring): every
+        step takes the most likely token that continues a label still possible, until one label
+        remains or one is complete (the shorter wins when it is a prefix of another)."""
+        picks = []
+        for prompt in request.prompts:
+            head, tail = self.head_ids(prompt), self.encode(prompt.suffix)
+            candidates = [self.encode(prompt.delimiter + label) for label in request.labels]
+            if self.reuse_prefix:
+                past, next_logprobs = self._after_query(head, tail)
+            else:
+                past, logprobs = self._forward(torch.tensor([head + tail], device=self.device), keep=1)
+                next_logprobs = logprobs[0, -1]
+            alive, step = list(range(len(candidates))), 0
+            while True:
+                complete = [j for j in alive if len(candidates[j]) == step]
+                if complete or len(alive) == 1:
+                    picks.append((complete or alive)[0])
+                    break
+                allowed = {candidates[j][step] for j in alive}
+                token = max(allowed, key=lambda t: float(next_logprobs[t]))
+                alive = [j for j in alive if candidates[j][step] == token]
+                step += 1
+                if len(alive) > 1 and all(len(candidates[j]) > step for j in alive):
+                    past, logprobs = self._forward(torch.tensor([[token]], device=self.device), past=past, keep=1)
+                    next_logprobs = logprobs[0, -1]
+        return picks
 
     def _apply_chat_template(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
