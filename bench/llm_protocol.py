@@ -30,6 +30,7 @@ VARIANTS = {
     "calibrated+similar-last+repeats1": ["--calibrate", "--order", "similar-last", "--repeats", "1"],
     "letters+calibrated+similar-last": ["--labels", "letters", "--calibrate", "--order", "similar-last"],
     "constrained": ["--scoring", "constrained"],
+    "frequent+calibrated+similar-last": ["--image-text", "frequent", "--calibrate", "--order", "similar-last"],
 }
 
 
@@ -54,7 +55,7 @@ def run_one(args, ways: int, shots: int, variant: str) -> dict:
         "chance": summary["chance"], "seconds_per_episode": round(summary["seconds_per_episode"], 3),
         "mean_prompt_tokens": round(summary["mean_prompt_tokens"], 1),
         "answers_last_example": diagnostics["answers_last_example"],
-        "most_answered": next(iter(diagnostics["predicted"].items()), None),
+        "most_answered": max(diagnostics["predicted"].items(), key=lambda kv: kv[1], default=None),
     }
     (args.work / f"{name}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(row), flush=True)

@@ -188,8 +188,10 @@ def recover(run_dir: Path) -> None:
 
 
 def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
-    """Read config.json of a checkpoint folder: (model config, train config or None, step)."""
-    run_dir = Path(run_dir)
+    """Read config.json of a checkpoint folder (or hub id): (model config, train config or None, step)."""
+    from lqae.hub import resolve_run
+
+    run_dir = resolve_run(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist; train one with `lqae train`")
     recover(run_dir)
@@ -210,7 +212,8 @@ def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
 def load_model(
     run_dir: Path, device: str | torch.device = "cpu", lm_name: str | None = None, encode_only: bool = False
 ) -> "LQAE":
-    """Rebuild an LQAE from a checkpoint folder; the frozen LM comes from its name (or `lm_name`).
+    """Rebuild an LQAE from a checkpoint folder, or a hub id `org/name[@revision]` that is not a local
+    folder; the frozen LM comes from its name (or `lm_name`).
 
     `encode_only`: the LM's layers are not loaded, only its embedding matrix and tokenizer, read
     from its files without transformers where they allow it (seconds faster; `encode` gives the
@@ -218,7 +221,9 @@ def load_model(
     from lqae.lm import FrozenLM
     from lqae.model import LQAE
 
-    model_config, weights, fingerprint = _consistent_read(Path(run_dir))
+    from lqae.hub import resolve_run
+
+    model_config, weights, fingerprint = _consistent_read(resolve_run(run_dir))
     if lm_name is not None:
         model_config.lm_name = lm_name
     model = None

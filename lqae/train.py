@@ -33,6 +33,7 @@ from lqae.metrics import psnr_tensor, usage_from_counts
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+DATA_FILE = "data.json"
 SAMPLES_DIR = "samples"
 
 
@@ -66,6 +67,7 @@ class TrainCallback:
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, run_dir: Path) -> None: ...
+    def on_samples(self, step: int, path: Path) -> None: ...
 
 
 @dataclass
@@ -189,6 +191,7 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
         run_dir.mkdir(parents=True, exist_ok=True)
         if lock is not None and lock.handle is None:
             lock.acquire()  # a new run folder: claimed now that it exists
+        _write_data_record(run_dir, folder, val_folder)
         info = TrainInfo(
             total_steps=steps, start_step=start_step, images=len(folder), skipped=len(folder.skipped),
             classes=len(folder.classes), codebook_size=model.codebook.size, tokens_per_image=model_config.num_tokens,
@@ -239,8 +242,11 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
                 for cb in callbacks:
                     cb.on_step(step, result.last_metrics)
             if is_main and (step % train_config.sample_every == 0 or step == steps):
-                _save_samples(model, sample_images, run_dir / SAMPLES_DIR / f"step_{step:07d}.png")
+                grid = run_dir / SAMPLES_DIR / f"step_{step:07d}.png"
+                _save_samples(model, sample_images, grid)
                 model.train()
+                for cb in callbacks:
+                    cb.on_samples(step, grid)
             if val_folder is not None and is_main and (step % train_config.val_every == 0 or step == steps):
                 report, _, _ = evaluate_reconstruction(model, val_folder)
                 model.train()
@@ -349,6 +355,18 @@ def _save(run_dir, model, config, step, optimizer, is_main, world) -> None:
         ckpt.save_checkpoint(run_dir, model, config, step, tensors, {"optimizer": meta})
     if world > 1:
         dist.barrier()
+
+
+def _write_data_record(run_dir: Path, folder, val_folder) -> None:
+    """RUN_DIR/data.json: which images trained the model (the model card reports them)."""
+    from lqae.io import atomic_write_bytes
+
+    def describe(found) -> dict:
+        return {"folder": str(found.root), "name": Path(found.root).resolve().name, "images": len(found),
+                "classes": list(found.classes), "skipped": len(found.skipped)}
+
+    record = {"train": describe(folder), "val": describe(val_folder) if val_folder is not None else None}
+    atomic_write_bytes(run_dir / DATA_FILE, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def _save_samples(model, images: torch.Tensor, path: Path) -> None:

@@ -8,6 +8,7 @@ from lqae_cli import decode as decode_cmd
 from lqae_cli import encode as encode_cmd
 from lqae_cli import fewshot as fewshot_cmd
 from lqae_cli import probe as probe_cmd
+from lqae_cli import share as share_cmd
 from lqae_cli import train as train_cmd
 
 app = typer.Typer(
@@ -29,6 +30,8 @@ app.command("encode")(encode_cmd.encode)
 app.command("decode")(decode_cmd.decode)
 app.command("probe")(probe_cmd.probe)
 app.command("fewshot")(fewshot_cmd.fewshot)
+app.command("card", no_args_is_help=True)(share_cmd.card)
+app.command("push", no_args_is_help=True)(share_cmd.push)
 
 
 def main() -> None:

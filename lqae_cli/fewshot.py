@@ -27,6 +27,11 @@ class Order(str, Enum):
     similar_last = "similar-last"
 
 
+class ImageText(str, Enum):
+    sequence = "sequence"
+    frequent = "frequent"
+
+
 class LabelMode(str, Enum):
     real = "real"
     open = "open"
@@ -59,6 +64,10 @@ def fewshot(
     ),
     order: Order = typer.Option(
         Order.random, help="Support order: random, or similar-last (most token overlap with the query last).",
+    ),
+    image_text: ImageText = typer.Option(
+        ImageText.sequence, help="Token text per image: sequence (patch order) or frequent (distinct tokens, most "
+        "frequent first; shorter).",
     ),
     ways: Optional[int] = typer.Option(None, help="Classes per episode (evaluation; default 2)."),
     shots: Optional[int] = typer.Option(
@@ -115,7 +124,7 @@ def fewshot(
         ways=ways if ways is not None else 2, shots=shots if shots is not None else (1 if evaluating else 5),
         episodes=episodes if episodes is not None else 200, seed=seed, repeats=repeats, induction=induction,
         scoring=scoring.value, labels=labels.value, length_norm=length_norm, context_tokens=context_tokens,
-        calibrate=calibrate, order=order.value,
+        calibrate=calibrate, order=order.value, image_text=image_text.value,
         min_image_tokens=min_image_tokens, max_new_tokens=max_new_tokens,
     )
     job = FewshotJob(

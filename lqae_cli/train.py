@@ -30,6 +30,12 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class Tracker(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
 @handle_errors
 def train(
     data_dir: Path = typer.Argument(..., help="Image folder: flat, or one sub-folder per class (png/jpg/webp/bmp)."),
@@ -57,6 +63,9 @@ def train(
     val_every: Optional[int] = typer.Option(None, min=1, help="Steps between validation passes."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, augmentation and masking."),
     overrides: list[str] = typer.Option([], "--set", help="Override any config field: --set mask_ratio=0.3 (repeatable)."),
+    tracker: Tracker = typer.Option(
+        Tracker.none, help="Also log metrics, sample grids and the config to tensorboard (RUN/tensorboard) or wandb.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train an LQAE on an image folder.
@@ -84,18 +93,24 @@ def train(
     model_config = dataclasses.replace(chosen.model, **{k: v for k, v in model_overrides.items() if v is not None})
     train_config = dataclasses.replace(chosen.train, **{k: v for k, v in train_overrides.items() if v is not None})
 
+    from lqae.config import to_dict
+    from lqae.trackers import make_tracker
     from lqae_cli.progress import TrainProgress
 
     progress = TrainProgress(enabled=not quiet)
+    logger = make_tracker(tracker.value, out, {"model": to_dict(model_config), "train": to_dict(train_config)})
     try:
         with progress:
             result = run_training(
                 data_dir, out, model_config, train_config, val_dir=val, resume=resume,
-                device=resolve_device(device), callbacks=[progress],
+                device=resolve_device(device), callbacks=[progress] + ([logger] if logger else []),
             )
     except TrainingInterrupted as exc:
         from lqae_cli.common import error_line
 
         error_line(str(exc))
         raise typer.Exit(128 + int(exc.signum))
+    finally:
+        if logger is not None:
+            logger.close()
     progress.summary(result, out)

@@ -203,3 +203,18 @@ def test_settings_that_do_not_fit_together_are_refused():
         FewshotSettings(calibrate=True, scoring="generate").check()
     with pytest.raises(ConfigError, match="unknown order"):
         FewshotSettings(order="alphabetical").check()
+
+
+def test_frequent_image_text_lists_distinct_tokens_most_frequent_first(tmp_path):
+    from lqae.fewshot.evaluate import frequent_first
+
+    assert frequent_first([7, 3, 3, 9, 7, 3]) == [3, 7, 9]
+    assert frequent_first([5, 6, 7]) == [5, 6, 7]
+    support, query = pools()
+    from lqae.fewshot.evaluate import SupportSet
+
+    settings = FewshotSettings(image_text="frequent")
+    support_set = SupportSet(OverlapBackend(), load_template("completion"), settings, TokenTextDecoder(WordTokenizer()),
+                             support, [0, 8], ["cat", "dog"], [0, 1], [query.ids[0]], 1)
+    text = support_set.image_text([4, 2, 2, 4, 4, 1], 2)
+    assert text == "w4 w2"  # cut to two tokens: the rarest goes first

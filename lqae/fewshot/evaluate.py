@@ -36,6 +36,7 @@ from lqae.fewshot.prompts import Template, render
 SCORING = ("loglik", "generate", "constrained")
 LABEL_MODES = ("real", "open", "letters")
 ORDERS = ("random", "similar-last")
+IMAGE_TEXTS = ("sequence", "frequent")
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs; their prior is averaged
 
 
@@ -53,6 +54,7 @@ class FewshotSettings:
     labels: str = "real"  # "real" (class folder names), "open" (nonsense words), "letters" (A, B, ...)
     calibrate: bool = False  # divide out the label prior measured after content-free queries (loglik)
     order: str = "random"  # support order: "random", or "similar-last" (most token overlap with the query last)
+    image_text: str = "sequence"  # "sequence" (patch order) or "frequent" (distinct tokens, most frequent first)
     length_norm: bool = False  # loglik per label token instead of summed
     context_tokens: int | None = None  # None = the backend's window
     min_image_tokens: int | None = None  # shortest token text per image when fitting; None = half
@@ -63,6 +65,8 @@ class FewshotSettings:
             raise ConfigError(f"unknown scoring {self.scoring!r}; choose one of: {', '.join(SCORING)}")
         if self.labels not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.labels!r}; choose one of: {', '.join(LABEL_MODES)}")
+        if self.image_text not in IMAGE_TEXTS:
+            raise ConfigError(f"unknown image text {self.image_text!r}; choose one of: {', '.join(IMAGE_TEXTS)}")
         if self.order not in ORDERS:
             raise ConfigError(f"unknown order {self.order!r}; choose one of: {', '.join(ORDERS)}")
         if self.calibrate and self.scoring != "loglik":
@@ -131,14 +135,21 @@ class SupportSet:
         self.fit = fit_prompt(measure, supports, classes, settings.repeats, full, limit, settings.min_image_tokens)
 
     def _prompts(self, supports, repeats: int, length: int, queries: Sequence[Sequence[int]]):
-        return self._prompts_for_texts(supports, repeats, length, [self.text(q, length) for q in queries])
+        return self._prompts_for_texts(supports, repeats, length, [self.image_text(q, length) for q in queries])
 
     def _prompts_for_texts(self, supports, repeats: int, length: int, texts: Sequence[str]):
-        examples = [(self.text(self.pool.ids[i], length), self.labels[self.label_of[i]]) for i in supports]
+        examples = [(self.image_text(self.pool.ids[i], length), self.labels[self.label_of[i]]) for i in supports]
         return render(
             self.template, self.labels, examples, list(texts),
             induction=self.settings.induction, shots=self.shots, repeats=repeats, chat_format=self.backend.chat_format,
         )
+
+    def image_text(self, ids: Sequence[int], length: int) -> str:
+        """An image's token text, cut to `length` tokens: in patch order, or with `image_text=frequent`
+        its distinct tokens, most frequent first (so a cut drops the rarest)."""
+        if self.settings.image_text == "frequent":
+            ids = frequent_first(ids)
+        return self.text(ids, length)
 
     def answer(self, queries: Sequence[Sequence[int]]) -> list[Answer]:
         return [self._answer(list(query)) for query in queries]
@@ -189,6 +200,12 @@ class SupportSet:
             probabilities = [[math.exp(v) for v in _log_softmax(self._scores(row))] for row in rows]
             self._priors = {key: [sum(column) / len(rows) for column in zip(*probabilities)]}
         return self._priors[key]
+
+
+def frequent_first(ids: Sequence[int]) -> list[int]:
+    """Distinct ids by count, most frequent first; ties keep their first position."""
+    counts = Counter(ids)
+    return sorted(counts, key=lambda token: -counts[token])  # Counter keeps first-seen order; sort is stable
 
 
 def _log_softmax(values: Sequence[float]) -> list[float]:

@@ -1,0 +1,215 @@
+"""Models on the Hugging Face hub: load a checkpoint by id, write its model card, push it.
+
+A model repo holds exactly what inference needs: config.json, model.safetensors and README.md (the
+card); never train_state.safetensors. `resolve_run` turns `org/name` or `org/name@revision` into a
+local folder through huggingface_hub's cache (HF_HUB_OFFLINE and HF_HUB_CACHE apply as for any
+model); a local folder of the same spelling always wins.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lqae.errors import CheckpointError
+
+CARD_FILE = "README.md"
+HUB_FILES = ("config.json", "model.safetensors", CARD_FILE)
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+
+
+def parse_hub_id(text: str) -> tuple[str, str | None] | None:
+    """("org/name", revision or None) for a hub id, else None."""
+    match = _HUB_ID.match(str(text))
+    if not match or str(text).endswith((".safetensors", ".json")):
+        return None
+    return match.group("repo"), match.group("revision")
+
+
+def resolve_run(run: str | Path) -> Path:
+    """A checkpoint folder: `run` itself when it exists locally, else the hub snapshot of that id."""
+    local = Path(run).expanduser()
+    if local.exists():
+        return local
+    parsed = parse_hub_id(str(run))
+    if parsed is None:
+        return local  # the caller reports the missing folder
+    repo_id, revision = parsed
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # huggingface_hub comes with transformers; without it there is no hub
+        return local
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES)))
+    except HFValidationError as exc:
+        raise CheckpointError(f"{run} is neither a local checkpoint folder nor a valid hub id ({_short(exc)})") from exc
+    except Exception as exc:  # not found, gated, offline without a cached copy, network down
+        raise CheckpointError(
+            f"checkpoint {run} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}: {_short(exc)}); check the id and revision, your network, or HF_HUB_OFFLINE"
+        ) from exc
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"hub repo {repo_id} has no lqae checkpoint (config.json and model.safetensors)")
+    return folder
+
+
+def _short(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+# -- model card ----------------------------------------------------------------------------------
+DEFAULT_LICENSE = "apache-2.0"
+CARD_TAGS = ("lqae", "image-tokenizer", "vector-quantization", "language-quantized-autoencoder")
+_CARD_FIELDS = ("encoder_output", "search_space", "latent_dim", "straight_through", "commitment", "mask_ratio",
+                "mask_ratio_min", "usage_weight", "vocab")
+
+
+def model_card(run_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE) -> str:
+    """README.md for a checkpoint folder: YAML metadata (library, tags, the frozen LM as base model,
+    license), how to use it, the training data and steps, the recipe, held-out figures from
+    metrics.jsonl and the latest sample grid."""
+    import json
+
+    from lqae.checkpoint import read_config
+    from lqae.train import DATA_FILE, METRICS_FILE, SAMPLES_DIR
+
+    run_dir = Path(run_dir)
+    model, train, step = read_config(run_dir)
+    name = repo_id or run_dir.resolve().name
+    grid = model.grid_size
+    meta = [
+        "---", "library_name: lqae", f"license: {json.dumps(license)}", f"base_model: {json.dumps(model.lm_name)}",
+        "tags:", *[f"- {tag}" for tag in CARD_TAGS], "---", "",
+    ]
+    lines = [
+        f"# {name}", "",
+        f"A Language Quantized AutoEncoder (lqae, after Liu et al. 2023): it writes a "
+        f"{model.image_size}x{model.image_size} image as {model.num_tokens} tokens ({grid}x{grid} patches) of the "
+        f"frozen language model `{model.lm_name}` ({model.codebook_size:,} codes of its vocabulary, `{model.vocab}`), "
+        "and reads such tokens back into an image, so text-only models can read images.", "",
+        "## Use", "", "```bash", "pip install lqae",
+        f"lqae encode image.png -m {name}                  # token text",
+        f"lqae encode image.png -m {name} -f tokens | lqae decode -m {name} --out back.png",
+        f"lqae fewshot --support train/ query.png -m {name}   # label by prompting an LLM with token text",
+        "```", "",
+    ]
+    data = _read_json(run_dir / DATA_FILE)
+    lines += ["## Training", ""]
+    if data and data.get("train"):
+        trained = data["train"]
+        classes = f", {len(trained['classes'])} classes" if trained.get("classes") else ""
+        lines.append(f"- data: `{trained['name']}` ({trained['images']:,} images{classes})")
+        if data.get("val"):
+            lines.append(f"- held-out data: `{data['val']['name']}` ({data['val']['images']:,} images)")
+    if train is not None:
+        lines.append(f"- steps: {step:,} at batch {train.batch_size}, peak lr {train.peak_lr:.2g}, seed {train.seed}")
+    else:
+        lines.append(f"- steps: {step:,}")
+    lines.append(f"- encoder {model.encoder_width}x{model.encoder_depth}, decoder {model.decoder_width}x{model.decoder_depth}")
+    lines.append("- recipe: " + ", ".join(f"`{field}={getattr(model, field)}`" for field in _CARD_FIELDS))
+    lines.append("")
+    held_out = _last_validation(run_dir / METRICS_FILE)
+    if held_out:
+        lines += [
+            "## Held-out figures", "",
+            "| step | images | PSNR (dB) | SSIM | codes used | code perplexity |", "|---|---|---|---|---|---|",
+            f"| {held_out.get('step', step)} | {held_out.get('val_images', '')} | {held_out.get('val_psnr', 0):.2f} | "
+            f"{held_out.get('val_ssim', 0):.3f} | {held_out.get('val_unique_codes', '')} | "
+            f"{held_out.get('val_code_perplexity', 0):.1f} |", "",
+        ]
+    grids = sorted((run_dir / SAMPLES_DIR).glob("step_*.png"))
+    if grids:
+        relative = grids[-1].relative_to(run_dir).as_posix()
+        lines += ["## Samples", "", f"Originals above reconstructions at step {step:,} "
+                  f"(`{relative}` in the training run folder):", "", f"![samples]({relative})", ""]
+    return "\n".join(meta + lines)
+
+
+def write_card(run_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE) -> Path:
+    from lqae.io import atomic_write_bytes
+
+    path = Path(run_dir) / CARD_FILE
+    atomic_write_bytes(path, model_card(run_dir, repo_id, license).encode("utf-8"))
+    return path
+
+
+def _read_json(path: Path):
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _last_validation(path: Path) -> dict | None:
+    import json
+
+    last = None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if '"val_psnr"' in line:
+                    try:
+                        last = json.loads(line)
+                    except ValueError:
+                        continue
+    except OSError:
+        return None
+    return last
+
+
+# -- push ----------------------------------------------------------------------------------------
+def push(
+    run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> str:
+    """Upload config.json, model.safetensors and the model card (RUN_DIR/README.md when `lqae card`
+    wrote one, else a fresh one) to `repo_id` in one commit; never optimiser state. Returns the
+    commit URL. The token comes from huggingface_hub (HF_TOKEN or `hf auth login`)."""
+    from lqae.checkpoint import WEIGHTS_FILE, CONFIG_FILE, read_config
+    from lqae.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"checkpoint folder {run_dir} does not exist")
+    if parse_hub_id(repo_id) is None or "@" in repo_id:
+        raise ConfigError(f"{repo_id!r} is not a hub repo id: write it as org/name (the branch goes in --revision)")
+    _, _, step = read_config(run_dir)
+    _check_weights_step(run_dir / WEIGHTS_FILE, step)
+    card = run_dir / CARD_FILE
+    card_bytes = card.read_bytes() if card.is_file() else model_card(run_dir, repo_id, license).encode("utf-8")
+    try:
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        operations = [
+            CommitOperationAdd(CONFIG_FILE, str(run_dir / CONFIG_FILE)),
+            CommitOperationAdd(WEIGHTS_FILE, str(run_dir / WEIGHTS_FILE)),
+            CommitOperationAdd(CARD_FILE, card_bytes),
+        ]
+        info = api.create_commit(
+            repo_id, operations, commit_message=f"lqae push: step {step}", revision=revision, repo_type="model"
+        )
+    except Exception as exc:
+        hint = ""
+        if "401" in str(exc) or "403" in str(exc) or "token" in str(exc).lower():
+            hint = "; log in with `hf auth login` or set HF_TOKEN to a token with write access"
+        raise CheckpointError(f"cannot push to {repo_id} ({type(exc).__name__}: {_short(exc)}){hint}") from exc
+    return str(getattr(info, "commit_url", "") or f"{repo_id}")
+
+
+def _check_weights_step(path: Path, step: int) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        written = (handle.metadata() or {}).get("step")
+    if written is not None and str(written) != str(step):
+        raise CheckpointError(
+            f"{path} is at step {written} but config.json at step {step}: a trainer is writing this run; push again "
+            "when it has saved"
+        )
