@@ -46,7 +46,8 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, float | int | str |
 class Tracker(TrainCallback):
     """Shared logic: scalars once per metrics line, validation lines, sample grids; `close` at the end."""
 
-    package = ""
+    name = ""  # the --tracker value, also the pip extra
+    package = ""  # the module it needs
 
     def __init__(self, run_dir: Path, config: dict) -> None:
         if importlib.util.find_spec(self.package) is None:
@@ -55,8 +56,6 @@ class Tracker(TrainCallback):
             )
         self.run_dir, self.config = run_dir, config
         self._logged_step: int | None = None
-
-    name = ""
 
     def on_start(self, info: TrainInfo) -> None:  # rank 0 only: open the writer here, not in __init__
         self.open()

@@ -59,11 +59,13 @@ def fewshot(
         Scoring.loglik, help="loglik: most likely label wins; generate: reply must start with a label; "
         "constrained: greedy decoding among the label tokens only (local models).",
     ),
-    calibrate: bool = typer.Option(
-        False, "--calibrate", help="Divide out the label prior measured after content-free queries (loglik).",
+    calibrate: Optional[bool] = typer.Option(
+        None, "--calibrate/--no-calibrate",
+        help="Divide out the label prior measured after content-free queries (default: on for loglik with an LLM).",
     ),
     order: Order = typer.Option(
-        Order.random, help="Support order: random, or similar-last (most token overlap with the query last).",
+        Order.similar_last, help="Support order: similar-last (most token overlap with the query last) or random "
+        "(as drawn; lets a local model reuse one prompt prefix for every query it labels).",
     ),
     image_text: ImageText = typer.Option(
         ImageText.sequence, help="Token text per image: sequence (patch order) or frequent (distinct tokens, most "

@@ -43,7 +43,7 @@ def run(backend, episodes=24, tmp_path=None, **settings):
 
 
 def test_diagnostics_show_an_llm_that_always_answers_one_label(dog_gpt2):
-    summary = run(dog_gpt2)
+    summary = run(dog_gpt2, calibrate=False)
     diagnostics = summary.diagnostics
     assert diagnostics["predicted"] == {"dog": 1.0}
     assert diagnostics["accuracy_by_class"]["dog"]["accuracy"] == 1.0
@@ -123,6 +123,7 @@ def test_calibration_removes_a_label_bias(biased_reader, tmp_path):
                         settings, TokenTextDecoder(ClassWords()), results)
 
     plain = evaluate_words(False)
+    assert evaluate_words(None).accuracy == pytest.approx(evaluate_words(True).accuracy)  # on by default for loglik
     calibrated = evaluate_words(True, ResultsFile(tmp_path / "r.jsonl", "run", "episode"))
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     targets = Counter(r["target"] for r in records)
@@ -218,3 +219,13 @@ def test_frequent_image_text_lists_distinct_tokens_most_frequent_first(tmp_path)
                              support, [0, 8], ["cat", "dog"], [0, 1], [query.ids[0]], 1)
     text = support_set.image_text([4, 2, 2, 4, 4, 1], 2)
     assert text == "w4 w2"  # cut to two tokens: the rarest goes first
+
+
+def test_defaults_calibrate_llms_only_and_put_the_nearest_support_last(dog_gpt2):
+    settings = FewshotSettings()
+    assert settings.order == "similar-last" and settings.calibrate is None
+    assert settings.for_backend(dog_gpt2).calibrate is True
+    assert settings.for_backend(OverlapBackend()).calibrate is False
+    assert FewshotSettings(scoring="generate").for_backend(dog_gpt2).calibrate is False
+    with pytest.raises(ConfigError, match="reads no prompt"):
+        FewshotSettings(calibrate=True).for_backend(OverlapBackend())

@@ -52,8 +52,10 @@ class FewshotSettings:
     induction: bool = True  # the template's [instruction] line before the examples
     scoring: str = "loglik"  # "loglik" or "generate"
     labels: str = "real"  # "real" (class folder names), "open" (nonsense words), "letters" (A, B, ...)
-    calibrate: bool = False  # divide out the label prior measured after content-free queries (loglik)
-    order: str = "random"  # support order: "random", or "similar-last" (most token overlap with the query last)
+    # divide out the label prior measured after content-free queries; None = on wherever it applies
+    # (loglik scoring with an LLM), as it helps most with the default LLM (README, "Measured figures")
+    calibrate: bool | None = None
+    order: str = "similar-last"  # "similar-last" (most token overlap with the query last) or "random" (as drawn)
     image_text: str = "sequence"  # "sequence" (patch order) or "frequent" (distinct tokens, most frequent first)
     length_norm: bool = False  # loglik per label token instead of summed
     context_tokens: int | None = None  # None = the backend's window
@@ -71,6 +73,14 @@ class FewshotSettings:
             raise ConfigError(f"unknown order {self.order!r}; choose one of: {', '.join(ORDERS)}")
         if self.calibrate and self.scoring != "loglik":
             raise ConfigError("--calibrate divides out the label prior of log-likelihood scores; use --scoring loglik")
+
+    def for_backend(self, backend: Backend) -> "FewshotSettings":
+        """A copy with the automatic choices made: calibration on for loglik scoring by an LLM."""
+        self.check()
+        if self.calibrate and not backend.reads_text:
+            raise ConfigError(f"--calibrate measures an LLM's label prior; {backend.name} reads no prompt")
+        calibrate = self.calibrate if self.calibrate is not None else self.scoring == "loglik" and backend.reads_text
+        return replace(self, calibrate=calibrate)
         for name in ("episodes", "context_tokens", "min_image_tokens", "max_new_tokens", "shots"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -301,7 +311,7 @@ def evaluate(
     on_result: ResultCallback | None = None,
 ) -> EvalSummary:
     """Accuracy over `settings.episodes` N-way K-shot episodes (one query each)."""
-    settings.check()
+    settings = settings.for_backend(backend)
     shots = settings.shots or 1
     eligible = check_episode_setup(support, query, settings.ways, shots)
     done = results.load() if results else {}
@@ -473,7 +483,7 @@ def predict(
 
     The support set is fitted once against the longest query, so every query sees the same prompt
     prefix (and a local model computes it once)."""
-    settings.check()
+    settings = settings.for_backend(backend)
     chosen = prediction_supports(support, settings.shots, settings.seed)
     classes = [c for c in support.classes if any(support.class_name(i) == c for i in chosen)]
     shown = {"open": lambda: open_label_names(classes, settings.seed), "letters": lambda: letter_labels(len(classes))}.get(

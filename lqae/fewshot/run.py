@@ -71,8 +71,7 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
         bpe_file=job.bpe_file, reuse_prefix=job.reuse_prefix,
     )
     _check_template(template, backend, job.settings)
-    if job.settings.calibrate and not backend.reads_text:
-        raise ConfigError(f"--calibrate measures an LLM's label prior; {backend.name} reads no prompt")
+    job.settings.for_backend(backend)  # refuse what cannot apply before any work
     if job.settings.scoring == "constrained" and not backend.supports_constrained:
         raise ConfigError(f"{backend.name} cannot restrict generation to the labels; use --scoring loglik or generate")
     # the data itself, not only its paths: another model, a retrained one or a re-encoded token
