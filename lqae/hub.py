@@ -120,10 +120,23 @@ def model_card(run_dir: str | Path, repo_id: str | None = None, license: str = D
         ]
     grids = sorted((run_dir / SAMPLES_DIR).glob("step_*.png"))
     if grids:
-        relative = grids[-1].relative_to(run_dir).as_posix()
-        lines += ["## Samples", "", f"Originals above reconstructions at step {step:,} "
-                  f"(`{relative}` in the training run folder):", "", f"![samples]({relative})", ""]
+        lines += ["## Samples", "", f"Originals above reconstructions (`{grids[-1].relative_to(run_dir).as_posix()}` "
+                  "of the training run):", "", _inline_image(grids[-1]), ""]
     return "\n".join(meta + lines)
+
+
+_INLINE_LIMIT = 256 * 1024  # bytes of PNG written into the card itself
+
+
+def _inline_image(path: Path) -> str:
+    """The PNG as a data URI, so the card carries its picture without another uploaded file (a push
+    sends only config, weights and card); a large grid is named instead."""
+    import base64
+
+    data = path.read_bytes()
+    if len(data) > _INLINE_LIMIT:
+        return f"(the grid is {len(data) // 1024} KB: see the file in the training run)"
+    return f"![samples](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
 def write_card(run_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE) -> Path:

@@ -106,7 +106,9 @@ def test_the_card_has_valid_metadata_and_the_runs_figures(tiny_lm_dir, trained_o
     assert meta["license"] == "apache-2.0" and "lqae" in meta["tags"]
     assert "lqae encode image.png -m me/tiny" in card
     assert "`images` (12 images, 2 classes)" in card and "steps: 2 at batch 4" in card
-    assert "| PSNR (dB) |" in card and "![samples](samples/step_0000002.png)" in card
+    assert "| PSNR (dB) |" in card and "`samples/step_0000002.png`" in card
+    inline = card.split("![samples](data:image/png;base64,")[1].split(")")[0]
+    assert base64.b64decode(inline) == (run / "samples" / "step_0000002.png").read_bytes()  # the card carries the grid
 
 
 class HubStub:
