@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "overlap": ["--llm", "overlap"],
-    "plain": [],
-    "calibrated": ["--calibrate"],
-    "similar-last": ["--order", "similar-last"],
+VARIANTS = {  # every option spelled out, so a change of defaults cannot change a row
+    "overlap": ["--llm", "overlap", "--order", "random"],
+    "plain": ["--no-calibrate", "--order", "random"],
+    "calibrated": ["--calibrate", "--order", "random"],
+    "similar-last": ["--no-calibrate", "--order", "similar-last"],
     "calibrated+similar-last": ["--calibrate", "--order", "similar-last"],
     "calibrated+similar-last+repeats1": ["--calibrate", "--order", "similar-last", "--repeats", "1"],
     "letters+calibrated+similar-last": ["--labels", "letters", "--calibrate", "--order", "similar-last"],
