@@ -64,17 +64,27 @@ def build_tiny_gpt2(seed: int = 0, chat_template: str | None = None):
 
 def bias_towards(model, tokenizer, label: str, steps: int = 40) -> None:
     """Fine-tune so that `Output:` is followed by `label` whatever the input."""
-    import torch
-
     rng = random.Random(1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        texts = [
+
+    def batch() -> list[str]:
+        return [
             f"Answer with one of: {', '.join(LABELS)}.\nInput: {' '.join(rng.choice(WORDS) for _ in range(5))}\n"
             f"Output: {label}\n###"
             for _ in range(8)
         ]
+
+    teach_answers(model, tokenizer, batch, steps)
+
+
+def teach_answers(model, tokenizer, batch, steps: int) -> None:
+    """Fine-tune on `steps` batches of `batch()` texts ending `... Output: LABEL\n###`, with the loss on
+    the label only; the model is left in eval mode."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        texts = batch()
         ids = [tokenizer(t)["input_ids"] for t in texts]
         width = max(len(i) for i in ids)
         tensor = torch.full((len(ids), width), tokenizer.eos_token_id)

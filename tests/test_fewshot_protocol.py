@@ -13,7 +13,7 @@ from lqae.fewshot.episodes import TokenTextDecoder
 from lqae.fewshot.evaluate import FewshotSettings, ResultsFile, evaluate
 from lqae.fewshot.hf import HFBackend
 from lqae.fewshot.prompts import load_template, render
-from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, one_thread, synthetic_pool
+from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, one_thread, synthetic_pool, teach_answers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,32 +86,20 @@ def biased_reader():
     the cat inputs labelled dog: its answers lean to dog whatever it reads."""
     import random
 
-    import torch
-
     model, tokenizer = build_tiny_gpt2(seed=1)
     rng = random.Random(2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
+
+    def batch() -> list[str]:
         texts = []
         for _ in range(16):
             is_cat = rng.random() < 0.5
             words = " ".join(rng.choice(CAT_WORDS if is_cat else DOG_WORDS) for _ in range(5))
             label = ("dog" if rng.random() < 0.6 else "cat") if is_cat else "dog"
             texts.append(f"Answer with one of: cat, dog.\nInput: {words}\nOutput: {label}\n###")
-        ids = [tokenizer(t)["input_ids"] for t in texts]
-        width = max(len(i) for i in ids)
-        inputs = torch.full((len(ids), width), tokenizer.eos_token_id)
-        targets = torch.full((len(ids), width), -100)
-        for row, sequence in enumerate(ids):
-            inputs[row, : len(sequence)] = torch.tensor(sequence)
-            answer = len(tokenizer(texts[row].rsplit(" ", 1)[0])["input_ids"])  # loss on the label only
-            targets[row, answer : len(sequence)] = torch.tensor(sequence[answer:])
-        loss = model(input_ids=inputs, labels=targets).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return HFBackend(model.eval(), tokenizer)
+        return texts
+
+    teach_answers(model, tokenizer, batch, steps=60)
+    return HFBackend(model, tokenizer)
 
 
 def test_calibration_removes_a_label_bias(biased_reader, tmp_path):
