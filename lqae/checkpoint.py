@@ -218,10 +218,9 @@ def load_model(
     `encode_only`: the LM's layers are not loaded, only its embedding matrix and tokenizer, read
     from its files without transformers where they allow it (seconds faster; `encode` gives the
     same ids). Decoding or LM features then raise CheckpointError."""
+    from lqae.hub import resolve_run
     from lqae.lm import FrozenLM
     from lqae.model import LQAE
-
-    from lqae.hub import resolve_run
 
     model_config, weights, fingerprint = _consistent_read(resolve_run(run_dir))
     if lm_name is not None:
@@ -259,15 +258,18 @@ def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25):
 
 
 def _load_tensors_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return _load_tensors(path), weights_metadata(path)
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a safetensors file (`step`, `fingerprint`), without reading tensors."""
     from safetensors import safe_open
 
-    tensors = _load_tensors(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+            return handle.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    return tensors, metadata
 
 
 def load_trainable_from(run_dir: Path) -> dict[str, torch.Tensor]:

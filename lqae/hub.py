@@ -181,7 +181,7 @@ def push(
     """Upload config.json, model.safetensors and the model card (RUN_DIR/README.md when `lqae card`
     wrote one, else a fresh one) to `repo_id` in one commit; never optimiser state. Returns the
     commit URL. The token comes from huggingface_hub (HF_TOKEN or `hf auth login`)."""
-    from lqae.checkpoint import WEIGHTS_FILE, CONFIG_FILE, read_config
+    from lqae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config, weights_metadata
     from lqae.errors import ConfigError
 
     run_dir = Path(run_dir)
@@ -190,7 +190,12 @@ def push(
     if parse_hub_id(repo_id) is None or "@" in repo_id:
         raise ConfigError(f"{repo_id!r} is not a hub repo id: write it as org/name (the branch goes in --revision)")
     _, _, step = read_config(run_dir)
-    _check_weights_step(run_dir / WEIGHTS_FILE, step)
+    written = weights_metadata(run_dir / WEIGHTS_FILE).get("step")
+    if written is not None and str(written) != str(step):
+        raise CheckpointError(
+            f"{run_dir / WEIGHTS_FILE} is at step {written} but config.json at step {step}: a trainer is writing "
+            "this run; push again when it has saved"
+        )
     card = run_dir / CARD_FILE
     card_bytes = card.read_bytes() if card.is_file() else model_card(run_dir, repo_id, license).encode("utf-8")
     try:
@@ -215,14 +220,3 @@ def push(
         raise CheckpointError(f"cannot push to {repo_id} ({type(exc).__name__}: {_short(exc)}){hint}") from exc
     return str(getattr(info, "commit_url", "") or f"{repo_id}")
 
-
-def _check_weights_step(path: Path, step: int) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        written = (handle.metadata() or {}).get("step")
-    if written is not None and str(written) != str(step):
-        raise CheckpointError(
-            f"{path} is at step {written} but config.json at step {step}: a trainer is writing this run; push again "
-            "when it has saved"
-        )

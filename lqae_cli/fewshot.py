@@ -136,7 +136,10 @@ def fewshot(
     )
     display = _Display(enabled=not quiet and sys.stderr.isatty())
     with display:
-        result = run_fewshot(job, Progress(on_stage=display.stage, on_result=display.result))
+        result = run_fewshot(job, Progress(
+            on_stage=display.stage, on_result=display.result,
+            on_queries=lambda paths: _check_printable(paths, as_json, len(job.images) == 1),
+        ))
     if isinstance(result, EvalSummary):
         _render_evaluation(result, as_json, out)
     else:
@@ -154,9 +157,14 @@ def _render_predictions(run, as_json: bool, single_argument: bool) -> None:
     if single_argument and len(run.predictions) == 1:
         sys.stdout.write(f"{run.predictions[0].label or '?'}\n")
         return
-    check_line_paths([p.path for p in run.predictions], "use --json, which quotes every path, or rename the file")
     for prediction in run.predictions:
         sys.stdout.write(f"{prediction.path}\t{prediction.label or '?'}\n")
+
+
+def _check_printable(paths: list[str], as_json: bool, single_argument: bool) -> None:
+    """Refuse, before the LLM runs, query names that `path<TAB>label` lines cannot carry."""
+    if not as_json and not (single_argument and len(paths) == 1):
+        check_line_paths(paths, "use --json, which quotes every path, or rename the file")
 
 
 def _render_evaluation(summary, as_json: bool, out: Optional[Path]) -> None:
@@ -192,7 +200,7 @@ def _render_evaluation(summary, as_json: bool, out: Optional[Path]) -> None:
 
 
 def _diagnostics_note(diagnostics: dict) -> None:
-    """Two stderr lines: what the LLM answers, and where its right answers sit."""
+    """One stderr line: what the LLM answers, and where its right answers sit."""
     if not diagnostics:
         return
     answered = ", ".join(f"{label} {100 * share:.0f}%" for label, share in list(diagnostics["predicted"].items())[:5])

@@ -30,7 +30,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
-class Tracker(str, Enum):
+class TrackerName(str, Enum):
     none = "none"
     tensorboard = "tensorboard"
     wandb = "wandb"
@@ -63,8 +63,8 @@ def train(
     val_every: Optional[int] = typer.Option(None, min=1, help="Steps between validation passes."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, augmentation and masking."),
     overrides: list[str] = typer.Option([], "--set", help="Override any config field: --set mask_ratio=0.3 (repeatable)."),
-    tracker: Tracker = typer.Option(
-        Tracker.none, help="Also log metrics, sample grids and the config to tensorboard (RUN/tensorboard) or wandb.",
+    tracker: TrackerName = typer.Option(
+        TrackerName.none, help="Also log metrics, sample grids and the config to tensorboard (RUN/tensorboard) or wandb.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

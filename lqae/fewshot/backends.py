@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lqae.errors import ConfigError
+from lqae.fewshot.episodes import shared_tokens
 from lqae.fewshot.prompts import ChatFormatter, Prompt
 
 DEFAULT_HF_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -80,7 +81,7 @@ class OverlapBackend(Backend):
             bag, size = Counter(query), max(len(query), 1)
             overlaps: list[list[float]] = [[] for _ in request.labels]
             for support, label in zip(supports, request.support_labels):
-                overlaps[label].append(sum((bag & support).values()) / size)
+                overlaps[label].append(shared_tokens(bag, support) / size)
             results.append([
                 (max(values) + 1e-3 * sum(values) / len(values), 0) if values else (float("-inf"), 0)
                 for values in overlaps

@@ -7,6 +7,7 @@ run sees exactly the same episodes.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -160,6 +161,11 @@ def prediction_supports(support: TokenPool, shots: int | None, seed: int) -> lis
         raise DataError("the support set has no labelled images (it needs one sub-folder per class)")
     rng.shuffle(chosen)
     return chosen
+
+
+def shared_tokens(a: Counter, b: Counter) -> int:
+    """Token overlap of two images: the size of the multiset intersection of their ids."""
+    return sum((a & b).values())
 
 
 def letter_labels(count: int) -> list[str]:

@@ -29,7 +29,7 @@ from lqae.fewshot.backends import Backend, Request, match_label
 from lqae.fewshot.budget import Dropped, Fit, fit_prompt
 from lqae.fewshot.episodes import (
     TokenPool, TokenTextDecoder, check_episode_setup, letter_labels, open_label_names, prediction_supports,
-    sample_episode,
+    sample_episode, shared_tokens,
 )
 from lqae.fewshot.prompts import Template, render
 
@@ -75,10 +75,13 @@ class FewshotSettings:
             raise ConfigError("--calibrate divides out the label prior of log-likelihood scores; use --scoring loglik")
 
     def for_backend(self, backend: Backend) -> "FewshotSettings":
-        """A copy with the automatic choices made: calibration on for loglik scoring by an LLM."""
+        """A copy with the automatic choices made (calibration on for loglik scoring by an LLM); settings
+        the backend cannot honour are a ConfigError."""
         self.check()
         if self.calibrate and not backend.reads_text:
             raise ConfigError(f"--calibrate measures an LLM's label prior; {backend.name} reads no prompt")
+        if self.scoring == "constrained" and not backend.supports_constrained:
+            raise ConfigError(f"{backend.name} cannot restrict generation to the labels; use --scoring loglik or generate")
         calibrate = self.calibrate if self.calibrate is not None else self.scoring == "loglik" and backend.reads_text
         return replace(self, calibrate=calibrate)
         for name in ("episodes", "context_tokens", "min_image_tokens", "max_new_tokens", "shots"):
@@ -197,7 +200,7 @@ class SupportSet:
         if self.settings.order != "similar-last":
             return list(supports)
         bag = Counter(query)
-        return sorted(supports, key=lambda i: sum((bag & Counter(self.pool.ids[i])).values()))
+        return sorted(supports, key=lambda i: shared_tokens(bag, Counter(self.pool.ids[i])))
 
     def prior(self, supports: Sequence[int]) -> list[float]:
         """Each label's probability after the content-free queries, averaged (one short forward each

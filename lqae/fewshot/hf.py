@@ -216,12 +216,7 @@ class HFBackend(Backend):
         """Greedy decoding until an end token, a newline or max_new_tokens."""
         replies = []
         for prompt in request.prompts:
-            head, tail = self.head_ids(prompt), self.encode(prompt.suffix)
-            if self.reuse_prefix:
-                past, next_logprobs = self._after_query(head, tail)
-            else:
-                past, logprobs = self._forward(torch.tensor([head + tail], device=self.device), keep=1)
-                next_logprobs = logprobs[0, -1]
+            past, next_logprobs = self._state_after(prompt)
             generated: list[int] = []
             for _ in range(max_new_tokens):
                 token = int(next_logprobs.argmax())
@@ -235,6 +230,15 @@ class HFBackend(Backend):
             replies.append(self.tokenizer.decode(generated, skip_special_tokens=True).split("\n")[0])
         return replies
 
+    def _state_after(self, prompt: Prompt):
+        """(a private key/value cache after the whole prompt, next-token log-probs there), from the
+        cached prefix when reuse is on."""
+        head, tail = self.head_ids(prompt), self.encode(prompt.suffix)
+        if self.reuse_prefix:
+            return self._after_query(head, tail)
+        past, logprobs = self._forward(torch.tensor([head + tail], device=self.device), keep=1)
+        return past, logprobs[0, -1]
+
     supports_constrained = True
 
     @torch.no_grad()
@@ -244,13 +248,8 @@ class HFBackend(Backend):
         remains or one is complete (the shorter wins when it is a prefix of another)."""
         picks = []
         for prompt in request.prompts:
-            head, tail = self.head_ids(prompt), self.encode(prompt.suffix)
             candidates = [self.encode(prompt.delimiter + label) for label in request.labels]
-            if self.reuse_prefix:
-                past, next_logprobs = self._after_query(head, tail)
-            else:
-                past, logprobs = self._forward(torch.tensor([head + tail], device=self.device), keep=1)
-                next_logprobs = logprobs[0, -1]
+            past, next_logprobs = self._state_after(prompt)
             alive, step = list(range(len(candidates))), 0
             while True:
                 complete = [j for j in alive if len(candidates[j]) == step]

@@ -46,6 +46,7 @@ class Progress:
     on_stage: Callable[[str], None] | None = None  # "encoding support", "loading LLM", ...
     on_result: Callable[[dict, int, int], None] | None = None  # evaluation: (record, done, total)
     on_prediction: Callable[[Prediction], None] | None = None
+    on_queries: Callable[[list[str]], None] | None = None  # prediction: the query paths, before any LLM work
 
 
 def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> PredictionRun | EvalSummary:
@@ -62,6 +63,8 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
         queries = sources.pool(job.query, "query")
     else:
         queries = sources.images(job.images)
+        if progress.on_queries:
+            progress.on_queries(queries.paths)
     _check_compatible(support, queries, job)
     text = TokenTextDecoder(sources.tokenizer(support.lm_name))
 
@@ -72,8 +75,6 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
     )
     _check_template(template, backend, job.settings)
     job.settings.for_backend(backend)  # refuse what cannot apply before any work
-    if job.settings.scoring == "constrained" and not backend.supports_constrained:
-        raise ConfigError(f"{backend.name} cannot restrict generation to the labels; use --scoring loglik or generate")
     # the data itself, not only its paths: another model, a retrained one or a re-encoded token
     # dataset at the same path must not resume from these results
     run = fingerprint(
