@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lqae.config import ModelConfig, TrainConfig, from_dict, to_dict
 from lqae.errors import CheckpointError, ConfigError
-from lqae.io import fsync_dir
+from lqae.io import fsync_dir, give_default_mode
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def save_checkpoint(
     files = {}
     for name in sorted(os.listdir(journal)):
         with open(journal / name, "rb") as handle:
+            give_default_mode(handle.fileno())  # safetensors writes 0600 whatever the umask
             os.fsync(handle.fileno())
         files[name] = _file_identity(journal / name)
     (journal / _COMPLETE).write_text(json.dumps({"step": step, "files": files}, sort_keys=True))

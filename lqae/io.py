@@ -37,11 +37,17 @@ def temp_beside(path: Path) -> tuple[BinaryIO, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    give_default_mode(fd)
+    return os.fdopen(fd, "wb"), Path(tmp)
+
+
+def give_default_mode(fd: int) -> None:
+    """The permissions a plainly created file would have (0666 less the umask), for files made by
+    writers that create them 0600 (mkstemp, safetensors)."""
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
-    except (AttributeError, OSError):  # no fchmod (Windows): keep what mkstemp gave
+    except (AttributeError, OSError):  # no fchmod (Windows): keep what the writer gave
         pass
-    return os.fdopen(fd, "wb"), Path(tmp)
 
 
 def remove_stale_temps(path: Path) -> list[Path]:

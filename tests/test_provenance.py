@@ -120,15 +120,19 @@ def test_fewshot_results_do_not_resume_across_models_or_re_encoded_data(
     assert_error(result, "another run", "use another --out")
 
 
-def test_written_files_respect_the_umask(tiny_checkpoint, image_folder, tmp_path):
+def test_written_files_respect_the_umask(tiny_checkpoint, image_folder, tmp_path, tiny_model):
+    from lqae.checkpoint import save_checkpoint
+
     old = os.umask(0o022)
     try:
         tokens = encode_to(image_folder, tiny_checkpoint, tmp_path / "t.safetensors")
         decoded = tmp_path / "d.png"
         assert invoke("decode", "--from", tokens, "-i", "0", "-m", tiny_checkpoint, "--out", decoded, "-q").exit_code == 0
+        save_checkpoint(tmp_path / "run", tiny_model, step=1, train_state={"x": __import__("torch").zeros(2)})
     finally:
         os.umask(old)
-    for path in (tokens, decoded):
+    run = tmp_path / "run"
+    for path in (tokens, decoded, run / "config.json", run / "model.safetensors", run / "train_state.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
