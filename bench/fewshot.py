@@ -30,24 +30,25 @@ def main() -> None:
 
     import torch
 
-    from lqae.fewshot.backends import DEFAULT_LLM, make_backend
-    from lqae.fewshot.episodes import TokenTextDecoder, sample_episode
-    from lqae.fewshot.evaluate import FewshotSettings, evaluate
+    from lqae.fewshot.backends import DEFAULT_LLM, BackendOptions, make_backend
+    from lqae.fewshot.episodes import PromptImageText, sample_episode
+    from lqae.fewshot.evaluation import evaluate_episodes
     from lqae.fewshot.prompts import load_template
     from lqae.fewshot.run import Sources
+    from lqae.fewshot.settings import FewshotSettings
 
     sources = Sources(args.model, args.device, lambda message: None)
     support, query = sources.pool(args.support, "support"), sources.pool(args.query, "query")
-    text = TokenTextDecoder(sources.tokenizer(support.lm_name))
+    tokenizer = sources.tokenizer(support.lm_name)
     llm = args.llm or DEFAULT_LLM
     started = time.perf_counter()
-    backend = make_backend(llm, device=args.device)
+    backend = make_backend(llm, BackendOptions(device=args.device))
     load_seconds = time.perf_counter() - started
     template = load_template("completion")
     # the settings this figure was first measured with (before calibration and similar-last became defaults)
     settings = FewshotSettings(ways=args.ways, shots=args.shots, episodes=1, seed=args.seed + 1000, calibrate=False,
                                order="random")
-    evaluate(support, query, backend, template, settings, text)  # warm-up, untimed
+    evaluate_episodes(support, query, backend, template, settings, tokenizer)  # warm-up, untimed
 
     timed = replace(settings, episodes=args.episodes, seed=args.seed)
     results = {}
@@ -56,13 +57,16 @@ def main() -> None:
         backend.clear_cache()
         records = []
         started = time.perf_counter()
-        summary = evaluate(support, query, backend, template, timed, text, on_result=lambda r, *_: records.append(r))
+        summary = evaluate_episodes(
+            support, query, backend, template, timed, tokenizer, on_result=lambda r, *_: records.append(r)
+        )
         results[reuse] = (time.perf_counter() - started) / args.episodes, summary, records
 
     images = set()
     for index in range(args.episodes):
         episode = sample_episode(support, query, args.ways, args.shots, args.seed, index)
         images |= {("s", i) for i in episode.supports} | {("q", episode.query)}
+    text = PromptImageText(tokenizer, settings.image_text)
     per_image = [
         backend.count_text(" " + text((support if side == "s" else query).ids[i])) for side, i in sorted(images)
     ]

@@ -15,11 +15,8 @@ from pathlib import Path
 import torch
 
 from lqae.checkpoint import load_model
-from lqae.data import load_image
+from lqae.data import image_batches
 from lqae.probe import ProbeSplit, extract_features, layer_counts, load_split, parse_layers
-
-
-
 
 from _timing import best_time  # noqa: E402 (bench/ is on sys.path when run as a script)
 
@@ -43,15 +40,19 @@ def main() -> None:
     count = min(args.images, len(full))
     images = ProbeSplit(full.source, "images", full.paths[:count], full.labels[:count], full.classes)
     size = model.config.image_size
+
+    def load_pixels() -> list[torch.Tensor]:
+        return [batch for _, batch in image_batches(images.paths, size, args.batch_size)]  # each (b, 3, size, size)
+
+    pixels = load_pixels()
     with torch.no_grad():
-        pixels = torch.stack([load_image(p, size) for p in images.paths])
-        ids = torch.cat([model.encode(pixels[i : i + args.batch_size]) for i in range(0, count, args.batch_size)])
+        ids = torch.cat([model.encode(batch) for batch in pixels])  # (count, N)
     tokens = ProbeSplit(full.source, "tokens", images.paths, images.labels, full.classes, ids)
 
     def encoder_only() -> None:
         with torch.no_grad():
-            for i in range(0, count, args.batch_size):
-                model.encode(pixels[i : i + args.batch_size])
+            for batch in pixels:
+                model.encode(batch)
 
     per_1000 = 1000 / count
     result = {
@@ -59,7 +60,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
         "images_s_per_1000": best_time(lambda: extract_features(model, images, layers, args.batch_size), args.repeats) * per_1000,
         "tokens_s_per_1000": best_time(lambda: extract_features(model, tokens, layers, args.batch_size), args.repeats) * per_1000,
-        "image_loading_s_per_1000": best_time(lambda: [load_image(p, size) for p in images.paths], args.repeats) * per_1000,
+        "image_loading_s_per_1000": best_time(load_pixels, args.repeats) * per_1000,
         "encoder_and_search_s_per_1000": best_time(encoder_only, args.repeats) * per_1000,
     }
     print(json.dumps(result))

@@ -74,11 +74,12 @@ def last_train_metrics(run_dir: Path) -> dict:
 def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes: int) -> dict:
     from lqae.checkpoint import load_model
     from lqae.data import scan_image_folder
-    from lqae.evaluate import evaluate_folder
-    from lqae.fewshot.backends import OverlapBackend
-    from lqae.fewshot.episodes import TokenTextDecoder, pool_from_dataset
-    from lqae.fewshot.evaluate import FewshotSettings, evaluate
+    from lqae.reconstruction import evaluate_folder
+    from lqae.fewshot.backends.overlap import OverlapBackend
+    from lqae.fewshot.episodes import pool_from_dataset
+    from lqae.fewshot.evaluation import evaluate_episodes
     from lqae.fewshot.prompts import load_template
+    from lqae.fewshot.settings import FewshotSettings
     from lqae.probe import ProbeConfig, run_probe
     from lqae.tokendata import encode_folder
 
@@ -99,11 +100,11 @@ def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes
 
     support = pool_from_dataset(encode_folder(model, scan_image_folder(folder / "train")), "train")
     query = pool_from_dataset(encode_folder(model, val), "val")
-    text = TokenTextDecoder(model.tokenizer)
     fewshot = {}
     for ways in (2, 5):
         settings = FewshotSettings(ways=ways, shots=1, episodes=episodes, seed=seed)
-        summary = evaluate(support, query, OverlapBackend(), load_template("completion"), settings, text)
+        template = load_template("completion")
+        summary = evaluate_episodes(support, query, OverlapBackend(), template, settings, model.tokenizer)
         fewshot[f"overlap_{ways}way_1shot"] = round(summary.accuracy, 4)
 
     return {

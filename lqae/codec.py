@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lqae.data import is_readable_image, load_image, scan_image_folder
+from lqae.data import image_batches
 from lqae.errors import DataError, TokenError
 
 
@@ -32,31 +32,6 @@ class EncodeTimings:
         }
 
 
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named on the command line, folders expanded recursively (sorted), in input order.
-
-    A named file that is missing or unreadable raises DataError before anything is encoded;
-    unreadable files inside a folder are skipped with a warning, as `lqae train` does.
-    """
-    if not inputs:
-        raise DataError("no images given: pass image files or folders")
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths.extend(scan_image_folder(item).paths)
-        elif not item.exists():
-            raise DataError(f"image {item} does not exist")
-        elif not is_readable_image(item):
-            raise DataError(f"cannot read image {item}: corrupt or not an image file")
-        else:
-            paths.append(item)
-    return paths
-
-
-def model_device(model) -> torch.device:
-    return next(model.encoder.parameters()).device
-
-
 @torch.inference_mode()
 def encode_images(
     model,
@@ -70,14 +45,9 @@ def encode_images(
     as at evaluation. Deterministic: the same image and model give the same ids whatever the batch.
     """
     model.eval()
-    device = model_device(model)
-    size = model.config.image_size
     timings = timings if timings is not None else EncodeTimings()
-    started = time.perf_counter()
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        tick = time.perf_counter()
-        images = torch.stack([load_image(p, size) for p in chunk]).to(device)  # (b, C, H, W)
+    started = tick = time.perf_counter()
+    for chunk, images in image_batches(paths, model.config.image_size, batch_size, model.device):  # (b, C, H, W)
         tock = time.perf_counter()
         ids = model.encode(images).cpu()  # (b, L)
         timings.load_seconds += tock - tick
@@ -85,6 +55,7 @@ def encode_images(
         timings.images += len(chunk)
         yield chunk, ids
         timings.total_seconds = time.perf_counter() - started
+        tick = time.perf_counter()
     timings.total_seconds = time.perf_counter() - started
 
 
@@ -107,10 +78,9 @@ def decode_to_pngs(
     model.codebook.codes_from_token_ids(ids)  # raises TokenError for any id outside the codebook
     if ids.shape[1] != model.config.num_tokens:
         raise TokenError(f"got {ids.shape[1]} tokens per image, this model expects {model.config.num_tokens}")
-    device = model_device(model)
     model.eval()
     for start in range(0, ids.shape[0], batch_size):
-        images = model.decode(ids[start : start + batch_size].to(device)).cpu()  # (b, C, H, W)
+        images = model.decode(ids[start : start + batch_size].to(model.device)).cpu()  # (b, C, H, W)
         for image, path in zip(images, out_paths[start : start + batch_size]):
             save_png(image, path)
         if progress:

@@ -9,11 +9,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lqae.errors import ConfigError
 
 VOCAB_CHOICES = ("all", "words")
+PRECISIONS = ("auto", "bf16", "fp32")
 CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer implements the quantizer ones)
     "vocab": VOCAB_CHOICES,
     "encoder_output": ("linear", "unit", "standardize"),
@@ -129,8 +130,8 @@ class TrainConfig:
             raise ConfigError(
                 f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
             )
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"unknown precision {self.precision!r}; choose auto, bf16 or fp32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
     @property
     def peak_lr(self) -> float:
@@ -166,7 +167,7 @@ RECIPE: dict[str, Any] = {
 
 
 def _presets() -> dict[str, Preset]:
-    minilm = "sentence-transformers/all-MiniLM-L6-v2"
+    minilm_words = dict(lm_name="sentence-transformers/all-MiniLM-L6-v2", vocab="words", **RECIPE)
     return {
         "paper": Preset(
             ModelConfig(),
@@ -180,34 +181,17 @@ def _presets() -> dict[str, Preset]:
         ),
         "small": Preset(
             ModelConfig(
-                image_size=128,
-                patch_size=16,
-                encoder_width=384,
-                encoder_depth=6,
-                encoder_heads=6,
-                decoder_width=384,
-                decoder_depth=6,
-                decoder_heads=6,
-                lm_name=minilm,
-                vocab="words",
-                **RECIPE,
+                image_size=128, patch_size=16, encoder_width=384, encoder_depth=6, encoder_heads=6,
+                decoder_width=384, decoder_depth=6, decoder_heads=6, **minilm_words,
             ),
             TrainConfig(batch_size=128, epochs=50, base_lr=5e-4, sample_every=250, save_every=500),
             "ViT-S/16 at 128px over MiniLM-L6; one consumer GPU",
         ),
         "tiny": Preset(
             ModelConfig(
-                image_size=32,
-                patch_size=8,
-                encoder_width=128,
-                encoder_depth=2,
-                encoder_heads=4,
-                decoder_width=256,  # decoding a 16-token code needs more than the encoder: +1.3 dB over 128x2
-                decoder_depth=4,
-                decoder_heads=8,
-                lm_name=minilm,
-                vocab="words",
-                **RECIPE,
+                image_size=32, patch_size=8, encoder_width=128, encoder_depth=2, encoder_heads=4,
+                # decoding a 16-token code needs more than the encoder: +1.3 dB over 128 wide x 2 deep
+                decoder_width=256, decoder_depth=4, decoder_heads=8, **minilm_words,
             ),
             TrainConfig(
                 batch_size=32,  # twice the steps of batch 64 in the same time: +0.5 dB on the bench
@@ -265,6 +249,26 @@ def apply_overrides(preset: Preset, pairs: list[str]) -> Preset:
         return Preset(dataclasses.replace(preset.model, **model), dataclasses.replace(preset.train, **train), preset.summary)
     except TypeError as exc:
         raise ConfigError(f"bad override: {exc}") from exc
+
+
+def configure(preset: str, overrides: Sequence[str] = (), **options: Any) -> Preset:
+    """What `lqae train` trains: the named preset, then `field=value` overrides (`--set`), then the
+    named options that are not None (each a ModelConfig or TrainConfig field, e.g. lm_name=...,
+    steps=...). Epochs without steps train by epochs: the preset's step count is dropped."""
+    chosen = apply_overrides(get_preset(preset), list(overrides))
+    given = {name: value for name, value in options.items() if value is not None}
+    if "epochs" in given and "steps" not in given:
+        given["steps"] = None
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(given) - model_fields - train_fields)
+    if unknown:
+        raise ConfigError(f"unknown config field {unknown[0]!r}")
+    return Preset(
+        dataclasses.replace(chosen.model, **{k: v for k, v in given.items() if k in model_fields}),
+        dataclasses.replace(chosen.train, **{k: v for k, v in given.items() if k in train_fields}),
+        chosen.summary,
+    )
 
 
 def to_dict(config: Any) -> dict[str, Any]:

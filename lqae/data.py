@@ -8,6 +8,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -169,6 +170,36 @@ def random_resized_crop(
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """Evaluation-time load: (3, size, size) in [0, 1]."""
     return to_tensor(resize_center_crop(open_rgb(path), size))
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named by a user, folders expanded recursively (sorted), in input order.
+
+    A named file that is missing or unreadable raises DataError before any work; unreadable files
+    inside a folder are skipped with a warning, as `lqae train` does."""
+    if not inputs:
+        raise DataError("no images given: pass image files or folders")
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(scan_image_folder(item).paths)
+        elif not item.exists():
+            raise DataError(f"image {item} does not exist")
+        elif not is_readable_image(item):
+            raise DataError(f"cannot read image {item}: corrupt or not an image file")
+        else:
+            paths.append(item)
+    return paths
+
+
+def image_batches(
+    paths: Sequence[Path], size: int, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
+    """(paths, images (b, 3, size, size) on `device`) per batch, in order, with the evaluation
+    transform; memory holds one batch of pixels."""
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        yield chunk, torch.stack([load_image(p, size) for p in chunk]).to(device)
 
 
 class TrainDataset(torch.utils.data.Dataset):

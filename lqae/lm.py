@@ -67,7 +67,8 @@ class FrozenLM:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """transformers' warnings and download bars off while loading; its previous verbosity comes back after."""
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
@@ -80,15 +81,26 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
+def load_tokenizer(name: str):
+    """The LM's tokenizer (name resolved as for the LM itself); LMNotFoundError says where to get it."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(resolve_lm_path(name))
+    except (OSError, ValueError) as exc:
+        raise LMNotFoundError(_not_found_message(name, exc)) from exc
+
+
 def load_frozen_lm(name: str, mlm_head: bool = True) -> FrozenLM:
     """Load backbone, MLM head (when asked for and the checkpoint has one) and tokenizer, frozen and
     in eval mode. Inference passes mlm_head=False: the base model alone loads faster."""
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForMaskedLM
 
+    tokenizer = load_tokenizer(name)
     path = resolve_lm_path(name)
     try:
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        with quiet_transformers():
             if not mlm_head:
                 model, head_missing = AutoModel.from_pretrained(path), True
             else:

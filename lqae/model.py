@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -61,7 +62,8 @@ class LQAE(nn.Module):
                 f"the vocabulary filter {config.vocab!r} gives {len(token_ids)} codes with this LM, but the "
                 f"checkpoint was trained with {config.codebook_size}; load it with the tokenizer it was trained with"
             )
-        config.lm_vocab_size, config.lm_width, config.codebook_size = vocab_rows, lm_width, len(token_ids)
+        # a copy: the caller's config is left as given
+        config = dataclasses.replace(config, lm_vocab_size=vocab_rows, lm_width=lm_width, codebook_size=len(token_ids))
         self.config = config
         self.weights_fingerprint: str | None = None  # set by checkpoint.load_model; token datasets record it
         self.tokenizer = lm.tokenizer
@@ -79,24 +81,19 @@ class LQAE(nn.Module):
             log.warning("LM %s has no mask token: masking disabled", config.lm_name)
         mask_embedding = word_embeddings[mask_id].detach().float().clone() if mask_id is not None else None
         self.register_buffer("mask_embedding", mask_embedding, persistent=False)  # (D,) or None
-        shared = dict(
-            image_size=config.image_size, patch_size=config.patch_size, channels=config.channels,
-            mlp_ratio=config.mlp_ratio,
-        )
-        self.encoder = Encoder(
-            width=config.encoder_width, depth=config.encoder_depth, heads=config.encoder_heads,
-            out_width=lm_width, standardize=config.encoder_output == "standardize", **shared,
-        )
-        self.decoder = Decoder(
-            width=config.decoder_width, depth=config.decoder_depth, heads=config.decoder_heads,
-            in_width=lm_width, **shared,
-        )
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
         if not for_loading:
             init_weights(self.encoder)
             init_weights(self.decoder)
         if self.encoder.standardize is not None:
             codes = self.codebook.embeddings
             self.encoder.standardize.set_target(codes.mean(0), codes.std(0))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the trainable weights live (inputs go there)."""
+        return self.encoder.patchify.weight.device
 
     # -- frozen LM -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "LQAE":
@@ -134,7 +131,7 @@ class LQAE(nn.Module):
     ) -> LQAEOutput:
         """images: (B, C, H, W) in [0, 1]. Masks tokens only in training mode, at `mask_scale` times the
         configured ratio (the trainer's mask warm-up)."""
-        z = self.encoder(images)  # (B, N, D)
+        z = self.encoder(images).z  # (B, N, D)
         quant = self.codebook(z, usage=self.training and self.config.usage_weight > 0)
         mask = self._sample_mask(quant.codes.shape, images.device, generator, mask_scale)
         lm_input = quant.quantized
@@ -160,7 +157,7 @@ class LQAE(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) in [0, 1] -> LM token ids (B, N), deterministic."""
-        return self.codebook(self.encoder(images)).token_ids
+        return self.codebook(self.encoder(images).z).token_ids
 
     @torch.no_grad()
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -103,43 +103,27 @@ def read_token_dataset(path: str | Path) -> TokenDataset:
     return dataset
 
 
-@torch.no_grad()
 def encode_folder(
     model,
     folder,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> TokenDataset:
-    """Encode every image of an `ImageFolder` in batches; memory holds one batch of pixels at a time."""
+    """Encode every image of an `ImageFolder` into an in-memory TokenDataset (one batch of pixels at a time)."""
+    from lqae.codec import encode_images
     from lqae.config import to_dict
-    from lqae.data import load_image
 
-    device = next(model.encoder.parameters()).device
-    size, length = model.config.image_size, model.config.num_tokens
-    ids = np.empty((len(folder), length), dtype=np.int64)
-    for start in range(0, len(folder), batch_size):
-        paths = folder.paths[start : start + batch_size]
-        images = torch.stack([load_image(p, size) for p in paths]).to(device)
-        ids[start : start + len(paths)] = model.encode(images).cpu().numpy()
+    rows = []
+    for chunk, ids in encode_images(model, folder.paths, batch_size):
+        rows.append(ids)
         if progress:
-            progress(len(paths))
+            progress(len(chunk))
     grid = model.config.grid_size
     return TokenDataset(
-        ids=torch.from_numpy(ids), labels=torch.tensor(folder.labels, dtype=torch.long), classes=list(folder.classes),
+        ids=torch.cat(rows).long(), labels=torch.tensor(folder.labels, dtype=torch.long), classes=list(folder.classes),
         paths=[str(p) for p in folder.paths], model_config=to_dict(model.config), grid=(grid, grid),
         weights=getattr(model, "weights_fingerprint", None),
     )
-
-
-def load_tokens(source: str | Path, model=None, batch_size: int = 64, progress=None) -> TokenDataset:
-    """A token dataset file as is, or an image folder encoded with `model`."""
-    from lqae.data import scan_image_folder
-
-    if is_token_dataset(source):
-        return read_token_dataset(source)
-    if model is None:
-        raise DataError(f"{source} is an image folder: a model (--model) is needed to encode it")
-    return encode_folder(model, scan_image_folder(source), batch_size, progress)
 
 
 # -- streaming: any number of images in bounded memory ---------------------------------------------

@@ -22,6 +22,13 @@ from lqae.errors import TokenError
 _LINE_BREAKS = re.compile(r"[\r\n\t\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    """The "text" form of (L,) ids: the tokenizer's decoded string, special tokens kept, on one line
+    (line breaks inside tokens become spaces). `lqae encode` prints it and few-shot prompts show it."""
+    decoded = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return _LINE_BREAKS.sub(" ", decoded).strip()
+
+
 class TokenForm(str, Enum):
     text = "text"
     tokens = "tokens"
@@ -77,9 +84,8 @@ class TokenText:
         return self.tokenizer.convert_ids_to_tokens(list(ids))
 
     def text(self, ids: Sequence[int]) -> str:
-        """The tokenizer's decoded string, on one line (line breaks inside tokens become spaces)."""
-        decoded = self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return _LINE_BREAKS.sub(" ", decoded).strip()
+        """The tokenizer's decoded string, on one line (see `decode_text`)."""
+        return decode_text(self.tokenizer, ids)
 
     def render(self, ids: Sequence[int], form: TokenForm | str, path: str | None = None) -> str:
         """One line for one image in `form`; jsonl carries path, ids, tokens, text and grid shape."""

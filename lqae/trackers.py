@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from lqae.errors import ConfigError
-from lqae.train import TrainCallback, TrainInfo
+from lqae.callbacks import TrainCallback, TrainInfo
 
 TRACKERS = ("none", "tensorboard", "wandb")
 

@@ -23,12 +23,14 @@ import torch
 import torch.distributed as dist
 
 from lqae import checkpoint as ckpt
+from lqae.callbacks import TrainCallback, TrainInfo
 from lqae.config import ModelConfig, TrainConfig
-from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, load_image, scan_image_folder
+from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batches, scan_image_folder
 from lqae.errors import CheckpointError, ConfigError
-from lqae.evaluate import evaluate_reconstruction
+from lqae.reconstruction import evaluate_reconstruction
 from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr_tensor, usage_from_counts
+from lqae.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -46,31 +48,6 @@ class TrainingInterrupted(Exception):
 
 
 @dataclass
-class TrainInfo:
-    total_steps: int
-    start_step: int
-    images: int  # training images found
-    skipped: int  # unreadable files left out
-    classes: int
-    codebook_size: int
-    tokens_per_image: int
-    trainable_parameters: int
-    device: str
-    world_size: int
-    peak_lr: float
-
-
-class TrainCallback:
-    """Override what you need; every hook runs on rank 0 only."""
-
-    def on_start(self, info: TrainInfo) -> None: ...
-    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
-    def on_checkpoint(self, step: int, run_dir: Path) -> None: ...
-    def on_samples(self, step: int, path: Path) -> None: ...
-
-
-@dataclass
 class TrainResult:
     step: int
     last_metrics: dict[str, float] = field(default_factory=dict)
@@ -80,12 +57,7 @@ class TrainResult:
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     """Linear warm-up to the peak lr, then half-cosine down to min_lr_fraction x peak."""
     peak = config.peak_lr
-    warmup = max(1, round(config.warmup_fraction * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = peak * config.min_lr_fraction
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, total, config.warmup_fraction, peak, peak * config.min_lr_fraction)
 
 
 def mask_scale_at(step: int, total: int, config: TrainConfig) -> float:
@@ -378,7 +350,8 @@ def _save_samples(model, images: torch.Tensor, path: Path) -> None:
 
 def _sample_batch(folder: ImageFolder, size: int, count: int = 8) -> torch.Tensor:
     step = max(1, len(folder) // count)  # spread over the folder (and so over classes)
-    return torch.stack([load_image(p, size) for p in folder.paths[::step][:count]])
+    _, images = next(image_batches(folder.paths[::step][:count], size, count))
+    return images
 
 
 def _autocast(precision: str, device: str):

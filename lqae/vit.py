@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lqae.config import ModelConfig
 
 
 class Attention(nn.Module):
@@ -46,14 +50,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, return_hidden: bool = False):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(the normalised output, every hidden state: input + position, then one per block)."""
         x = x + self.position
         hidden = [x]
         for block in self.blocks:
             x = block(x)
             hidden.append(x)
-        x = self.norm(x)
-        return (x, hidden) if return_hidden else x
+        return self.norm(x), tuple(hidden)
 
 
 class Standardize(nn.Module):
@@ -97,44 +101,53 @@ class Standardize(nn.Module):
         self.running_var.copy_(squares / count - mean.pow(2))
 
 
+class EncoderOutput(NamedTuple):
+    z: torch.Tensor  # (B, N, D) the continuous tokens the quantizer reads, D = the LM's width
+    projected: torch.Tensor  # (B, N, D) before the output standardisation (equals z without one)
+    hidden_states: tuple[torch.Tensor, ...]  # patch embedding + position, then one per block, each (B, N, W)
+
+
 class Encoder(nn.Module):
-    """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, N, out_width), N = (H / patch)^2."""
+    """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, N, D), N = (H / patch)^2, D = config.lm_width."""
 
-    def __init__(self, image_size, patch_size, channels, width, depth, heads, mlp_ratio, out_width, standardize=False):
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        num_tokens = (image_size // patch_size) ** 2
-        self.patchify = nn.Conv2d(channels, width, kernel_size=patch_size, stride=patch_size)
-        self.transformer = Transformer(num_tokens, width, depth, heads, mlp_ratio)
-        self.to_lm = nn.Linear(width, out_width)
-        self.standardize = Standardize(out_width) if standardize else None
+        if config.lm_width is None:
+            raise ValueError("config.lm_width is unset: the LQAE fills it in from its LM before building the encoder")
+        width, patch = config.encoder_width, config.patch_size
+        self.patchify = nn.Conv2d(config.channels, width, kernel_size=patch, stride=patch)
+        self.transformer = Transformer(
+            config.num_tokens, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
+        )
+        self.to_lm = nn.Linear(width, config.lm_width)
+        self.standardize = Standardize(config.lm_width) if config.encoder_output == "standardize" else None
 
-    def forward(self, images: torch.Tensor, return_hidden: bool = False):
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
-        x, hidden = self.transformer(x, return_hidden=True)
-        out = self.to_lm(x)  # (B, N, out_width)
-        if self.standardize is not None:
-            out = self.standardize(out)
-        return (out, hidden) if return_hidden else out
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The output before standardisation (what `Standardize.calibrate` needs)."""
-        x = self.patchify(images).flatten(2).transpose(1, 2)
-        return self.to_lm(self.transformer(x))
+        x, hidden = self.transformer(x)
+        projected = self.to_lm(x)  # (B, N, D)
+        z = self.standardize(projected) if self.standardize is not None else projected
+        return EncoderOutput(z, projected, hidden)
 
 
 class Decoder(nn.Module):
-    """LM hidden states (B, N, in_width) -> images (B, C, H, W), unclamped."""
+    """LM hidden states (B, N, D) -> images (B, C, H, W), unclamped."""
 
-    def __init__(self, image_size, patch_size, channels, width, depth, heads, mlp_ratio, in_width):
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.patch_size, self.channels = patch_size, channels
-        self.grid = image_size // patch_size
-        self.from_lm = nn.Linear(in_width, width)
-        self.transformer = Transformer(self.grid**2, width, depth, heads, mlp_ratio)
-        self.to_pixels = nn.Linear(width, patch_size * patch_size * channels)
+        if config.lm_width is None:
+            raise ValueError("config.lm_width is unset: the LQAE fills it in from its LM before building the decoder")
+        self.patch_size, self.channels, self.grid = config.patch_size, config.channels, config.grid_size
+        width = config.decoder_width
+        self.from_lm = nn.Linear(config.lm_width, width)
+        self.transformer = Transformer(
+            config.num_tokens, width, config.decoder_depth, config.decoder_heads, config.mlp_ratio
+        )
+        self.to_pixels = nn.Linear(width, config.patch_size**2 * config.channels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.to_pixels(self.transformer(self.from_lm(hidden)))  # (B, N, p*p*C)
+        x, _ = self.transformer(self.from_lm(hidden))  # (B, N, W)
+        x = self.to_pixels(x)  # (B, N, p*p*C)
         batch, p, g, c = x.shape[0], self.patch_size, self.grid, self.channels
         x = x.view(batch, g, g, p, p, c)  # (B, gh, gw, ph, pw, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, g * p, g * p)  # (B, C, H, W)

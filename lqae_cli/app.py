@@ -6,6 +6,7 @@ import typer
 
 from lqae_cli import decode as decode_cmd
 from lqae_cli import encode as encode_cmd
+from lqae_cli import eval as eval_cmd
 from lqae_cli import fewshot as fewshot_cmd
 from lqae_cli import probe as probe_cmd
 from lqae_cli import share as share_cmd
@@ -28,6 +29,7 @@ def _root() -> None:
 app.command("train", no_args_is_help=True)(train_cmd.train)
 app.command("encode")(encode_cmd.encode)
 app.command("decode")(decode_cmd.decode)
+app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
 app.command("probe")(probe_cmd.probe)
 app.command("fewshot")(fewshot_cmd.fewshot)
 app.command("card", no_args_is_help=True)(share_cmd.card)

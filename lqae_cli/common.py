@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: error handling, logging to stderr, device choice."""
+"""CLI plumbing every command uses: library errors as one stderr line, logging to stderr, safe PATH<TAB> lines."""
 
 from __future__ import annotations
 
@@ -78,21 +78,6 @@ def setup_logging() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def resolve_device(name: str) -> str:
-    """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
-    import torch
-
-    from lqae.errors import ConfigError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return name
-
-
 def check_line_paths(paths, instead: str) -> None:
     """PATH<TAB>VALUE lines cannot carry a file name holding a tab or a line break: refuse before
     anything is printed, naming the file and the safe alternative."""
@@ -105,10 +90,3 @@ def check_line_paths(paths, instead: str) -> None:
                 f"file name {text!r} holds a tab or line break, which PATH<TAB>... output lines cannot carry; "
                 f"{instead}"
             )
-
-
-MODEL_OPTION_HELP = "Checkpoint folder written by `lqae train` (default: $LQAE_MODEL)."
-ALLOW_FOREIGN_HELP = (
-    "Use token datasets written by other weights than the model's (or than each other's); "
-    "ids of two checkpoints are unrelated, so only for people who know why they match."
-)

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import ALLOW_FOREIGN_HELP, MODEL_OPTION_HELP, handle_errors
+from lqae_cli.common import handle_errors
+from lqae_cli.options import AllowForeignOption, DeviceOption, ModelOption, QuietOption
 
 
 @handle_errors
@@ -16,7 +17,7 @@ def decode(
     tokens: Optional[List[str]] = typer.Argument(
         None, help="Token text of one image (quote it); `-` or nothing reads stdin, one image per line.",
     ),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="LQAE_MODEL", help=MODEL_OPTION_HELP),
+    model: ModelOption = None,
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="PNG to write; a folder (made if missing) when several images are decoded.",
     ),
@@ -32,10 +33,10 @@ def decode(
     index: Optional[List[int]] = typer.Option(
         None, "--index", "-i", help="With --from: entry to decode (repeat for several; default: all entries).",
     ),
-    allow_foreign: bool = typer.Option(False, "--allow-foreign-tokens", help=ALLOW_FOREIGN_HELP),
+    allow_foreign: AllowForeignOption = False,
     batch_size: int = typer.Option(64, min=1, help="Images per decoder pass."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
 ) -> None:
     """Turn token text back into an image at the model's resolution.
 
@@ -76,38 +77,38 @@ def _read_input(tokens: Optional[List[str]]) -> str:
 def _decode_text(raw: str, form: str, model, out: Path, batch_size: int, device: str, quiet: bool) -> None:
     import torch
 
-    from lqae.codec import decode_to_pngs, image_name, output_paths
+    from lqae.codec import image_name, output_paths
     from lqae.tokentext import TokenText
-    from lqae_cli.inference import count_progress, load_run, show_progress
+    from lqae_cli.options import load_run
 
     net = load_run(model, device)
     lines = TokenText.for_model(net).parse_lines(raw, form)
-    names = [image_name(i, line.path) for i, line in enumerate(lines)]
-    paths = output_paths(out, names)
-    rows = torch.tensor([line.ids for line in lines], dtype=torch.long)  # (N, L)
-    with count_progress("decode", len(paths), show_progress(quiet, len(paths))) as advance:
-        decode_to_pngs(net, rows, paths, batch_size, advance)
-    _summary(paths, net, out, quiet)
+    paths = output_paths(out, [image_name(i, line.path) for i, line in enumerate(lines)])
+    _write(net, torch.tensor([line.ids for line in lines], dtype=torch.long), paths, out, batch_size, quiet)  # (N, L)
 
 
 def _decode_dataset(
     source: Path, index, model, out: Path, batch_size: int, device: str, quiet: bool, allow_foreign: bool
 ) -> None:
-    from lqae.codec import decode_to_pngs, image_name, output_paths
+    from lqae.codec import image_name, output_paths
     from lqae.tokendata import check_compatible, read_token_dataset, select_rows
-    from lqae_cli.inference import count_progress, load_run, show_progress
+    from lqae_cli.options import load_run
 
     dataset = read_token_dataset(source)
     positions = select_rows(dataset, index)
     net = load_run(model, device)
     check_compatible(dataset, net, source, allow_foreign)
     paths = output_paths(out, [image_name(i, dataset.paths[i]) for i in positions])
-    with count_progress("decode", len(paths), show_progress(quiet, len(paths))) as advance:
-        decode_to_pngs(net, dataset.ids[positions], paths, batch_size, advance)
-    _summary(paths, net, out, quiet)
+    _write(net, dataset.ids[positions], paths, out, batch_size, quiet)
 
 
-def _summary(paths: list[Path], net, out: Path, quiet: bool) -> None:
+def _write(net, ids, paths: list[Path], out: Path, batch_size: int, quiet: bool) -> None:
+    """Decode (N, L) ids to their PNGs with a progress bar, then one summary line on stderr."""
+    from lqae.codec import decode_to_pngs
+    from lqae_cli.progress import Bars, wanted
+
+    with Bars(wanted(quiet, len(paths))) as bars:
+        decode_to_pngs(net, ids, paths, batch_size, bars.counter("decode", len(paths)))
     if quiet:
         return
     side = net.config.image_size

@@ -1,32 +1,26 @@
-"""`lqae encode`: images -> token text of the frozen LM; a folder -> a token dataset; --eval: quality."""
+"""`lqae encode`: images -> token text of the frozen LM on stdout, or a folder -> a token dataset file."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import MODEL_OPTION_HELP, check_line_paths, handle_errors
-
-
-class Format(str, Enum):
-    text = "text"
-    tokens = "tokens"
-    ids = "ids"
-    jsonl = "jsonl"
+from lqae.tokentext import TokenForm
+from lqae_cli.common import check_line_paths, handle_errors
+from lqae_cli.options import BatchSizeOption, DeviceOption, ModelOption, QuietOption
 
 
 @handle_errors
 def encode(
     inputs: Optional[List[Path]] = typer.Argument(None, help="Image files and/or folders (searched recursively)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="LQAE_MODEL", help=MODEL_OPTION_HELP),
-    token_format: Format = typer.Option(
-        Format.text, "--format", "-f",
+    model: ModelOption = None,
+    token_format: TokenForm = typer.Option(
+        TokenForm.text, "--format", "-f",
         help="text: the tokenizer's decoded string (as in the paper); tokens: raw tokens joined by spaces "
         "(round-trips exactly through `lqae decode`); ids; jsonl: path, ids, tokens, text and grid per image.",
     ),
@@ -37,17 +31,14 @@ def encode(
         "model config) that `lqae probe` and `lqae fewshot` read instead of images.",
     ),
     eval_dir: Optional[Path] = typer.Option(
-        None, "--eval",
-        help="Report reconstruction quality on this folder (PSNR, SSIM, code usage) instead of encoding.",
+        None, "--eval", hidden=True, help="Deprecated: use `lqae eval DIR` (reconstruction quality).",
     ),
-    grid_png: Path = typer.Option(
-        Path("reconstructions.png"), "--grid-png", help="With --eval: PNG of originals over their reconstructions.",
-    ),
-    max_images: Optional[int] = typer.Option(None, min=1, help="With --eval: evaluate at most this many images."),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    grid_png: Optional[Path] = typer.Option(None, "--grid-png", hidden=True, help="With the deprecated --eval."),
+    max_images: Optional[int] = typer.Option(None, min=1, hidden=True, help="With the deprecated --eval."),
+    batch_size: BatchSizeOption = 64,
+    device: DeviceOption = "auto",
     timings: bool = typer.Option(False, "--timings", help="Print where the time went, as JSON, to stderr."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+    quiet: QuietOption = False,
 ) -> None:
     """Encode images into tokens of the model's frozen language model.
 
@@ -58,7 +49,7 @@ def encode(
 
     Example: lqae encode digit.png --model runs/digits --format tokens | lqae decode -m runs/digits --out back.png
     Folder to a token dataset: lqae encode data/digits/train -m runs/digits --out train.safetensors
-    Reconstruction quality: lqae encode --eval data/digits/val -m runs/digits --grid-png recon.png
+    (Reconstruction quality has its own command: lqae eval DIR.)
     """
     from lqae.errors import ConfigError
 
@@ -67,9 +58,11 @@ def encode(
     if eval_dir is not None:
         if inputs or out is not None:
             raise ConfigError("--eval takes the folder itself; do not also pass images or --out")
-        _evaluate(eval_dir, model, token_format, grid_png, max_images, batch_size, device, timings, quiet, started)
+        _deprecated_eval(eval_dir, model, token_format, grid_png, max_images, batch_size, device, timings, quiet, started)
         return
-    if grid and token_format is Format.jsonl:
+    if grid_png is not None or max_images is not None:
+        raise ConfigError("--grid-png and --max-images belong to reconstruction quality: use `lqae eval DIR`")
+    if grid and token_format is TokenForm.jsonl:
         raise ConfigError("--grid shows tokens or ids for a person; it cannot be combined with --format jsonl")
     if out is not None:
         if grid:
@@ -86,21 +79,24 @@ def encode(
 
 
 def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings, quiet, started) -> None:
-    from lqae.codec import EncodeTimings, collect_images, encode_images
+    from lqae.codec import EncodeTimings, encode_images
+    from lqae.data import collect_images
     from lqae.tokentext import TokenText
-    from lqae_cli.inference import count_progress, load_run, show_progress
+    from lqae_cli.options import load_run
+    from lqae_cli.progress import Bars, wanted
 
     paths = collect_images(inputs)
     # several images: PATH<TAB>TEXT lines; jsonl carries the path inside each JSON object instead
-    with_paths = (len(inputs) > 1 or any(p.is_dir() for p in inputs)) and token_format is not Format.jsonl
+    with_paths = (len(inputs) > 1 or any(p.is_dir() for p in inputs)) and token_format is not TokenForm.jsonl
     if with_paths and not grid:
         check_line_paths(paths, "use --format jsonl, which quotes the path inside each JSON object, or rename the file")
     net = load_run(model, device, encode_only=True)
     loaded = time.perf_counter()
     token_text = TokenText.for_model(net)
     spent = EncodeTimings()
-    bar = show_progress(quiet, len(paths)) and not sys.stdout.isatty()  # a person reading stdout sees it move
-    with count_progress("encode", len(paths), bar) as advance:
+    bar = wanted(quiet, len(paths)) and not sys.stdout.isatty()  # a person reading stdout sees it move
+    with Bars(bar) as bars:
+        advance = bars.counter("encode", len(paths))
         for chunk, ids in encode_images(net, paths, batch_size, spent):
             if grid:
                 for path, row in zip(chunk, ids.tolist()):
@@ -117,12 +113,12 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings
         _print_timings(spent, started, loaded)
 
 
-def _print_grid(token_text, ids: list[int], title: str | None, token_format: Format) -> None:
+def _print_grid(token_text, ids: list[int], title: str | None, token_format: TokenForm) -> None:
     from rich.console import Console
     from rich.table import Table
 
     rows, columns = token_text.grid
-    cells = [str(i) for i in ids] if token_format is Format.ids else token_text.tokens(ids)
+    cells = [str(i) for i in ids] if token_format is TokenForm.ids else token_text.tokens(ids)
     table = Table(title=title, show_header=False, show_lines=True)
     for _ in range(columns):
         table.add_column(justify="center")
@@ -135,14 +131,15 @@ def _write_dataset(folder_dir, out, model, batch_size, device, timings, quiet, s
     from lqae.codec import EncodeTimings
     from lqae.data import scan_image_folder
     from lqae.tokendata import encode_folder_to_file
-    from lqae_cli.inference import count_progress, load_run, show_progress
+    from lqae_cli.options import load_run
+    from lqae_cli.progress import Bars, wanted
 
     folder = scan_image_folder(folder_dir)
     net = load_run(model, device, encode_only=True)
     loaded = time.perf_counter()
     spent = EncodeTimings()
-    with count_progress("encode", len(folder), show_progress(quiet, len(folder))) as advance:
-        summary = encode_folder_to_file(net, folder, out, batch_size, advance, spent)
+    with Bars(wanted(quiet, len(folder))) as bars:
+        summary = encode_folder_to_file(net, folder, out, batch_size, bars.counter("encode", len(folder)), spent)
     if not quiet:
         side = net.config.image_size
         labels = f"{len(summary.classes)} classes" if summary.classes else "no classes (flat folder)"
@@ -157,33 +154,12 @@ def _write_dataset(folder_dir, out, model, batch_size, device, timings, quiet, s
         _print_timings(spent, started, loaded)
 
 
-def _evaluate(eval_dir, model, token_format, grid_png, max_images, batch_size, device, timings, quiet, started) -> None:
-    from lqae.data import scan_image_folder
-    from lqae.evaluate import evaluate_folder
-    from lqae_cli.inference import count_progress, load_run, show_progress
+def _deprecated_eval(eval_dir, model, token_format, grid_png, max_images, batch_size, device, timings, quiet, started) -> None:
+    from lqae_cli.eval import report_quality
 
-    folder = scan_image_folder(eval_dir)
-    total = min(len(folder), max_images) if max_images else len(folder)
-    net = load_run(model, device)
-    with count_progress("evaluate", total, show_progress(quiet, total)) as advance:
-        report = evaluate_folder(net, folder, grid_png, batch_size, max_images, advance)
-    values = report.as_dict()
-    if token_format is Format.jsonl:
-        sys.stdout.write(json.dumps({"folder": str(eval_dir), "grid_png": str(grid_png), **values}) + "\n")
-    else:
-        rows = [
-            ("images", f"{report.images}"),
-            ("PSNR", f"{report.psnr:.2f} dB"),
-            ("SSIM", f"{report.ssim:.4f}"),
-            ("unique codes", f"{report.unique_codes} of {report.codebook_size}"),
-            ("code perplexity", f"{report.code_perplexity:.1f}"),
-            ("LM tokens per image", f"{report.tokens_per_image}"),
-            ("text re-tokenised", f"{report.text_tokens_per_image:.1f} tokens per image"),
-        ]
-        width = max(len(name) for name, _ in rows)
-        sys.stdout.write("".join(f"{name:<{width}}  {value}\n" for name, value in rows))
-    if not quiet:
-        sys.stderr.write(f"wrote originals (odd rows) over reconstructions (even rows) to {grid_png}\n")
+    sys.stderr.write(f"warning: `lqae encode --eval` is deprecated; use `lqae eval {eval_dir}`\n")
+    as_json = token_format is TokenForm.jsonl
+    report_quality(eval_dir, model, grid_png, max_images, batch_size, device, as_json, quiet)
     if timings:
         sys.stderr.write("timings: " + json.dumps({"total_s": round(time.perf_counter() - started, 4)}) + "\n")
 

@@ -5,37 +5,22 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from lqae_cli.common import ALLOW_FOREIGN_HELP, MODEL_OPTION_HELP, check_line_paths, handle_errors
+from lqae.fewshot.backends import DEFAULT_LLM
+from lqae.fewshot.settings import (
+    DEFAULT_EPISODES, DEFAULT_WAYS, EVALUATION_SHOTS, IMAGE_TEXTS, LABEL_MODES, LABELLING_SHOTS, ORDERS, SCORING,
+)
+from lqae_cli.common import check_line_paths, handle_errors
+from lqae_cli.options import AllowForeignOption, DeviceOption, JsonOption, ModelOption, choice_enum
 
-DEFAULT_LLM = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"  # = lqae.fewshot.backends.DEFAULT_LLM (kept light for --help)
-
-
-class Scoring(str, Enum):
-    loglik = "loglik"
-    generate = "generate"
-    constrained = "constrained"
-
-
-class Order(str, Enum):
-    random = "random"
-    similar_last = "similar-last"
-
-
-class ImageText(str, Enum):
-    sequence = "sequence"
-    frequent = "frequent"
-
-
-class LabelMode(str, Enum):
-    real = "real"
-    open = "open"
-    letters = "letters"
+Scoring = choice_enum("Scoring", SCORING)
+Order = choice_enum("Order", ORDERS)
+ImageText = choice_enum("ImageText", IMAGE_TEXTS)
+LabelMode = choice_enum("LabelMode", LABEL_MODES)
 
 
 @handle_errors
@@ -49,7 +34,7 @@ def fewshot(
     query: Optional[Path] = typer.Option(
         None, "--query", "-q", help="Evaluate on episodes drawn from this folder (class sub-folders) or token dataset."
     ),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="LQAE_MODEL", help=MODEL_OPTION_HELP),
+    model: ModelOption = None,
     llm: str = typer.Option(DEFAULT_LLM, help="hf:NAME_OR_PATH (folder or .gguf), openai:MODEL, or overlap (no LLM)."),
     api_base: Optional[str] = typer.Option(
         None, help="OpenAI-compatible base URL ending in /v1 (default: $OPENAI_BASE_URL or api.openai.com)."
@@ -71,11 +56,13 @@ def fewshot(
         ImageText.sequence, help="Token text per image: sequence (patch order) or frequent (distinct tokens, most "
         "frequent first; shorter).",
     ),
-    ways: Optional[int] = typer.Option(None, help="Classes per episode (evaluation; default 2)."),
+    ways: Optional[int] = typer.Option(None, help=f"Classes per episode (evaluation; default {DEFAULT_WAYS})."),
     shots: Optional[int] = typer.Option(
-        None, help="Support images per class (evaluation default 1; labelling default: up to 5)."
+        None,
+        help=f"Support images per class (evaluation default {EVALUATION_SHOTS}; labelling default: up to "
+        f"{LABELLING_SHOTS}).",
     ),
-    episodes: Optional[int] = typer.Option(None, help="Episodes to evaluate (default 200)."),
+    episodes: Optional[int] = typer.Option(None, help=f"Episodes to evaluate (default {DEFAULT_EPISODES})."),
     seed: int = typer.Option(0, help="Seed for episodes, support choice and open labels."),
     repeats: int = typer.Option(0, min=0, help="Extra copies of the support block (Frozen protocol: 0, 1, 3, 5)."),
     induction: bool = typer.Option(True, "--induction/--no-induction", help="Instruction line naming the labels."),
@@ -92,15 +79,15 @@ def fewshot(
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation length (default: longest label + 4)."),
     bpe_file: Optional[Path] = typer.Option(None, help="tiktoken .tiktoken file for counting API-model tokens offline."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON lines per query/episode; a rerun resumes."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (for the LQAE and local LLMs)."),
+    as_json: JsonOption = False,
+    device: DeviceOption = "auto",
     timeout: float = typer.Option(60.0, help="Seconds per HTTP request (openai backend)."),
     retries: int = typer.Option(4, min=0, help="Retries with back-off on 429/5xx/unreachable (openai backend)."),
     prefix_cache: bool = typer.Option(
         True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's key/values (local models)."
     ),
-    allow_foreign: bool = typer.Option(False, "--allow-foreign-tokens", help=ALLOW_FOREIGN_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+    allow_foreign: AllowForeignOption = False,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress display."),  # no -q: that is --query
 ) -> None:
     """Label images with an LLM shown labelled support images as token text, or evaluate it on episodes.
 
@@ -108,25 +95,16 @@ def fewshot(
     Evaluate: lqae fewshot --support train/ --query val/ --model runs/digits --ways 5 --shots 1 --episodes 200 --seed 0
     One query prints just its label; several print `path<TAB>label` lines. Templates: see prompts/README.md.
     """
-    from lqae.errors import ConfigError
+    from lqae.fewshot.evaluation import EvalSummary
+    from lqae.fewshot.run import FewshotCallbacks, FewshotJob, run_fewshot
+    from lqae.fewshot.settings import FewshotSettings
+    from lqae_cli.options import resolve_device
+    from lqae_cli.progress import Bars, wanted
 
-    evaluating = query is not None
-    if not evaluating:
-        given = [name for name, value in (("--ways", ways), ("--episodes", episodes)) if value is not None]
-        if given:
-            raise ConfigError(f"{' and '.join(given)} apply to evaluation with --query DIR; labelling uses every class")
-        if not queries:
-            raise ConfigError("nothing to do: give query images to label, or --query DIR to evaluate on episodes")
-
-    from lqae.fewshot.evaluate import EvalSummary, FewshotSettings
-    from lqae.fewshot.run import FewshotJob, Progress, run_fewshot
-    from lqae_cli.common import resolve_device
-
-    settings = FewshotSettings(
-        ways=ways if ways is not None else 2, shots=shots if shots is not None else (1 if evaluating else 5),
-        episodes=episodes if episodes is not None else 200, seed=seed, repeats=repeats, induction=induction,
-        scoring=scoring.value, labels=labels.value, length_norm=length_norm, context_tokens=context_tokens,
-        calibrate=calibrate, order=order.value, image_text=image_text.value,
+    settings = FewshotSettings.with_defaults(
+        query is not None, ways=ways, shots=shots, episodes=episodes, seed=seed, repeats=repeats,
+        induction=induction, scoring=scoring.value, labels=labels.value, length_norm=length_norm,
+        context_tokens=context_tokens, calibrate=calibrate, order=order.value, image_text=image_text.value,
         min_image_tokens=min_image_tokens, max_new_tokens=max_new_tokens,
     )
     job = FewshotJob(
@@ -134,16 +112,27 @@ def fewshot(
         template=template, settings=settings, bpe_file=bpe_file, device=resolve_device(device), out=out,
         timeout=timeout, retries=retries, reuse_prefix=prefix_cache, allow_foreign_tokens=allow_foreign,
     )
-    display = _Display(enabled=not quiet and sys.stderr.isatty())
-    with display:
-        result = run_fewshot(job, Progress(
-            on_stage=display.stage, on_result=display.result,
+    with Bars(wanted(quiet)) as bars:
+        result = run_fewshot(job, FewshotCallbacks(
+            on_stage=bars.note, on_result=_accuracy_bar(bars),
             on_queries=lambda paths: _check_printable(paths, as_json, len(job.images) == 1),
         ))
     if isinstance(result, EvalSummary):
         _render_evaluation(result, as_json, out)
     else:
         _render_predictions(result, as_json, len(job.images) == 1)
+
+
+def _accuracy_bar(bars):
+    """The episode callback: a bar with the running accuracy."""
+    correct = 0
+
+    def on_result(record: dict, done: int, total: int) -> None:
+        nonlocal correct
+        correct += 1 if record["correct"] else 0
+        bars.update("episodes", done, total, status=f"acc {correct / done:.3f}")
+
+    return on_result
 
 
 def _render_predictions(run, as_json: bool, single_argument: bool) -> None:
@@ -170,13 +159,11 @@ def _check_printable(paths: list[str], as_json: bool, single_argument: bool) -> 
 def _render_evaluation(summary, as_json: bool, out: Optional[Path]) -> None:
     dropped = summary.dropped
     if dropped.get("episodes"):
-        parts = []
-        if dropped["repeats"]:
-            parts.append(f"{dropped['repeats']} repeat block(s) dropped")
-        if dropped["shortened_episodes"]:
-            parts.append(f"image token text shortened in {dropped['shortened_episodes']} episode(s)")
-        if dropped["shots"]:
-            parts.append(f"{dropped['shots']} support image(s) dropped")
+        parts = _counted(
+            (dropped["repeats"], "{} repeat block(s) dropped"),
+            (dropped["shortened_episodes"], "image token text shortened in {} episode(s)"),
+            (dropped["shots"], "{} support image(s) dropped"),
+        )
         sys.stderr.write(
             f"note: to fit the context window, {dropped['episodes']} of {summary.episodes} episodes were cut: "
             + "; ".join(parts) + "\n"
@@ -216,51 +203,15 @@ def _diagnostics_note(diagnostics: dict) -> None:
 
 
 def _budget_note(dropped: dict, kept: str) -> None:
-    parts = []
-    if dropped["repeats"]:
-        parts.append(f"{dropped['repeats']} repeat block(s)")
-    if dropped["image_tokens"]:
-        parts.append(f"{dropped['image_tokens']} token(s) from every image's text")
-    if dropped["shots"]:
-        parts.append(f"{dropped['shots']} support image(s)")
+    parts = _counted(
+        (dropped["repeats"], "{} repeat block(s)"),
+        (dropped["image_tokens"], "{} token(s) from every image's text"),
+        (dropped["shots"], "{} support image(s)"),
+    )
     if parts:
         sys.stderr.write(f"note: to fit the context window, dropped {', '.join(parts)} ({kept})\n")
 
 
-class _Display:
-    """Stage lines and an episode bar on stderr, only for a person at a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.progress = None
-        self.task = None
-        self.correct = 0
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"), console=Console(stderr=True), transient=True,
-            )
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            return self.progress.__exit__(*exc)
-        return False
-
-    def stage(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(f"[dim]{message}[/dim]")
-
-    def result(self, record: dict, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if self.task is None:
-            self.task = self.progress.add_task("episodes", total=total, status="")
-        self.correct += 1 if record["correct"] else 0
-        self.progress.update(self.task, completed=done, status=f"acc {self.correct / done:.3f}")
+def _counted(*items: tuple[int, str]) -> list[str]:
+    """Each template filled with its count, leaving out the zero counts."""
+    return [template.format(count) for count, template in items if count]

@@ -3,55 +3,61 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from lqae_cli.common import ALLOW_FOREIGN_HELP, MODEL_OPTION_HELP, check_line_paths, handle_errors, resolve_device
+from lqae.probe.config import BASELINES
+from lqae_cli.common import check_line_paths, handle_errors
+from lqae_cli.options import (
+    AllowForeignOption, BatchSizeOption, DeviceOption, JsonOption, ModelOption, QuietOption, choice_enum, load_run,
+)
+from lqae_cli.progress import Bars, wanted
+
+Baseline = choice_enum("Baseline", ("all", *BASELINES, "none"))
 
 
-class Baseline(str, Enum):
-    all = "all"
-    pixels = "pixels"
-    random_encoder = "random-encoder"
-    none = "none"
-
-
-BASELINE_NAMES = {
-    Baseline.all: ("pixels", "random-encoder"),
-    Baseline.pixels: ("pixels",),
-    Baseline.random_encoder: ("random-encoder",),
-    Baseline.none: (),
-}
+def _baseline_names(choice: Baseline) -> tuple[str, ...]:
+    """The library's baseline names for a --baseline choice (all / none / one of BASELINES)."""
+    return {"all": BASELINES, "none": ()}.get(choice.value, (choice.value,))
 
 
 @handle_errors
 def probe(
-    inputs: Optional[List[Path]] = typer.Argument(
-        None, help="TRAIN: image folder (one sub-folder per class) or token dataset from `lqae encode --out`; "
+    inputs: Annotated[Optional[List[Path]], typer.Argument(
+        help="TRAIN: image folder (one sub-folder per class) or token dataset from `lqae encode --out`; "
         "with --apply: images or folders to classify.", show_default=False, metavar="TRAIN | IMAGES",
-    ),
-    val: Optional[Path] = typer.Option(None, "--val", help="Held-out split, same classes as TRAIN (folder or token dataset)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="LQAE_MODEL", help=MODEL_OPTION_HELP),
-    layers: str = typer.Option(
-        "lm", help="lm (every LM hidden state), encoder, all, or a list like lm:0,lm:-1,enc:2 (negative = from the end).",
-    ),
-    epochs: int = typer.Option(100, min=1, help="Head training epochs over the cached features."),
-    baseline: Baseline = typer.Option(Baseline.all, help="Baselines trained with the same head: pixels, random-encoder, all or none."),
-    lr: float = typer.Option(3e-3, help="AdamW peak learning rate of the head (warm-up, then cosine)."),
-    weight_decay: float = typer.Option(1e-4, help="Weight decay of the head's linear weight."),
-    head_batch_size: int = typer.Option(256, min=1, help="Head minibatch size."),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass during feature extraction."),
-    seed: int = typer.Option(0, help="Seed for the head and the random encoder."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write the trained head to this folder (probe.safetensors + probe.json)."),
-    apply: Optional[Path] = typer.Option(None, "--apply", help="Classify the given images with a probe folder written by --save."),
-    lm: Optional[str] = typer.Option(None, help="Load the frozen LM from here instead of the checkpoint's LM name."),
-    allow_foreign: bool = typer.Option(False, "--allow-foreign-tokens", help=ALLOW_FOREIGN_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure and nothing else on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    )] = None,
+    val: Annotated[Optional[Path], typer.Option(
+        "--val", help="Held-out split, same classes as TRAIN (folder or token dataset).",
+    )] = None,
+    model: ModelOption = None,
+    layers: Annotated[str, typer.Option(
+        help="lm (every LM hidden state), encoder, all, or a list like lm:0,lm:-1,enc:2 (negative = from the end).",
+    )] = "lm",
+    epochs: Annotated[int, typer.Option(min=1, help="Head training epochs over the cached features.")] = 100,
+    baseline: Annotated[Baseline, typer.Option(
+        help="Baselines trained with the same head: pixels, random-encoder, all or none.",
+    )] = Baseline.all,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate of the head (warm-up, then cosine).")] = 3e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay of the head's linear weight.")] = 1e-4,
+    head_batch_size: Annotated[int, typer.Option(min=1, help="Head minibatch size.")] = 256,
+    batch_size: BatchSizeOption = 64,
+    seed: Annotated[int, typer.Option(help="Seed for the head and the random encoder.")] = 0,
+    save: Annotated[Optional[Path], typer.Option(
+        "--save", help="Write the trained head to this folder (probe.safetensors + probe.json).",
+    )] = None,
+    apply: Annotated[Optional[Path], typer.Option(
+        "--apply", help="Classify the given images with a probe folder written by --save.",
+    )] = None,
+    lm: Annotated[Optional[str], typer.Option(
+        help="Load the frozen LM from here instead of the checkpoint's LM name.",
+    )] = None,
+    allow_foreign: AllowForeignOption = False,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Linear probe: train LayerNorm + Linear on frozen LM features of TRAIN, report top-1 on --val.
 
@@ -75,13 +81,13 @@ def probe(
     from lqae.probe import ProbeConfig, run_probe, save_probe
 
     config = ProbeConfig(
-        layers=layers, baselines=BASELINE_NAMES[baseline], epochs=epochs, batch_size=head_batch_size, lr=lr,
+        layers=layers, baselines=_baseline_names(baseline), epochs=epochs, batch_size=head_batch_size, lr=lr,
         weight_decay=weight_decay, feature_batch_size=batch_size, seed=seed,
     )
-    loaded = _load_model(model, device, lm)
-    with _progress(not quiet) as progress:
+    loaded = load_run(model, device, lm=lm)
+    with Bars(wanted(quiet)) as bars:
         report, head = run_probe(
-            loaded, inputs[0], val, config, progress=progress, model_dir=model, allow_foreign_tokens=allow_foreign,
+            loaded, inputs[0], val, config, progress=bars, model_dir=model, allow_foreign_tokens=allow_foreign,
         )
     if save is not None:
         save_probe(save, head, report, loaded)
@@ -89,12 +95,6 @@ def probe(
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:
         _render(report, save)
-
-
-def _load_model(model: Path, device: str, lm: Optional[str]):
-    from lqae.checkpoint import load_model
-
-    return load_model(model, resolve_device(device), lm_name=lm)
 
 
 def _apply(folder, images, model, lm, device, batch_size, as_json, quiet) -> None:
@@ -105,9 +105,9 @@ def _apply(folder, images, model, lm, device, batch_size, as_json, quiet) -> Non
     model = model or (Path(loaded_probe.model) if loaded_probe.model else None)
     if model is None:
         raise ConfigError("--model is required with --apply (the checkpoint the probe was trained on)")
-    loaded = _load_model(model, device, lm)
-    with _progress(not quiet) as progress:
-        predictions = apply_probe(loaded, loaded_probe, images, batch_size, progress)
+    loaded = load_run(model, device, lm=lm)
+    with Bars(wanted(quiet)) as bars:
+        predictions = apply_probe(loaded, loaded_probe, images, batch_size, bars)
     if as_json:
         typer.echo(json.dumps([{"path": p.path, "class": p.label, "score": p.score} for p in predictions], indent=2))
     elif len(predictions) == 1:
@@ -116,33 +116,6 @@ def _apply(folder, images, model, lm, device, batch_size, as_json, quiet) -> Non
         check_line_paths([p.path for p in predictions], "use --json, which quotes every path, or rename the file")
         for p in predictions:
             typer.echo(f"{p.path}\t{p.label}")
-
-
-class _progress:
-    """Progress bars on stderr, one per stage; `progress(stage, advanced, total)` is the library callback."""
-
-    def __init__(self, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        console = Console(stderr=True)
-        self.bars = Progress(
-            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, disable=not (enabled and console.is_terminal), transient=True,
-        )
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        self.bars.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bars.__exit__(*exc)
-
-    def __call__(self, stage: str, advanced: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bars.add_task(stage, total=total)
-        self.bars.advance(self.tasks[stage], advanced)
 
 
 def _percent(value: float | None) -> str:

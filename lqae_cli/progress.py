@@ -1,67 +1,70 @@
-"""Rich progress display for training, on stderr."""
+"""Progress bars on stderr, with one rule for when to draw them: for a person at a terminal."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from lqae.train import TrainCallback, TrainInfo
-
-stderr = Console(stderr=True)
+import sys
+from typing import Callable
 
 
-class TrainProgress(TrainCallback):
-    def __init__(self, enabled: bool = True) -> None:
+def wanted(quiet: bool, total: int = 2) -> bool:
+    """Bars are for a person watching a terminal: not with --quiet, not for a single item, not when
+    stderr goes to a file or a pipe (scripts and logs get no control sequences)."""
+    return not quiet and total > 1 and sys.stderr.isatty()
+
+
+class Bars:
+    """Transient bars on stderr, one per stage, created on first use. Disabled, every call does nothing.
+
+    `bars(stage, advanced, total)` is the library's progress callback; `bars.counter(stage, total)`
+    gives an `advance(n)`; `bars.update(...)` sets a bar's position and status text; `bars.note(text)`
+    prints a line above them. stdout is never routed through the display (it carries results)."""
+
+    def __init__(self, enabled: bool, transient: bool = True) -> None:
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"), console=stderr, disable=not enabled, transient=False,
-        )
-        self.task = None
+        self._tasks: dict[str, int] = {}
+        self._display = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+            )
 
-    def __enter__(self):
-        self.progress.__enter__()
+            self._display = Progress(
+                TextColumn("[bold]{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=Console(stderr=True),
+                transient=transient, redirect_stdout=False, redirect_stderr=False,
+            )
+
+    def __enter__(self) -> "Bars":
+        if self._display is not None:
+            self._display.__enter__()
         return self
 
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+    def __exit__(self, *exc) -> bool:
+        if self._display is not None:
+            return bool(self._display.__exit__(*exc))
+        return False
 
-    def on_start(self, info: TrainInfo) -> None:
-        if self.enabled:
-            stderr.print(
-                f"{info.images} images ({info.classes} classes, {info.skipped} unreadable skipped), "
-                f"{info.tokens_per_image} tokens/image, codebook {info.codebook_size} codes, "
-                f"{info.trainable_parameters / 1e6:.2f}M trainable parameters, {info.device} x{info.world_size}, "
-                f"peak lr {info.peak_lr:.2e}"
-            )
-        self.task = self.progress.add_task("train", total=info.total_steps, completed=info.start_step, status="")
+    def _task(self, stage: str, total: int) -> int | None:
+        if self._display is None:
+            return None
+        if stage not in self._tasks:
+            self._tasks[stage] = self._display.add_task(stage, total=total, status="")
+        return self._tasks[stage]
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        status = ""
-        if metrics:
-            status = (
-                f"loss {metrics['loss']:.4f} rec {metrics['recon_loss']:.4f} com/rec {metrics['commit_recon_ratio']:.2g} "
-                f"|z| {metrics['encoder_norm']:.3g} psnr {metrics['psnr']:.1f} codes {metrics['unique_codes']} "
-                f"ppl {metrics['code_perplexity']:.0f} {metrics['sec_per_step']:.2f}s/step"
-            )
-        self.progress.update(self.task, completed=step, status=status)
+    def __call__(self, stage: str, advanced: int, total: int) -> None:
+        task = self._task(stage, total)
+        if task is not None:
+            self._display.advance(task, advanced)
 
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        if self.enabled:
-            self.progress.console.print(
-                f"step {step}: val psnr {metrics['val_psnr']:.2f} dB, ssim {metrics['val_ssim']:.3f}, "
-                f"{metrics['val_unique_codes']} codes, perplexity {metrics['val_code_perplexity']:.1f}"
-            )
+    def counter(self, stage: str, total: int) -> Callable[[int], None]:
+        return lambda advanced: self(stage, advanced, total)
 
-    def summary(self, result, run_dir: Path) -> None:
-        if not self.enabled:
-            return
-        m = result.last_metrics
-        line = f"done at step {result.step}: checkpoint in {run_dir}"
-        if m:
-            line += f"; train psnr {m['psnr']:.2f} dB (masked), {m['sec_per_step']:.2f} s/step"
-        if result.validation:
-            line += f"; val psnr {result.validation['val_psnr']:.2f} dB"
-        stderr.print(line)
+    def update(self, stage: str, completed: int, total: int, status: str = "") -> None:
+        task = self._task(stage, total)
+        if task is not None:
+            self._display.update(task, completed=completed, total=total, status=status)
+
+    def note(self, text: str) -> None:
+        if self._display is not None:
+            self._display.console.print(text, markup=False, highlight=False)

@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from lqae_cli.common import handle_errors, resolve_device
+from lqae.callbacks import TrainCallback, TrainInfo
+from lqae.config import PRECISIONS, PRESETS, VOCAB_CHOICES
+from lqae.trackers import TRACKERS
+from lqae_cli.common import handle_errors
+from lqae_cli.options import DeviceOption, QuietOption, choice_enum, resolve_device
 
 
-class PresetName(str, Enum):
-    tiny = "tiny"
-    small = "small"
-    base = "base"
-    paper = "paper"
-
-
-class Vocab(str, Enum):
-    all = "all"
-    words = "words"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp32 = "fp32"
-
-
-class TrackerName(str, Enum):
-    none = "none"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
+PresetName = choice_enum("PresetName", PRESETS)
+Vocab = choice_enum("Vocab", VOCAB_CHOICES)
+Precision = choice_enum("Precision", PRECISIONS)
+TrackerName = choice_enum("TrackerName", TRACKERS)
 
 
 @handle_errors
@@ -53,7 +37,7 @@ def train(
     mask_ratio: Optional[float] = typer.Option(None, help="Training mask probability per token."),
     val: Optional[Path] = typer.Option(None, help="Held-out image folder for PSNR/SSIM/code-usage passes."),
     resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly where it stopped."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (torchrun picks cuda:LOCAL_RANK)."),
+    device: DeviceOption = "auto",
     precision: Precision = typer.Option(Precision.auto, help="auto = bf16 autocast on CUDA, fp32 on CPU."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder and decoder."),
     workers: Optional[int] = typer.Option(None, min=0, help="Data-loading processes (default: from the CPU count)."),
@@ -66,44 +50,34 @@ def train(
     tracker: TrackerName = typer.Option(
         TrackerName.none, help="Also log metrics, sample grids and the config to tensorboard (RUN/tensorboard) or wandb.",
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: QuietOption = False,
 ) -> None:
     """Train an LQAE on an image folder.
 
     Example: lqae train data/digits --out runs/digits --preset tiny --steps 300
     Any config field: lqae train data/digits --out runs/x --set encoder_output=linear --set mask_ratio_min=null
     Several GPUs: torchrun --nproc_per_node 4 -m lqae_cli train data/ --out runs/x --preset base
+    (each process takes cuda:LOCAL_RANK).
     """
-    from lqae.config import apply_overrides, get_preset
+    from lqae.config import configure, to_dict
+    from lqae.trackers import make_tracker
     from lqae.train import TrainingInterrupted, train as run_training
 
-    chosen = apply_overrides(get_preset(preset.value), overrides)
-    model_overrides = {
-        "lm_name": lm, "image_size": image_size, "patch_size": patch_size,
-        "vocab": vocab.value if vocab else None, "mask_ratio": mask_ratio,
-    }
-    train_overrides = {
-        "steps": steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "base_lr": lr,
-        "precision": precision.value, "compile": compile or None, "num_workers": workers, "log_every": log_every,
-        "sample_every": sample_every, "save_every": save_every, "val_every": val_every, "seed": seed,
-    }
-    if epochs is not None and steps is None:
-        train_overrides["steps"] = None
-        chosen.train.steps = None
-    model_config = dataclasses.replace(chosen.model, **{k: v for k, v in model_overrides.items() if v is not None})
-    train_config = dataclasses.replace(chosen.train, **{k: v for k, v in train_overrides.items() if v is not None})
-
-    from lqae.config import to_dict
-    from lqae.trackers import make_tracker
-    from lqae_cli.progress import TrainProgress
-
-    progress = TrainProgress(enabled=not quiet)
+    chosen = configure(
+        preset.value, overrides, lm_name=lm, image_size=image_size, patch_size=patch_size,
+        vocab=vocab.value if vocab else None, mask_ratio=mask_ratio, steps=steps, epochs=epochs,
+        batch_size=batch_size, grad_accum=grad_accum, base_lr=lr, precision=precision.value,
+        compile=compile or None, num_workers=workers, log_every=log_every, sample_every=sample_every,
+        save_every=save_every, val_every=val_every, seed=seed,
+    )
+    model_config, train_config = chosen.model, chosen.train
+    display = TrainDisplay(quiet)
     logger = make_tracker(tracker.value, out, {"model": to_dict(model_config), "train": to_dict(train_config)})
     try:
-        with progress:
+        with display:
             result = run_training(
                 data_dir, out, model_config, train_config, val_dir=val, resume=resume,
-                device=resolve_device(device), callbacks=[progress] + ([logger] if logger else []),
+                device=resolve_device(device), callbacks=[display] + ([logger] if logger else []),
             )
     except TrainingInterrupted as exc:
         from lqae_cli.common import error_line
@@ -113,4 +87,65 @@ def train(
     finally:
         if logger is not None:
             logger.close()
-    progress.summary(result, out)
+    display.summary(result, out)
+
+
+class TrainDisplay(TrainCallback):
+    """What a person sees while training: a start line, a step bar with the latest metrics (at a
+    terminal), validation lines and a summary; nothing with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        from lqae_cli.progress import Bars, wanted
+
+        self.quiet = quiet
+        self.bars = Bars(wanted(quiet), transient=False)
+
+    def __enter__(self) -> "TrainDisplay":
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self.bars.__exit__(*exc)
+
+    def say(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self.bars.enabled:
+            self.bars.note(line)
+        else:
+            typer.echo(line, err=True)
+
+    def on_start(self, info: TrainInfo) -> None:
+        self.total = info.total_steps
+        self.say(
+            f"{info.images} images ({info.classes} classes, {info.skipped} unreadable skipped), "
+            f"{info.tokens_per_image} tokens/image, codebook {info.codebook_size} codes, "
+            f"{info.trainable_parameters / 1e6:.2f}M trainable parameters, {info.device} x{info.world_size}, "
+            f"peak lr {info.peak_lr:.2e}"
+        )
+        self.bars.update("train", info.start_step, info.total_steps)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        status = ""
+        if metrics:
+            status = (
+                f"loss {metrics['loss']:.4f} rec {metrics['recon_loss']:.4f} com/rec {metrics['commit_recon_ratio']:.2g} "
+                f"|z| {metrics['encoder_norm']:.3g} psnr {metrics['psnr']:.1f} codes {metrics['unique_codes']} "
+                f"ppl {metrics['code_perplexity']:.0f} {metrics['sec_per_step']:.2f}s/step"
+            )
+        self.bars.update("train", step, self.total, status)
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        self.say(
+            f"step {step}: val psnr {metrics['val_psnr']:.2f} dB, ssim {metrics['val_ssim']:.3f}, "
+            f"{metrics['val_unique_codes']} codes, perplexity {metrics['val_code_perplexity']:.1f}"
+        )
+
+    def summary(self, result, run_dir: Path) -> None:
+        m = result.last_metrics
+        line = f"done at step {result.step}: checkpoint in {run_dir}"
+        if m:
+            line += f"; train psnr {m['psnr']:.2f} dB (masked), {m['sec_per_step']:.2f} s/step"
+        if result.validation:
+            line += f"; val psnr {result.validation['val_psnr']:.2f} dB"
+        self.say(line)

@@ -77,3 +77,23 @@ def test_every_unreadable_file_is_named_up_to_five(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         scan_image_folder(tmp_path / "data")
     assert "skipped 7 unreadable" in caplog.text and "bad4.png" in caplog.text and "and 2 more" in caplog.text
+
+
+def test_collect_images_expands_folders_in_order_and_refuses_bad_named_files(tmp_path):
+    from lqae.data import collect_images, image_batches
+
+    for name in ("b/2.png", "b/1.png", "a.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / name)
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    paths = collect_images([tmp_path / "a.png", tmp_path / "b"])
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a.png", "b/1.png", "b/2.png"]  # broken skipped
+    with pytest.raises(DataError, match="does not exist"):
+        collect_images([tmp_path / "missing.png"])
+    with pytest.raises(DataError, match="corrupt"):
+        collect_images([tmp_path / "b" / "broken.png"])
+    with pytest.raises(DataError, match="no images given"):
+        collect_images([])
+    batches = list(image_batches(paths, 4, batch_size=2))
+    assert [len(chunk) for chunk, _ in batches] == [2, 1]
+    assert batches[0][1].shape == (2, 3, 4, 4) and batches[1][0] == paths[2:]

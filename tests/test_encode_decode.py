@@ -423,10 +423,10 @@ def test_encode_a_folder_with_a_corrupt_file_skips_it(runner, tiny_checkpoint, i
 
 def test_eval_reports_quality_and_writes_a_grid(runner, tiny_checkpoint, image_folder, model, tmp_path):
     from lqae.data import scan_image_folder
-    from lqae.evaluate import evaluate_reconstruction
+    from lqae.reconstruction import evaluate_reconstruction
 
     grid = tmp_path / "grid.png"
-    result = invoke(runner, "encode", "--eval", image_folder, "-m", tiny_checkpoint, "--grid-png", grid, "-f", "jsonl")
+    result = invoke(runner, "eval", image_folder, "-m", tiny_checkpoint, "--grid-png", grid, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     reference, _, _ = evaluate_reconstruction(model, scan_image_folder(image_folder))
@@ -437,17 +437,24 @@ def test_eval_reports_quality_and_writes_a_grid(runner, tiny_checkpoint, image_f
     assert report["text_tokens_per_image"] == LENGTH  # whole-word vocabulary: text re-reads as 16 tokens
     # 12 images, 8 per row: originals over reconstructions -> 4 rows of (16 + 2*2 pad) px, x8 upscale.
     assert Image.open(grid).size == (8 * 20 * 8, 4 * 20 * 8)
-    table = invoke(runner, "encode", "--eval", image_folder, "-m", tiny_checkpoint, "--grid-png", grid)
+    table = invoke(runner, "eval", image_folder, "-m", tiny_checkpoint)
     for label in ("PSNR", "SSIM", "unique codes", "code perplexity", "LM tokens per image"):
         assert label in table.stdout
 
 
-# -- the CLI surface ---------------------------------------------------------------------------
-
-
-def test_help_has_examples_and_importing_the_commands_does_not_load_torch(runner):
-    for command in ("encode", "decode"):
-        result = invoke(runner, command, "--help")
-        assert result.exit_code == 0 and "Example:" in result.stdout
-    code = "import sys, lqae_cli.app; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+def test_eval_writes_a_png_only_when_asked_and_encode_eval_still_works(
+    runner, tiny_checkpoint, image_folder, tmp_path, monkeypatch
+):
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    plain = invoke(runner, "eval", image_folder, "-m", tiny_checkpoint, "--json")
+    assert plain.exit_code == 0, plain.output
+    assert list(here.iterdir()) == [] and "grid_png" not in json.loads(plain.stdout)
+    old = invoke(runner, "encode", "--eval", image_folder, "-m", tiny_checkpoint, "-f", "jsonl")
+    assert old.exit_code == 0, old.output
+    assert "deprecated; use `lqae eval" in old.stderr
+    assert json.loads(old.stdout) == json.loads(plain.stdout)  # the same report as `lqae eval`
+    assert list(here.iterdir()) == []  # no reconstructions.png dropped unasked any more
+    misplaced = invoke(runner, "encode", image_folder, "-m", tiny_checkpoint, "--grid-png", tmp_path / "g.png")
+    assert misplaced.exit_code != 0 and "lqae eval" in misplaced.stderr

@@ -7,11 +7,12 @@ import base64
 import pytest
 
 from lqae.fewshot.backends import Backend
+from lqae.fewshot.backends.openai import OpenAIBackend
 from lqae.fewshot.budget import BudgetError, fit_prompt, load_tiktoken, read_bpe_file, shot_drop_order
-from lqae.fewshot.episodes import TokenTextDecoder
-from lqae.fewshot.evaluate import FewshotSettings, SupportSet
-from lqae.fewshot.openai_compat import OpenAIBackend
+from lqae.fewshot.episodes import PromptImageText
 from lqae.fewshot.prompts import load_template
+from lqae.fewshot.settings import FewshotSettings
+from lqae.fewshot.support import SupportSet
 from test_fewshot_helpers import WordTokenizer, synthetic_pool
 
 
@@ -80,7 +81,7 @@ def test_support_set_fits_real_prompts_counted_with_tiktoken():
     encoding = byte_encoding()
     backend = OpenAIBackend("stub", api_base="http://127.0.0.1:9/v1", encoding=encoding, context_tokens=700)
     support = synthetic_pool(classes=("a", "b", "c"), per_class=4)
-    text, template = TokenTextDecoder(WordTokenizer()), load_template("completion")
+    text, template = PromptImageText(WordTokenizer()), load_template("completion")
     chosen = [0, 4, 8, 1, 5, 9]  # two per class
     labels = ["a", "b", "c"]
     query = [support.ids[2]]
@@ -114,7 +115,7 @@ def test_overlap_backend_is_not_budgeted():
 
     support = synthetic_pool(classes=("a", "b"), per_class=2)
     support_set = SupportSet(NoText(), load_template("completion"), FewshotSettings(context_tokens=1),
-                             TokenTextDecoder(WordTokenizer()), support, [0, 2], ["a", "b"], [0, 1], [support.ids[1]], 1)
+                             PromptImageText(WordTokenizer()), support, [0, 2], ["a", "b"], [0, 1], [support.ids[1]], 1)
     assert support_set.fit.supports == [0, 2] and not support_set.fit.dropped.any()
 
 

@@ -9,9 +9,12 @@ import pytest
 
 from lqae.errors import ConfigError
 from lqae.fewshot.backends import OverlapBackend, Request, make_backend, match_label
-from lqae.fewshot.episodes import TokenTextDecoder, check_episode_setup, sample_episode
-from lqae.fewshot.evaluate import FewshotSettings, ResultsFile, evaluate, predict, wilson_interval
+from lqae.fewshot.episodes import check_episode_setup, sample_episode
+from lqae.fewshot.evaluation import evaluate_episodes, wilson_interval
+from lqae.fewshot.labelling import label_queries
 from lqae.fewshot.prompts import load_template
+from lqae.fewshot.results import ResultsFile
+from lqae.fewshot.settings import FewshotSettings
 from test_fewshot_helpers import WordTokenizer, synthetic_pool
 
 
@@ -59,11 +62,13 @@ def test_not_enough_classes_or_shots_is_a_clear_error():
 
 def test_overlap_recovers_classes_only_when_tokens_carry_them():
     settings = FewshotSettings(ways=5, shots=1, episodes=60, seed=0)
-    text, template, backend = TokenTextDecoder(WordTokenizer()), load_template("completion"), OverlapBackend()
-    informative = evaluate(synthetic_pool(), synthetic_pool(prefix="val", seed=1), backend, template, settings, text)
-    random_tokens = evaluate(
+    tokenizer, template, backend = WordTokenizer(), load_template("completion"), OverlapBackend()
+    informative = evaluate_episodes(
+        synthetic_pool(), synthetic_pool(prefix="val", seed=1), backend, template, settings, tokenizer
+    )
+    random_tokens = evaluate_episodes(
         synthetic_pool(informative=False), synthetic_pool(prefix="val", seed=1, informative=False), backend, template,
-        settings, text,
+        settings, tokenizer,
     )
     assert informative.accuracy > 0.9
     assert random_tokens.accuracy < 0.5  # chance is 0.2
@@ -100,35 +105,42 @@ def test_wilson_interval():
 
 def test_results_file_resumes_and_survives_a_half_written_line(tmp_path):
     support, query = synthetic_pool(), synthetic_pool(prefix="val", seed=1)
-    text, template, backend = TokenTextDecoder(WordTokenizer()), load_template("completion"), OverlapBackend()
+    tokenizer, template, backend = WordTokenizer(), load_template("completion"), OverlapBackend()
     settings = FewshotSettings(ways=3, shots=1, episodes=12, seed=0)
     path = tmp_path / "results.jsonl"
-    full = evaluate(support, query, backend, template, settings, text, ResultsFile(path, "run1", "episode"))
+    full = evaluate_episodes(
+        support, query, backend, template, settings, tokenizer, ResultsFile(path, "run1", "episode")
+    )
     lines = path.read_text().splitlines()
     assert len(lines) == 12 and [json.loads(l)["episode"] for l in lines] == list(range(12))
 
     path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # killed while writing line 6
     seen = []
-    again = evaluate(support, query, backend, template, settings, text, ResultsFile(path, "run1", "episode"),
-                     on_result=lambda record, done, total: seen.append(done))
+    again = evaluate_episodes(
+        support, query, backend, template, settings, tokenizer, ResultsFile(path, "run1", "episode"),
+        on_result=lambda record, done, total: seen.append(done),
+    )
     assert again.resumed == 5 and seen == list(range(1, 13))
     assert again.accuracy == full.accuracy
     assert path.read_text().splitlines()[:5] == lines[:5] and len(path.read_text().splitlines()) == 12
 
-    longer = evaluate(support, query, backend, template, replace(settings, episodes=15), text,
-                      ResultsFile(path, "run1", "episode"))
+    longer = evaluate_episodes(
+        support, query, backend, template, replace(settings, episodes=15), tokenizer, ResultsFile(path, "run1", "episode")
+    )
     assert longer.resumed == 12 and longer.episodes == 15
 
     with pytest.raises(ConfigError, match="other settings"):
-        evaluate(support, query, backend, template, settings, text, ResultsFile(path, "run2", "episode"))
+        evaluate_episodes(
+            support, query, backend, template, settings, tokenizer, ResultsFile(path, "run2", "episode")
+        )
 
 
-def test_predict_uses_every_class_and_labels_queries():
+def test_labelling_uses_every_class_and_labels_queries():
     support = synthetic_pool()
     queries = synthetic_pool(prefix="new", seed=5)
     queries = replace(queries, labels=[-1] * len(queries), classes=[])
-    text, template = TokenTextDecoder(WordTokenizer()), load_template("completion")
-    run = predict(support, queries, OverlapBackend(), template, FewshotSettings(shots=3), text)
+    tokenizer, template = WordTokenizer(), load_template("completion")
+    run = label_queries(support, queries, OverlapBackend(), template, FewshotSettings(shots=3), tokenizer)
     assert len(run.predictions) == len(queries) and run.supports == 15
     truth = [p.split("/")[1] for p in queries.paths]
     assert sum(p.label == t for p, t in zip(run.predictions, truth)) >= 0.9 * len(truth)
@@ -145,9 +157,9 @@ class FixedScores(OverlapBackend):
 def test_length_normalisation_changes_the_winner(length_norm, expected):
     support, query = synthetic_pool(classes=("a", "b")), synthetic_pool(classes=("a", "b"), prefix="val", seed=1)
     records = []
-    evaluate(support, query, FixedScores(), load_template("completion"),
-             FewshotSettings(ways=2, episodes=4, length_norm=length_norm), TokenTextDecoder(WordTokenizer()),
-             on_result=lambda record, *_: records.append(record))
+    evaluate_episodes(support, query, FixedScores(), load_template("completion"),
+                      FewshotSettings(ways=2, episodes=4, length_norm=length_norm), WordTokenizer(),
+                      on_result=lambda record, *_: records.append(record))
     sample = sample_episode(support, query, 2, 1, 0, 0)
     assert records[0]["predicted"] == sample.classes[expected]
 
@@ -155,9 +167,9 @@ def test_length_normalisation_changes_the_winner(length_norm, expected):
 def test_open_labels_evaluate_and_record_what_was_shown():
     support, query = synthetic_pool(), synthetic_pool(prefix="val", seed=1)
     records = []
-    summary = evaluate(support, query, OverlapBackend(), load_template("completion"),
-                       FewshotSettings(ways=3, episodes=10, labels="open"), TokenTextDecoder(WordTokenizer()),
-                       on_result=lambda record, *_: records.append(record))
+    summary = evaluate_episodes(support, query, OverlapBackend(), load_template("completion"),
+                                FewshotSettings(ways=3, episodes=10, labels="open"), WordTokenizer(),
+                                on_result=lambda record, *_: records.append(record))
     assert summary.accuracy > 0.8
     assert all(set(r["shown"]) == set(r["scores"]) and not set(r["shown"].values()) & set(support.classes)
                for r in records)

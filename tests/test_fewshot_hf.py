@@ -6,10 +6,10 @@ import pytest
 
 from lqae.errors import LLMError, LMNotFoundError
 from lqae.fewshot.backends import Request
-from lqae.fewshot.episodes import TokenTextDecoder
-from lqae.fewshot.evaluate import FewshotSettings, evaluate
-from lqae.fewshot.hf import HFBackend, resolve_llm
+from lqae.fewshot.backends.hf import HFBackend, resolve_llm
+from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template, render
+from lqae.fewshot.settings import FewshotSettings
 from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, one_thread, synthetic_pool
 
 CHATML = (
@@ -115,8 +115,10 @@ def test_evaluate_with_a_local_model(dog_gpt2):
     model, tokenizer = dog_gpt2
     backend = HFBackend(model, tokenizer)
     settings = FewshotSettings(ways=2, shots=1, episodes=6, seed=0, scoring="generate")
-    summary = evaluate(synthetic_pool(classes=("cat", "dog")), synthetic_pool(classes=("cat", "dog"), prefix="val", seed=1),
-                       backend, load_template("completion"), settings, TokenTextDecoder(WordTokenizer()))
+    summary = evaluate_episodes(
+        synthetic_pool(classes=("cat", "dog")), synthetic_pool(classes=("cat", "dog"), prefix="val", seed=1),
+        backend, load_template("completion"), settings, WordTokenizer(),
+    )
     assert summary.episodes == 6 and summary.unanswered == 0 and summary.mean_prompt_tokens > 20
     assert summary.accuracy == pytest.approx(summary.correct / 6)
     assert 0 < summary.correct < 6  # always answers "dog": right exactly when the query is a dog

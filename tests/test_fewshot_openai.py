@@ -9,7 +9,7 @@ import pytest
 
 from lqae.errors import LLMError
 from lqae.fewshot.backends import Request
-from lqae.fewshot.openai_compat import OpenAIBackend, continuation_logprob
+from lqae.fewshot.backends.openai import OpenAIBackend, continuation_logprob
 from lqae.fewshot.prompts import load_template, render
 from test_fewshot_helpers import StubServer, fake_logprob
 

@@ -9,10 +9,13 @@ import pytest
 
 from lqae.errors import ConfigError
 from lqae.fewshot.backends import OverlapBackend, Request
-from lqae.fewshot.episodes import TokenTextDecoder
-from lqae.fewshot.evaluate import FewshotSettings, ResultsFile, evaluate
-from lqae.fewshot.hf import HFBackend
+from lqae.fewshot.backends.hf import HFBackend
+from lqae.fewshot.episodes import PromptImageText
+from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template, render
+from lqae.fewshot.results import ResultsFile
+from lqae.fewshot.settings import FewshotSettings
+from lqae.fewshot.support import SupportSet
 from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, one_thread, synthetic_pool, teach_answers
 
 
@@ -38,8 +41,8 @@ def run(backend, episodes=24, tmp_path=None, **settings):
     options = dict(ways=2, shots=1, episodes=episodes, seed=0)
     options.update(settings)
     results = ResultsFile(tmp_path / "r.jsonl", "run", "episode") if tmp_path else None
-    return evaluate(support, query, backend, load_template("completion"), FewshotSettings(**options),
-                    TokenTextDecoder(WordTokenizer()), results)
+    return evaluate_episodes(support, query, backend, load_template("completion"), FewshotSettings(**options),
+                             WordTokenizer(), results)
 
 
 def test_diagnostics_show_an_llm_that_always_answers_one_label(dog_gpt2):
@@ -107,8 +110,8 @@ def test_calibration_removes_a_label_bias(biased_reader, tmp_path):
 
     def evaluate_words(calibrate, results=None):
         settings = FewshotSettings(ways=2, shots=1, episodes=40, seed=0, calibrate=calibrate)
-        return evaluate(word_pool(0, "support"), word_pool(1, "query"), biased_reader, load_template("completion"),
-                        settings, TokenTextDecoder(ClassWords()), results)
+        return evaluate_episodes(word_pool(0, "support"), word_pool(1, "query"), biased_reader,
+                                 load_template("completion"), settings, ClassWords(), results)
 
     plain = evaluate_words(False)
     assert evaluate_words(None).accuracy == pytest.approx(evaluate_words(True).accuracy)  # on by default for loglik
@@ -150,12 +153,10 @@ def test_support_order_is_deterministic_and_similar_last_puts_the_nearest_last(t
     assert orders[0] == orders[1] and len({tuple(o) for o in orders[0]}) > 1
 
     support, query = pools(("a", "b", "c"))
-    from lqae.fewshot.evaluate import SupportSet
-
     settings = FewshotSettings(ways=3, shots=3, order="similar-last")
     supports = list(range(0, 24, 3))
     labels = ["a", "b", "c"]
-    support_set = SupportSet(OverlapBackend(), load_template("completion"), settings, TokenTextDecoder(WordTokenizer()),
+    support_set = SupportSet(OverlapBackend(), load_template("completion"), settings, PromptImageText(WordTokenizer()),
                              support, supports, labels, [support.labels[i] for i in supports], [query.ids[0]], 3)
     ordered = support_set.ordered(supports, query.ids[0])
     overlap = [sum((Counter(query.ids[0]) & Counter(support.ids[i])).values()) for i in ordered]
@@ -195,17 +196,16 @@ def test_settings_that_do_not_fit_together_are_refused():
 
 
 def test_frequent_image_text_lists_distinct_tokens_most_frequent_first(tmp_path):
-    from lqae.fewshot.evaluate import frequent_first
+    from lqae.fewshot.episodes import frequent_first
 
     assert frequent_first([7, 3, 3, 9, 7, 3]) == [3, 7, 9]
     assert frequent_first([5, 6, 7]) == [5, 6, 7]
     support, query = pools()
-    from lqae.fewshot.evaluate import SupportSet
-
     settings = FewshotSettings(image_text="frequent")
-    support_set = SupportSet(OverlapBackend(), load_template("completion"), settings, TokenTextDecoder(WordTokenizer()),
+    image_text = PromptImageText(WordTokenizer(), settings.image_text)
+    support_set = SupportSet(OverlapBackend(), load_template("completion"), settings, image_text,
                              support, [0, 8], ["cat", "dog"], [0, 1], [query.ids[0]], 1)
-    text = support_set.image_text([4, 2, 2, 4, 4, 1], 2)
+    text = support_set.text([4, 2, 2, 4, 4, 1], 2)
     assert text == "w4 w2"  # cut to two tokens: the rarest goes first
 
 

@@ -23,7 +23,7 @@ SUPPORTS = [("templar pal citadel pal", "seven"), ("templar baba manuel codex", 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from lqae.fewshot.hf import HFBackend
+    from lqae.fewshot.backends.hf import HFBackend
 
     return HFBackend.load()  # the default: resolved offline
 

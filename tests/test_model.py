@@ -117,7 +117,7 @@ def test_standardized_encoder_output_has_the_codebook_statistics(tiny_lm_dir):
     model = LQAE(tiny_model_config(tiny_lm_dir, encoder_output="standardize", mask_ratio=0.0)).train()
     codes = model.codebook.embeddings
     images = torch.rand(16, 3, 16, 16)
-    z = model.encoder(images).flatten(0, 1)  # training mode: batch statistics
+    z = model.encoder(images).z.flatten(0, 1)  # training mode: batch statistics
     assert torch.allclose(z.mean(0), codes.mean(0), atol=1e-4)
     assert torch.allclose(z.std(0, unbiased=False), codes.std(0), rtol=1e-2)
     out = model(images)
@@ -126,8 +126,8 @@ def test_standardized_encoder_output_has_the_codebook_statistics(tiny_lm_dir):
     one = model.encode(images[:1])
     assert torch.equal(one, model.encode(images)[:1])
     stats = model.encoder.standardize
-    stats.calibrate([model.encoder.features(images)])
-    flat = model.encoder.features(images).flatten(0, 1)
+    stats.calibrate([model.encoder(images).projected])
+    flat = model.encoder(images).projected.flatten(0, 1)
     assert torch.allclose(stats.running_mean, flat.mean(0), atol=1e-5)
     assert "encoder.standardize.running_mean" in model.trainable_state_dict()  # saved with the weights
     assert "encoder.standardize.target_mean" not in model.trainable_state_dict()  # rebuilt from the LM
@@ -144,3 +144,30 @@ def test_apply_overrides_parses_values_and_names_unknown_fields():
         apply_overrides(get_preset("tiny"), ["nope=1"])
     with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
         apply_overrides(get_preset("tiny"), ["mask_ratio"])
+
+
+def test_configure_merges_preset_overrides_and_options():
+    from lqae.config import configure, get_preset
+
+    chosen = configure("tiny", ["mask_ratio=0.3"], lm_name="my-lm", steps=None, base_lr=1e-3, seed=None)
+    assert (chosen.model.mask_ratio, chosen.model.lm_name, chosen.train.base_lr) == (0.3, "my-lm", 1e-3)
+    assert chosen.train.steps == get_preset("tiny").train.steps and chosen.train.seed == 0  # None keeps the preset's
+    by_epochs = configure("tiny", epochs=2.0)
+    assert (by_epochs.train.epochs, by_epochs.train.steps) == (2.0, None)  # epochs without steps: train by epochs
+    assert configure("tiny", epochs=2.0, steps=5).train.steps == 5
+    with pytest.raises(ConfigError, match="unknown config field 'colour'"):
+        configure("tiny", colour="red")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; known presets: paper, base, small, tiny"):
+        configure("huge")
+
+
+def test_the_model_copies_its_config_and_the_encoder_always_returns_its_three_outputs(tiny_lm_dir):
+    config = tiny_model_config(tiny_lm_dir)
+    model = LQAE(config)
+    assert config.lm_width is None and config.codebook_size is None  # the caller's config is left as given
+    assert model.config.lm_width == 32 and model.config.codebook_size == model.codebook.size
+    out = model.encoder(torch.rand(2, 3, 16, 16))
+    assert out.z.shape == out.projected.shape == (2, 16, 32)
+    assert torch.equal(out.z, out.projected)  # no output standardisation in this config
+    assert len(out.hidden_states) == config.encoder_depth + 1 and out.hidden_states[0].shape == (2, 16, 32)
+    assert model.device == torch.device("cpu")

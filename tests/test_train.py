@@ -117,7 +117,38 @@ def test_tiny_preset_trains_with_real_minilm(image_folder, tmp_path):
     assert (config["lm_vocab_size"], config["lm_width"]) == (30522, 384)
 
 
-def test_bf16_autocast_trains(tiny_lm_dir, image_folder, tmp_path):
-    """The bf16 path (the CUDA default) also runs under CPU autocast: no dtype mismatches."""
-    result = train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2, precision="bf16"))
-    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_metrics["loss"]))
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_lm_dir, image_folder, tmp_path):
+    """The bf16 path (the CUDA default), run under CPU autocast: matmuls run in bf16, the loss and
+    the master weights stay fp32, and training follows the fp32 run up to rounding."""
+    from lqae.model import LQAE
+    from lqae.train import _autocast
+
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir)).train()
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output) -> None:  # returns None: the output is left as it is
+            seen[name] = output.dtype
+
+        return hook
+
+    model.encoder.to_lm.register_forward_hook(record("encoder"))
+    model.decoder.to_pixels.register_forward_hook(record("decoder"))
+    with _autocast("bf16", "cpu"):
+        out = model(torch.rand(2, 3, 16, 16))
+    assert seen == {"encoder": torch.bfloat16, "decoder": torch.bfloat16}
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.encoder.parameters() if p.grad is not None)
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = tiny_train_config(steps=2, precision=precision)
+        result = train(image_folder, tmp_path / precision, tiny_model_config(tiny_lm_dir), config)
+        runs[precision] = result, load_file(tmp_path / precision / "model.safetensors")
+    (fp32, fp32_weights), (bf16, bf16_weights) = runs["fp32"], runs["bf16"]
+    assert bf16.step == 2 and all(t.dtype == torch.float32 for t in bf16_weights.values())
+    assert bf16.last_metrics["loss"] == pytest.approx(fp32.last_metrics["loss"], rel=0.05)
+    assert bf16.last_metrics["psnr"] == pytest.approx(fp32.last_metrics["psnr"], abs=0.5)
+    assert any(not torch.equal(bf16_weights[k], fp32_weights[k]) for k in fp32_weights)  # autocast was on

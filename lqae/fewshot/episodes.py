@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lqae.errors import ConfigError, DataError
+from lqae.fewshot.settings import IMAGE_TEXTS
+from lqae.tokentext import decode_text
 
 # Nonsense labels for the "open" variant of the protocol (Frozen used "dax" and "blicket").
 OPEN_LABELS = (
@@ -68,22 +70,34 @@ def pool_from_dataset(dataset, source: str, need_classes: bool = True) -> TokenP
     )
 
 
-class TokenTextDecoder:
-    """Token text of images: ids decoded with the LQAE's LM tokenizer, optionally cut to the first k tokens."""
+class PromptImageText:
+    """Images as the token text a prompt shows: ids decoded as `lqae encode` prints them
+    (`lqae.tokentext.decode_text`), cut to the first `length` tokens; memoised, since supports recur
+    in every episode and every budget trial.
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    mode "sequence": the tokens in patch order; "frequent": the image's distinct tokens, most
+    frequent first (shorter, and a cut drops the rarest)."""
+
+    def __init__(self, tokenizer, mode: str = "sequence") -> None:
+        if mode not in IMAGE_TEXTS:
+            raise ConfigError(f"unknown image text {mode!r}; choose one of: {', '.join(IMAGE_TEXTS)}")
+        self.tokenizer, self.mode = tokenizer, mode
         self._cache: dict[tuple[int, ...], str] = {}
 
     def __call__(self, ids: Sequence[int], length: int | None = None) -> str:
+        if self.mode == "frequent":
+            ids = frequent_first(ids)
         key = tuple(ids[:length] if length is not None else ids)
         text = self._cache.get(key)
         if text is None:
-            # as `lqae encode` writes token text; then one line with single spaces
-            decoded = self.tokenizer.decode(list(key), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            text = " ".join(decoded.split())
-            self._cache[key] = text
+            text = self._cache[key] = decode_text(self.tokenizer, key)
         return text
+
+
+def frequent_first(ids: Sequence[int]) -> list[int]:
+    """Distinct ids by count, most frequent first; ties keep their first position."""
+    counts = Counter(ids)
+    return sorted(counts, key=lambda token: -counts[token])  # Counter keeps first-seen order; sort is stable
 
 
 @dataclass(frozen=True)
@@ -149,7 +163,7 @@ def sample_episode(
     return Episode(index, tuple(classes), shown, tuple(chosen), query_index, target)
 
 
-def prediction_supports(support: TokenPool, shots: int | None, seed: int) -> list[int]:
+def labelling_supports(support: TokenPool, shots: int | None, seed: int) -> list[int]:
     """Support images for classifying new queries: `shots` per class (all when None), interleaved at random."""
     rng = random.Random(f"lqae-fewshot-predict:{seed}")
     chosen = []
@@ -176,7 +190,7 @@ def letter_labels(count: int) -> list[str]:
 
 
 def open_label_names(classes: Sequence[str], seed: int) -> list[str]:
-    """Fixed nonsense words for `classes` (prediction with --labels open)."""
+    """Fixed nonsense words for `classes` (labelling with --labels open)."""
     if len(classes) > len(OPEN_LABELS):
         raise ConfigError(f"--labels open has {len(OPEN_LABELS)} nonsense words; {len(classes)} classes need more")
     return random.Random(f"lqae-fewshot-open:{seed}").sample(OPEN_LABELS, len(classes))

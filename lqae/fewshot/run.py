@@ -1,21 +1,22 @@
-"""One entry point for `lqae fewshot`: load the sources, the template and the backend, then predict or evaluate."""
+"""One entry point for `lqae fewshot`: load the sources, the template and the backend, then label
+new images or evaluate on episodes."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from lqae.errors import ConfigError, DataError
-from lqae.fewshot.backends import DEFAULT_LLM, Backend, make_backend
-from lqae.fewshot.episodes import TokenPool, TokenTextDecoder, pool_from_dataset
-from lqae.fewshot.evaluate import (
-    EvalSummary, FewshotSettings, Prediction, PredictionRun, ResultsFile, evaluate, fingerprint, predict,
-)
+from lqae.fewshot.backends import DEFAULT_LLM, Backend, BackendOptions, make_backend
+from lqae.fewshot.episodes import TokenPool, pool_from_dataset
+from lqae.fewshot.evaluation import EpisodeCallback, EvalSummary, evaluate_episodes
+from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
 from lqae.fewshot.prompts import DEFAULT_TEMPLATE, Template, load_template
+from lqae.fewshot.results import ResultsFile, fingerprint
+from lqae.fewshot.settings import FewshotSettings
 
-log = logging.getLogger(__name__)
+ENCODE_BATCH = 64  # images per LQAE forward pass
 
 
 @dataclass
@@ -23,7 +24,7 @@ class FewshotJob:
     """What `lqae fewshot` was asked to do."""
 
     support: Path  # image folder with class sub-folders, or a token dataset (.safetensors)
-    images: list[Path] = field(default_factory=list)  # prediction: images, folders or token datasets
+    images: list[Path] = field(default_factory=list)  # labelling: images, folders or token datasets
     query: Path | None = None  # evaluation: query folder or token dataset
     model_dir: Path | None = None  # LQAE checkpoint, needed to encode images
     llm: str = DEFAULT_LLM
@@ -40,21 +41,23 @@ class FewshotJob:
 
 
 @dataclass
-class Progress:
-    """Callbacks for the caller's display; the library never prints."""
+class FewshotCallbacks:
+    """What `run_fewshot` reports to the caller's display; the library never prints."""
 
     on_stage: Callable[[str], None] | None = None  # "encoding support", "loading LLM", ...
-    on_result: Callable[[dict, int, int], None] | None = None  # evaluation: (record, done, total)
-    on_prediction: Callable[[Prediction], None] | None = None
-    on_queries: Callable[[list[str]], None] | None = None  # prediction: the query paths, before any LLM work
+    on_result: EpisodeCallback | None = None  # evaluation: (record, done, total) per episode
+    on_label: Callable[[QueryLabel], None] | None = None  # labelling: per query
+    on_queries: Callable[[list[str]], None] | None = None  # labelling: the query paths, before any LLM work
 
 
-def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> PredictionRun | EvalSummary:
-    """Predict labels for `job.images`, or evaluate on episodes drawn from `job.query`."""
-    progress = progress or Progress()
-    stage = progress.on_stage or (lambda message: None)
-    if bool(job.images) == (job.query is not None):
+def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> LabelRun | EvalSummary:
+    """Label `job.images`, or evaluate on episodes drawn from `job.query`."""
+    callbacks = callbacks or FewshotCallbacks()
+    stage = callbacks.on_stage or (lambda message: None)
+    if job.query is not None and job.images:
         raise ConfigError("give query images to label, or --query DIR to evaluate on episodes (not both)")
+    if job.query is None and not job.images:
+        raise ConfigError("nothing to do: give query images to label, or --query DIR to evaluate on episodes")
     job.settings.check()
     template = load_template(job.template)
     sources = Sources(job.model_dir, job.device, stage, job.allow_foreign_tokens)
@@ -63,16 +66,17 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
         queries = sources.pool(job.query, "query")
     else:
         queries = sources.images(job.images)
-        if progress.on_queries:
-            progress.on_queries(queries.paths)
+        if callbacks.on_queries:
+            callbacks.on_queries(queries.paths)
     _check_compatible(support, queries, job)
-    text = TokenTextDecoder(sources.tokenizer(support.lm_name))
+    tokenizer = sources.tokenizer(support.lm_name)
 
     stage(f"loading {job.llm}")
-    backend = make_backend(
-        job.llm, device=job.device, api_base=job.api_base, timeout=job.timeout, retries=job.retries,
-        bpe_file=job.bpe_file, reuse_prefix=job.reuse_prefix,
+    options = BackendOptions(
+        device=job.device, api_base=job.api_base, timeout=job.timeout, retries=job.retries, bpe_file=job.bpe_file,
+        reuse_prefix=job.reuse_prefix,
     )
+    backend = make_backend(job.llm, options)
     _check_template(template, backend, job.settings)
     job.settings.for_backend(backend)  # refuse what cannot apply before any work
     # the data itself, not only its paths: another model, a retrained one or a re-encoded token
@@ -86,10 +90,12 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> Prediction
     if job.query is not None:
         results = ResultsFile(job.out, run, "episode") if job.out else None
         stage("evaluating")
-        return evaluate(support, queries, backend, template, job.settings, text, results, progress.on_result)
+        return evaluate_episodes(
+            support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result
+        )
     results = ResultsFile(job.out, run, "query") if job.out else None
     stage("classifying")
-    return predict(support, queries, backend, template, job.settings, text, results, progress.on_prediction)
+    return label_queries(support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label)
 
 
 class Sources:
@@ -102,22 +108,18 @@ class Sources:
         self._model = None
 
     def model(self, why: str):
+        """The LQAE, loaded for encoding only (no LM layers, no MLM head) on first use."""
         if self._model is None:
             if self.model_dir is None:
                 raise DataError(f"{why} holds images: an LQAE checkpoint (--model RUN_DIR or $LQAE_MODEL) is needed to encode them")
             from lqae.checkpoint import load_model
 
             self.stage(f"loading LQAE {self.model_dir}")
-            lm_log = logging.getLogger("lqae.lm")
-            level = lm_log.level
-            lm_log.setLevel(logging.ERROR)  # "no MLM head" concerns training, not few-shot use
-            try:
-                self._model = load_model(self.model_dir, self.device, encode_only=True)
-            finally:
-                lm_log.setLevel(level)
+            self._model = load_model(self.model_dir, self.device, encode_only=True)
         return self._model
 
     def pool(self, source: Path, role: str) -> TokenPool:
+        """Support or query side: a token dataset, or an image folder with class sub-folders (encoded)."""
         from lqae.data import scan_image_folder
         from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset
 
@@ -130,49 +132,41 @@ class Sources:
             raise DataError(f"--{role} {source} has no class sub-folders; it needs one sub-folder per class (the folder name is the label)")
         model = self.model(f"--{role} {source}")
         self.stage(f"encoding {len(folder)} {role} images")
-        return pool_from_dataset(encode_folder(model, folder), f"--{role} {source}")
+        return pool_from_dataset(encode_folder(model, folder, ENCODE_BATCH), f"--{role} {source}")
 
     def images(self, paths: list[Path]) -> TokenPool:
-        """Query images to label: image files, folders of images, or token datasets (every row)."""
-        from lqae.data import IMAGE_EXTENSIONS, load_image, scan_image_folder
-        from lqae.tokendata import is_token_dataset, read_token_dataset
+        """Query images to label, in the order given: image files, folders of images (recursive), or
+        token datasets (every row)."""
+        from lqae.data import IMAGE_EXTENSIONS, collect_images
+        from lqae.tokendata import check_same_weights, is_token_dataset, read_token_dataset
 
-        ids, names, lm_name, files, written_by = [], [], None, [], []
-        for path in paths:
+        ids: list[list[int] | None] = []  # (N, L); None until an image file is encoded
+        names, lm_name, files, written_by = [], None, [], []
+        for path in map(Path, paths):
             if is_token_dataset(path):
                 dataset = read_token_dataset(path)
                 written_by.append((f"query tokens {path}", dataset.weights))
                 ids += dataset.ids.tolist()
                 names += [str(p) for p in dataset.paths]
                 lm_name = lm_name or str(dataset.model_config.get("lm_name", ""))
-            elif Path(path).is_dir():
-                for image in scan_image_folder(path).paths:
-                    files.append((len(names), image))
-                    names.append(str(image))
-                    ids.append(None)
-            else:
-                if not Path(path).is_file():
-                    raise DataError(f"query image {path} does not exist")
-                if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
-                    raise DataError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)}) or a token dataset")
-                files.append((len(names), Path(path)))
-                names.append(str(path))
+                continue
+            if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DataError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)}) or a token dataset (.safetensors)")
+            for image in collect_images([path]):
+                files.append((len(names), image))
+                names.append(str(image))
                 ids.append(None)
         if files:
-            import torch
+            from lqae.codec import encode_images
 
             model = self.model(f"query {files[0][1]}")
             self.stage(f"encoding {len(files)} query images")
-            size = model.config.image_size
-            for start in range(0, len(files), 64):
-                batch = files[start : start + 64]
-                images = torch.stack([load_image(p, size) for _, p in batch]).to(self.device)
-                for (position, _), row in zip(batch, model.encode(images).cpu().tolist()):
-                    ids[position] = row
+            batches = encode_images(model, [image for _, image in files], ENCODE_BATCH)  # (paths, ids (b, L))
+            encoded = [row for _, batch_ids in batches for row in batch_ids.tolist()]
+            for (position, _), row in zip(files, encoded):
+                ids[position] = row
             lm_name = lm_name or model.config.lm_name
             written_by.insert(0, ("this model", model.weights_fingerprint))
-        from lqae.tokendata import check_same_weights
-
         known = [(source, weights) for source, weights in written_by if weights]
         for source, weights in known[1:]:
             check_same_weights(
@@ -186,21 +180,11 @@ class Sources:
             return self._model.tokenizer
         if not lm_name:
             raise DataError("the token dataset does not name its LM (model_config.lm_name); re-encode it with `lqae encode`")
+        from lqae.lm import load_tokenizer
         from lqae.lm_files import read_light_tokenizer
 
         light = read_light_tokenizer(lm_name)  # tokenizer.json alone, without importing transformers
-        if light is not None:
-            return light
-        from transformers import AutoTokenizer
-
-        from lqae.errors import LMNotFoundError
-        from lqae.lm import _not_found_message, _quiet_transformers, resolve_lm_path
-
-        try:
-            with _quiet_transformers():
-                return AutoTokenizer.from_pretrained(resolve_lm_path(lm_name))
-        except (OSError, ValueError) as exc:
-            raise LMNotFoundError(_not_found_message(lm_name, exc)) from exc
+        return light if light is not None else load_tokenizer(lm_name)
 
 
 def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -> None:
@@ -235,7 +219,4 @@ def _check_template(template: Template, backend: Backend, settings: FewshotSetti
 
 
 def _source_id(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    path = Path(path)
-    return str(path.resolve())
+    return str(Path(path).resolve()) if path is not None else None

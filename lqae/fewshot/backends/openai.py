@@ -18,7 +18,8 @@ import urllib.error
 import urllib.request
 
 from lqae.errors import LLMError
-from lqae.fewshot.backends import Backend, Request
+from lqae.fewshot.backends.base import Backend, BackendOptions, Request
+from lqae.fewshot.budget import load_tiktoken
 from lqae.fewshot.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,18 @@ class OpenAIBackend(Backend):
         self.api_base = (api_base or os.environ.get("OPENAI_BASE_URL") or DEFAULT_API_BASE).rstrip("/")
         self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        if encoding is None:
-            from lqae.fewshot.budget import load_tiktoken
-
-            encoding = load_tiktoken(model)
-        self.encoding = encoding
+        self.encoding = encoding if encoding is not None else load_tiktoken(model)
         self.context_tokens = context_tokens
+
+    @classmethod
+    def from_llm(cls, target: str, options: BackendOptions) -> "OpenAIBackend | None":
+        """`--llm openai:MODEL`; tokens counted with the model's tiktoken encoding (or `bpe_file`)."""
+        if not target:
+            return None
+        return cls(
+            target, api_base=options.api_base, timeout=options.timeout, retries=options.retries,
+            encoding=load_tiktoken(target, options.bpe_file),
+        )
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIBackend(model={self.model!r}, api_base={self.api_base!r})"

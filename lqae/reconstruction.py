@@ -1,4 +1,4 @@
-"""Reconstruction quality of a model on an image folder."""
+"""Reconstruction quality of a model on an image folder: PSNR, SSIM, code usage (`lqae eval`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lqae.data import ImageFolder, load_image
+from lqae.data import ImageFolder, image_batches
 from lqae.metrics import psnr, ssim, usage_from_counts
 
 
@@ -41,7 +41,6 @@ def evaluate_reconstruction(
     from lqae.tokentext import TokenText
 
     model.eval()
-    device = next(model.encoder.parameters()).device
     paths = folder.paths[:max_images] if max_images else folder.paths
     size = model.config.image_size
     psnr_sum = ssim_sum = 0.0
@@ -51,10 +50,9 @@ def evaluate_reconstruction(
     shown_set = set(range(16) if shown is None else shown)
     token_text = TokenText.for_model(model)
     text_tokens = 0
-    for start in range(0, len(paths), batch_size):
-        images = torch.stack([load_image(p, size) for p in paths[start : start + batch_size]]).to(device)
-        z = model.encoder(images)
-        codes = model.codebook(z).codes
+    start = 0
+    for _, images in image_batches(paths, size, batch_size, model.device):
+        codes = model.codebook(model.encoder(images).z).codes
         token_ids = model.codebook.code_to_token[codes]
         recon = model.decode(token_ids)
         count = images.shape[0]
@@ -70,6 +68,7 @@ def evaluate_reconstruction(
             shown_out.append(recon[picked].cpu())
         if progress:
             progress(count)
+        start += count
     total = len(paths)
     unique, perplexity = usage_from_counts(counts)
     report = ReconstructionReport(
@@ -85,14 +84,14 @@ def evaluate_reconstruction(
 def evaluate_folder(
     model,
     root: str | Path | ImageFolder,
-    grid_path: str | Path,
+    grid_path: str | Path | None = None,
     batch_size: int = 64,
     max_images: int | None = None,
     progress: Callable[[int], None] | None = None,
     shown: int = 16,
 ) -> ReconstructionReport:
-    """Reconstruction report on an image folder (a path or a scanned `ImageFolder`), plus a PNG at
-    `grid_path` of `shown` originals, spread over the folder (so over its classes), above their
+    """Reconstruction report on an image folder (a path or a scanned `ImageFolder`); with `grid_path`,
+    also a PNG there of `shown` originals, spread over the folder (so over its classes), above their
     reconstructions."""
     from lqae.data import scan_image_folder
     from lqae.images import comparison_grid, save_png
@@ -102,8 +101,10 @@ def evaluate_folder(
     count = min(shown, total)
     positions = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
     report, originals, reconstructions = evaluate_reconstruction(
-        model, folder, batch_size, max_images, progress, positions
+        model, folder, batch_size, max_images, progress, positions if grid_path is not None else ()
     )
+    if grid_path is None:
+        return report
     upscale = max(1, 128 // model.config.image_size)  # 32 px images are unreadable at 1:1
     save_png(comparison_grid(originals, reconstructions), Path(grid_path), upscale=upscale)
     return report

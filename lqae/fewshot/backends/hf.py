@@ -14,14 +14,14 @@ import contextlib
 import copy
 import importlib.util
 import inspect
-import os
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from lqae.errors import LLMError, LMNotFoundError
-from lqae.fewshot.backends import DEFAULT_HF_MODEL, Backend, Request
+from lqae.fewshot.backends.base import DEFAULT_HF_MODEL, Backend, BackendOptions, Request
 from lqae.fewshot.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,22 @@ class HFBackend(Backend):
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @classmethod
+    def from_llm(cls, target: str, options: BackendOptions) -> "HFBackend":
+        """`--llm hf:NAME_OR_PATH`; `hf` alone is the default model."""
+        return cls.load(target or DEFAULT_HF_MODEL, device=options.device, reuse_prefix=options.reuse_prefix)
+
+    @classmethod
     def load(cls, name: str = DEFAULT_HF_MODEL, device: str = "cpu", reuse_prefix: bool = True) -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from lqae.lm import _quiet_transformers
+        from lqae.lm import quiet_transformers
 
         location, gguf_file = resolve_llm(name)
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         if gguf_file and importlib.util.find_spec("gguf") is None:
             raise LLMError(f"{name} is a GGUF file; loading it needs `pip install gguf accelerate` (or lqae[gguf])")
         try:
-            with _quiet_transformers(), _no_tqdm():
+            with quiet_transformers(), _no_tqdm():
                 tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
                 model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         except ImportError as exc:

@@ -1,0 +1,98 @@
+"""Labelling new query images from one support set fitted once to the context window."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from lqae.fewshot.backends.base import Backend
+from lqae.fewshot.budget import Dropped
+from lqae.fewshot.episodes import PromptImageText, TokenPool, letter_labels, open_label_names, labelling_supports
+from lqae.fewshot.prompts import Template
+from lqae.fewshot.results import ResultsFile
+from lqae.fewshot.settings import FewshotSettings
+from lqae.fewshot.support import SupportSet
+
+
+@dataclass
+class QueryLabel:
+    """The label given to one query image."""
+
+    path: str
+    label: str | None  # class name; None when a generated reply names no label
+    scores: dict[str, float]  # per class
+    prompt_tokens: int
+    generated: str | None = None  # the reply (generate scoring)
+
+
+@dataclass
+class LabelRun:
+    """Every query's label, and how the support set was fitted."""
+
+    predictions: list[QueryLabel]  # in query order
+    supports: int  # support images in the prompt (after budget cuts)
+    image_tokens: int  # tokens per image kept
+    tokens_per_image: int  # tokens per image available
+    dropped: Dropped
+    resumed: int  # queries read back from the results file
+
+    def as_dict(self) -> dict:
+        return {
+            "predictions": [asdict(p) for p in self.predictions], "supports": self.supports,
+            "image_tokens": self.image_tokens, "dropped": self.dropped.as_dict(), "resumed": self.resumed,
+        }
+
+
+def label_queries(
+    support: TokenPool,
+    queries: TokenPool,
+    backend: Backend,
+    template: Template,
+    settings: FewshotSettings,
+    tokenizer,
+    results: ResultsFile | None = None,
+    on_label: Callable[[QueryLabel], None] | None = None,
+) -> LabelRun:
+    """Label every query image from one support set (`settings.shots` per class, all when None);
+    `tokenizer` is the LQAE's LM tokenizer, which turns token ids into the text the LLM reads.
+
+    The support set is fitted once against the longest query, so every query sees the same prompt
+    prefix (and a local model computes it once)."""
+    settings = settings.for_backend(backend)
+    chosen = labelling_supports(support, settings.shots, settings.seed)
+    classes = [c for c in support.classes if any(support.class_name(i) == c for i in chosen)]
+    if settings.labels == "open":
+        shown = open_label_names(classes, settings.seed)
+    elif settings.labels == "letters":
+        shown = letter_labels(len(classes))
+    else:
+        shown = classes
+    position = {name: j for j, name in enumerate(classes)}
+    done = results.load() if results else {}
+    pending = [i for i, path in enumerate(queries.paths) if path not in done]
+    support_set = None
+    if pending:
+        shots = settings.shots or max(sum(1 for i in chosen if support.class_name(i) == c) for c in classes)
+        support_set = SupportSet(
+            backend, template, settings, PromptImageText(tokenizer, settings.image_text), support, chosen, shown,
+            [position[support.class_name(i)] for i in chosen], queries.ids, shots,
+        )
+    predictions = []
+    for index, path in enumerate(queries.paths):
+        record = done.get(path)
+        if record is None:
+            answer = support_set.answer([queries.ids[index]])[0]
+            record = answer.as_record(results.run if results else None, path, classes)
+            record["label"] = answer.label(classes)
+            if results:
+                results.append(record)
+            done[path] = record
+        label = QueryLabel(path, record["label"], record["scores"], record["prompt_tokens"], record.get("generated"))
+        predictions.append(label)
+        if on_label:
+            on_label(label)
+    fit = support_set.fit if support_set else None
+    return LabelRun(
+        predictions, len(fit.supports) if fit else 0, fit.image_tokens if fit else support.tokens_per_image,
+        support.tokens_per_image, fit.dropped if fit else Dropped(), len(queries) - len(pending),
+    )
