@@ -1,4 +1,5 @@
-"""Image folders: flat or one sub-folder per class; any size, RGB or grayscale."""
+"""Reading images: folders (flat or one sub-folder per class) and files of any size, RGB or
+greyscale, into tensors with the evaluation transform, and the augmented training stream."""
 
 from __future__ import annotations
 

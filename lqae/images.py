@@ -1,4 +1,4 @@
-"""Writing image grids: originals over reconstructions."""
+"""Writing images: PNG files (atomically) and grids of originals over reconstructions."""
 
 from __future__ import annotations
 
