@@ -31,9 +31,9 @@ def main() -> None:
     import torch
 
     from lqae.fewshot.backends import DEFAULT_LLM, BackendOptions, make_backend
-    from lqae.fewshot.episodes import PromptImageText, sample_episode
+    from lqae.fewshot.episodes import sample_episode
     from lqae.fewshot.evaluation import evaluate_episodes
-    from lqae.fewshot.prompts import load_template
+    from lqae.fewshot.prompts import PromptImageText, load_template
     from lqae.fewshot.run import Sources
     from lqae.fewshot.settings import FewshotSettings
 

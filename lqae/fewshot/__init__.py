@@ -24,8 +24,8 @@ _LAZY = {  # submodule -> the public names it provides
     "lqae.fewshot.evaluation": ("EvalSummary", "evaluate_episodes", "wilson_interval"),
     "lqae.fewshot.labelling": ("QueryLabel", "LabelRun", "label_queries"),
     "lqae.fewshot.results": ("ResultsFile",),
-    "lqae.fewshot.episodes": ("TokenPool", "PromptImageText", "sample_episode"),
-    "lqae.fewshot.prompts": ("Template", "Prompt", "list_templates", "load_template", "render"),
+    "lqae.fewshot.episodes": ("TokenPool", "sample_episode"),
+    "lqae.fewshot.prompts": ("Template", "Prompt", "PromptImageText", "list_templates", "load_template", "render"),
     "lqae.fewshot.budget": ("BudgetError", "fit_prompt", "load_tiktoken"),
     "lqae.fewshot.backends": (
         "Backend", "OverlapBackend", "HFBackend", "OpenAIBackend", "make_backend", "DEFAULT_LLM",
@@ -39,10 +39,10 @@ if TYPE_CHECKING:
         DEFAULT_LLM, Backend, HFBackend, OpenAIBackend, OverlapBackend, make_backend,
     )
     from lqae.fewshot.budget import BudgetError, fit_prompt, load_tiktoken
-    from lqae.fewshot.episodes import PromptImageText, TokenPool, sample_episode
+    from lqae.fewshot.episodes import TokenPool, sample_episode
     from lqae.fewshot.evaluation import EvalSummary, evaluate_episodes, wilson_interval
     from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
-    from lqae.fewshot.prompts import Prompt, Template, list_templates, load_template, render
+    from lqae.fewshot.prompts import Prompt, PromptImageText, Template, list_templates, load_template, render
     from lqae.fewshot.results import ResultsFile
     from lqae.fewshot.run import FewshotCallbacks, FewshotJob, run_fewshot
     from lqae.fewshot.settings import FewshotSettings

@@ -1,4 +1,4 @@
-"""Images as token text, and N-way K-shot episodes drawn from them (Frozen / mini-ImageNet protocol).
+"""Images as token ids in pools, and N-way K-shot episodes drawn from them (Frozen / mini-ImageNet protocol).
 
 Episode i is a pure function of (seed, i) and the two pools, so a rerun, a longer run or a resumed
 run sees exactly the same episodes.
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lqae.errors import ConfigError, DataError
-from lqae.fewshot.settings import IMAGE_TEXTS
-from lqae.tokentext import decode_text
 
 # Nonsense labels for the "open" variant of the protocol (Frozen used "dax" and "blicket").
 OPEN_LABELS = (
@@ -68,36 +66,6 @@ def pool_from_dataset(dataset, source: str, need_classes: bool = True) -> TokenP
         ids=dataset.ids.tolist(), labels=dataset.labels.tolist(), classes=list(dataset.classes),
         paths=[str(p) for p in dataset.paths], lm_name=lm_name, weights=dataset.weights,
     )
-
-
-class PromptImageText:
-    """Images as the token text a prompt shows: ids decoded as `lqae encode` prints them
-    (`lqae.tokentext.decode_text`), cut to the first `length` tokens; memoised, since supports recur
-    in every episode and every budget trial.
-
-    mode "sequence": the tokens in patch order; "frequent": the image's distinct tokens, most
-    frequent first (shorter, and a cut drops the rarest)."""
-
-    def __init__(self, tokenizer, mode: str = "sequence") -> None:
-        if mode not in IMAGE_TEXTS:
-            raise ConfigError(f"unknown image text {mode!r}; choose one of: {', '.join(IMAGE_TEXTS)}")
-        self.tokenizer, self.mode = tokenizer, mode
-        self._cache: dict[tuple[int, ...], str] = {}
-
-    def __call__(self, ids: Sequence[int], length: int | None = None) -> str:
-        if self.mode == "frequent":
-            ids = frequent_first(ids)
-        key = tuple(ids[:length] if length is not None else ids)
-        text = self._cache.get(key)
-        if text is None:
-            text = self._cache[key] = decode_text(self.tokenizer, key)
-        return text
-
-
-def frequent_first(ids: Sequence[int]) -> list[int]:
-    """Distinct ids by count, most frequent first; ties keep their first position."""
-    counts = Counter(ids)
-    return sorted(counts, key=lambda token: -counts[token])  # Counter keeps first-seen order; sort is stable
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import Callable
 
 from lqae.fewshot.backends.base import Backend
 from lqae.fewshot.budget import Dropped
-from lqae.fewshot.episodes import PromptImageText, TokenPool, check_episode_setup, letter_labels, sample_episode
-from lqae.fewshot.prompts import Template
+from lqae.fewshot.episodes import TokenPool, check_episode_setup, letter_labels, sample_episode
+from lqae.fewshot.prompts import PromptImageText, Template
 from lqae.fewshot.results import ResultsFile
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet

@@ -1,4 +1,5 @@
-"""Prompt templates: text files in `prompts/` (package `lqae.prompts`), rendered into prompts.
+"""Prompt templates: text files in `prompts/` (package `lqae.prompts`), rendered into prompts, and
+images written as the token text a prompt shows (`PromptImageText`).
 
 A rendered `Prompt` is split in two: a prefix shared by every query of a support set (instruction +
 examples) and a query suffix ending at the answer cue. Local backends run the prefix once and reuse
@@ -10,11 +11,14 @@ from __future__ import annotations
 import importlib.resources
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from lqae.errors import ConfigError
+from lqae.fewshot.settings import IMAGE_TEXTS
+from lqae.tokentext import decode_text
 
 SECTIONS = ("system", "instruction", "example", "query")
 FORMATS = ("completion", "chat")
@@ -201,3 +205,34 @@ def _template_dir():
         return importlib.resources.files("lqae.prompts")
     except ModuleNotFoundError:  # running from a source tree that was never installed
         return Path(__file__).resolve().parents[2] / "prompts"
+
+
+# -- images in prompts ------------------------------------------------------------------------
+class PromptImageText:
+    """Images as the token text a prompt shows: ids decoded as `lqae encode` prints them
+    (`lqae.tokentext.decode_text`), cut to the first `length` tokens; memoised, since supports recur
+    in every episode and every budget trial.
+
+    mode "sequence": the tokens in patch order; "frequent": the image's distinct tokens, most
+    frequent first (shorter, and a cut drops the rarest)."""
+
+    def __init__(self, tokenizer, mode: str = "sequence") -> None:
+        if mode not in IMAGE_TEXTS:
+            raise ConfigError(f"unknown image text {mode!r}; choose one of: {', '.join(IMAGE_TEXTS)}")
+        self.tokenizer, self.mode = tokenizer, mode
+        self._cache: dict[tuple[int, ...], str] = {}
+
+    def __call__(self, ids: Sequence[int], length: int | None = None) -> str:
+        if self.mode == "frequent":
+            ids = frequent_first(ids)
+        key = tuple(ids[:length] if length is not None else ids)
+        text = self._cache.get(key)
+        if text is None:
+            text = self._cache[key] = decode_text(self.tokenizer, key)
+        return text
+
+
+def frequent_first(ids: Sequence[int]) -> list[int]:
+    """Distinct ids by count, most frequent first; ties keep their first position."""
+    counts = Counter(ids)
+    return sorted(counts, key=lambda token: -counts[token])  # Counter keeps first-seen order; sort is stable

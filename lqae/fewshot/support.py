@@ -22,8 +22,8 @@ from typing import Sequence
 
 from lqae.fewshot.backends.base import Backend, Request, match_label
 from lqae.fewshot.budget import Fit, fit_prompt
-from lqae.fewshot.episodes import PromptImageText, TokenPool, shared_tokens
-from lqae.fewshot.prompts import Template, render
+from lqae.fewshot.episodes import TokenPool, shared_tokens
+from lqae.fewshot.prompts import PromptImageText, Template, render
 from lqae.fewshot.settings import FewshotSettings
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs; their prior is averaged
