@@ -167,3 +167,15 @@ def test_corrupt_token_dataset_metadata_names_the_file(tmp_path):
         read_token_dataset(path)
     result = invoke("decode", "--from", path, "-m", tmp_path / "nowhere", "--out", tmp_path / "x")
     assert_error(result, "broken.safetensors")
+
+
+def test_a_folder_is_listed_once_per_process_however_many_files_go_into_it(tmp_path, monkeypatch):
+    """Writing N files into one folder (decode to a folder of PNGs) must not list it N times."""
+    import lqae.io as io
+
+    listed = []
+    scandir = io.os.scandir
+    monkeypatch.setattr(io.os, "scandir", lambda folder: listed.append(folder) or scandir(folder))
+    for i in range(20):
+        io.atomic_write_bytes(tmp_path / f"{i:02d}.png", b"png")
+    assert len(listed) == 1 and len(list(tmp_path.iterdir())) == 20
