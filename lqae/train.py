@@ -331,14 +331,14 @@ def _save(run_dir, model, config, step, optimizer, is_main, world) -> None:
 
 def _write_data_record(run_dir: Path, folder, val_folder) -> None:
     """RUN_DIR/data.json: which images trained the model (the model card reports them)."""
-    from lqae.io import atomic_write_bytes
+    from lqae.config import write_json
 
     def describe(found) -> dict:
         return {"folder": str(found.root), "name": Path(found.root).resolve().name, "images": len(found),
                 "classes": list(found.classes), "skipped": len(found.skipped)}
 
     record = {"train": describe(folder), "val": describe(val_folder) if val_folder is not None else None}
-    atomic_write_bytes(run_dir / DATA_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    write_json(run_dir / DATA_FILE, record)
 
 
 def _save_samples(model, images: torch.Tensor, path: Path) -> None:

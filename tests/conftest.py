@@ -141,3 +141,12 @@ def write_class_images(root: Path, classes=("red", "blue"), per_class: int = 6, 
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_class_images(tmp_path / "images")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread for a test module (tiny models, busy machines); see test_fewshot_helpers.one_thread."""
+    from test_fewshot_helpers import one_thread
+
+    with one_thread():
+        yield

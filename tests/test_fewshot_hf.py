@@ -10,7 +10,7 @@ from lqae.fewshot.backends.hf import HFBackend, resolve_llm
 from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template, render
 from lqae.fewshot.settings import FewshotSettings
-from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, one_thread, synthetic_pool
+from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, synthetic_pool
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -22,10 +22,7 @@ SUPPORTS = [("templar pal codex", "cat"), ("baba manuel", "aardvark"), ("citadel
 QUERIES = ["templar baba pal", "codex codex operators", "pal"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny GPT-2s run faster on one thread
 
 
 @pytest.fixture(scope="module")

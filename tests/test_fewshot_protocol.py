@@ -16,13 +16,10 @@ from lqae.fewshot.prompts import load_template, render
 from lqae.fewshot.results import ResultsFile
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet
-from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, one_thread, synthetic_pool, teach_answers
+from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, synthetic_pool, teach_answers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny GPT-2s run faster on one thread
 
 
 @pytest.fixture(scope="module")
