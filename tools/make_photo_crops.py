@@ -1,12 +1,16 @@
-"""Write random crops of scikit-learn's two bundled photos as a 6-class image folder: OUT/{train,val}/CLASS/*.png.
+"""Write random crops of bundled photos as an image folder: OUT/{train,val}/CLASS/*.png.
 
-Usage: python tools/make_photo_crops.py OUT [--size 32] [--train-per-class 200] [--val-per-class 50] [--seed 0]
+Usage: python tools/make_photo_crops.py OUT [--source sklearn|skimage] [--size 32]
+                                            [--train-per-class 200] [--val-per-class 50] [--seed 0]
 
-A second, visibly different bench set next to the digits: colour natural texture (a pagoda, trees,
-water, sky; a dahlia on a dark leafy background). Class = photo x vertical third (china_left,
-china_centre, ..., flower_right). Each third is cut into 6 horizontal strips; train crops come from
-the even strips and val crops from the odd ones, so no val pixel was ever seen in training.
-Crops are squares of a random side in [24, 64] px, resized (bicubic) to SIZE. Deterministic under --seed.
+`sklearn` (the `photos` bench set): scikit-learn's two sample photos, colour natural texture (a
+pagoda, trees, water, sky; a dahlia on a dark leafy background); class = photo x vertical third
+(china_left, china_centre, ..., flower_right), 6 classes, crops of 24-64 px.
+`skimage` (the `edges` bench set): eight of scikit-image's bundled photos with sharp edges and
+fine detail (astronaut, camera, cat, coffee, rocket, coins, clock, motorcycle); class = photo,
+crops of 32-96 px. Each photo (or third) is cut into 6 horizontal strips; train crops come from the
+even strips and val crops from the odd ones, so no val pixel was ever seen in training. Crops are
+squares resized (bicubic) to SIZE. Deterministic under --seed.
 """
 
 from __future__ import annotations
@@ -18,40 +22,59 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BANDS = ("left", "centre", "right")
 STRIPS = 6
-CROP_SIDES = (24, 64)
+SOURCES = {  # name: (vertical bands per photo, crop side range in source pixels)
+    "sklearn": (("left", "centre", "right"), (24, 64)),
+    "skimage": (("",), (32, 96)),
+}
+SKIMAGE_PHOTOS = ("astronaut", "camera", "cat", "coffee", "rocket", "coins", "clock", "stereo_motorcycle")
 
 
-def crop_boxes(width: int, height: int, band_index: int, split: str, count: int, rng: random.Random):
-    """`count` square (left, top, right, bottom) boxes inside vertical third `band_index` of a
-    width x height photo, each wholly inside one strip of the split's parity (train even, val odd)."""
-    left, right = band_index * width // len(BANDS), (band_index + 1) * width // len(BANDS)
+def crop_boxes(width: int, height: int, band_index: int, bands: int, sides: tuple[int, int], split: str,
+               count: int, rng: random.Random):
+    """`count` square (left, top, right, bottom) boxes inside vertical band `band_index` of `bands`
+    of a width x height photo, each wholly inside one strip of the split's parity (train even, val odd)."""
+    left, right = band_index * width // bands, (band_index + 1) * width // bands
     strip_height = height // STRIPS
     strips = [s for s in range(STRIPS) if s % 2 == (0 if split == "train" else 1)]
     for _ in range(count):
         strip = rng.choice(strips)
-        side = rng.randint(*CROP_SIDES)
+        side = min(rng.randint(*sides), strip_height, right - left)
         x = rng.randint(left, right - side)
         y = rng.randint(strip * strip_height, (strip + 1) * strip_height - side)
         yield x, y, x + side, y + side
 
 
-def write_photo_crops(out: Path, size: int = 32, train_per_class: int = 200, val_per_class: int = 50, seed: int = 0) -> dict[str, int]:
-    """Write the folder; returns images written per split."""
-    from sklearn.datasets import load_sample_images
+def load_photos(source: str) -> list[tuple[str, Image.Image]]:
+    """(name, RGB photo) pairs of a source."""
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_images
 
-    photos = load_sample_images()
+        photos = load_sample_images()
+        return [(Path(f).stem, Image.fromarray(np.asarray(p))) for f, p in zip(photos.filenames, photos.images)]
+    import skimage.data
+
+    pairs = []
+    for name in SKIMAGE_PHOTOS:
+        pixels = getattr(skimage.data, name)()
+        pixels = pixels[0] if isinstance(pixels, tuple) else pixels  # stereo pairs: the left view
+        pairs.append((name.removeprefix("stereo_"), Image.fromarray(np.asarray(pixels)).convert("RGB")))
+    return pairs
+
+
+def write_photo_crops(out: Path, size: int = 32, train_per_class: int = 200, val_per_class: int = 50, seed: int = 0,
+                      source: str = "sklearn") -> dict[str, int]:
+    """Write the folder; returns images written per split."""
+    bands, sides = SOURCES[source]
     rng = random.Random(seed)
     counts = {"train": 0, "val": 0}
-    for filename, pixels in zip(photos.filenames, photos.images):
-        photo = Image.fromarray(np.asarray(pixels))
-        name = Path(filename).stem
-        for band_index, band in enumerate(BANDS):
+    for name, photo in load_photos(source):
+        for band_index, band in enumerate(bands):
             for split, count in (("train", train_per_class), ("val", val_per_class)):
-                folder = out / split / f"{name}_{band}"
+                folder = out / split / (f"{name}_{band}" if band else name)
                 folder.mkdir(parents=True, exist_ok=True)
-                for index, box in enumerate(crop_boxes(*photo.size, band_index, split, count, rng)):
+                boxes = crop_boxes(*photo.size, band_index, len(bands), sides, split, count, rng)
+                for index, box in enumerate(boxes):
                     photo.resize((size, size), Image.BICUBIC, box=box).save(folder / f"{index:04d}.png")
                     counts[split] += 1
     return counts
@@ -60,12 +83,13 @@ def write_photo_crops(out: Path, size: int = 32, train_per_class: int = 200, val
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
+    parser.add_argument("--source", choices=sorted(SOURCES), default="sklearn")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    counts = write_photo_crops(args.out, args.size, args.train_per_class, args.val_per_class, args.seed)
+    counts = write_photo_crops(args.out, args.size, args.train_per_class, args.val_per_class, args.seed, args.source)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
 
 
