@@ -102,13 +102,14 @@ class Standardize(nn.Module):
 
 
 class EncoderOutput(NamedTuple):
-    z: torch.Tensor  # (B, N, D) the continuous tokens the quantizer reads, D = the LM's width
-    projected: torch.Tensor  # (B, N, D) before the output standardisation (equals z without one)
-    hidden_states: tuple[torch.Tensor, ...]  # patch embedding + position, then one per block, each (B, N, W)
+    z: torch.Tensor  # (B, L, D) the continuous tokens the quantizer reads, D = the LM's width
+    projected: torch.Tensor  # (B, L, D) before the output standardisation (equals z without one)
+    hidden_states: tuple[torch.Tensor, ...]  # token embedding + position, then one per block, each (B, L, W)
 
 
 class Encoder(nn.Module):
-    """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, N, D), N = (H / patch)^2, D = config.lm_width."""
+    """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, L, D), D = config.lm_width, L = G + N:
+    G = config.global_tokens learned queries (as ViT's class token), then N = (H / patch)^2 patches."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -121,9 +122,15 @@ class Encoder(nn.Module):
         )
         self.to_lm = nn.Linear(width, config.lm_width)
         self.standardize = Standardize(config.lm_width) if config.encoder_output == "standardize" else None
+        self.global_queries = None
+        if config.global_tokens:
+            self.global_queries = nn.Parameter(torch.zeros(1, config.global_tokens, width))
+            nn.init.trunc_normal_(self.global_queries, std=0.02)
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
+        if self.global_queries is not None:
+            x = torch.cat([self.global_queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, G + N, W)
         x, hidden = self.transformer(x)
         projected = self.to_lm(x)  # (B, N, D)
         z = self.standardize(projected) if self.standardize is not None else projected
@@ -131,26 +138,45 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """LM hidden states (B, N, D) -> images (B, C, H, W), unclamped."""
+    """LM hidden states (B, L, D) -> images (B, C, H, W), unclamped; the patches are the last N of
+    the L = G + N positions (the G global tokens are read, not drawn).
+
+    The "linear" head maps each token to its patch's pixels (the reference); the "conv" head maps it
+    to `decoder_head_channels` feature maps over its patch, then two 3x3 convolutions over the whole
+    image turn them into pixels, so a patch's edge sees its neighbours' (no seams between patches)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.lm_width is None:
             raise ValueError("config.lm_width is unset: the LQAE fills it in from its LM before building the decoder")
-        self.patch_size, self.channels, self.grid = config.patch_size, config.channels, config.grid_size
+        self.patch_size, self.grid, self.global_tokens = config.patch_size, config.grid_size, config.global_tokens
         width = config.decoder_width
         self.from_lm = nn.Linear(config.lm_width, width)
         self.transformer = Transformer(
             config.num_tokens, width, config.decoder_depth, config.decoder_heads, config.mlp_ratio
         )
-        self.to_pixels = nn.Linear(width, config.patch_size**2 * config.channels)
+        conv = config.decoder_head == "conv"
+        self.maps = config.decoder_head_channels if conv else config.channels  # per-pixel outputs of to_pixels
+        self.to_pixels = nn.Linear(width, config.patch_size**2 * self.maps)
+        self.refine = (
+            nn.Sequential(
+                nn.Conv2d(self.maps, self.maps, 3, padding=1), nn.GELU(),
+                nn.Conv2d(self.maps, config.channels, 3, padding=1),
+            )
+            if conv else None
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x, _ = self.transformer(self.from_lm(hidden))  # (B, N, W)
-        x = self.to_pixels(x)  # (B, N, p*p*C)
-        batch, p, g, c = x.shape[0], self.patch_size, self.grid, self.channels
-        x = x.view(batch, g, g, p, p, c)  # (B, gh, gw, ph, pw, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, g * p, g * p)  # (B, C, H, W)
+        x, _ = self.transformer(self.from_lm(hidden))  # (B, G + N, W)
+        return self.head(x[:, self.global_tokens :])
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, W) -> pixels (B, C, H, W)."""
+        x = self.to_pixels(tokens)  # (B, N, p*p*maps)
+        batch, p, g, c = x.shape[0], self.patch_size, self.grid, self.maps
+        x = x.view(batch, g, g, p, p, c)  # (B, gh, gw, ph, pw, maps)
+        x = x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, g * p, g * p)  # (B, maps, H, W)
+        return x if self.refine is None else self.refine(x)  # (B, C, H, W)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -94,6 +94,32 @@ def test_mask_warmup_schedule():
     config = TrainConfig(steps=100, mask_warmup_fraction=0.2)
     assert [mask_scale_at(s, 100, config) for s in (0, 10, 20, 50)] == [0.0, 0.5, 1.0, 1.0]
     assert mask_scale_at(0, 100, TrainConfig(steps=100)) == 1.0
+    cooldown = TrainConfig(steps=100, mask_cooldown_fraction=0.25)
+    assert [mask_scale_at(s, 100, cooldown) for s in (0, 50, 75, 90, 100)] == [1.0, 1.0, 1.0, 0.4, 0.0]
+
+
+def test_lm_skip_adds_the_lm_input_to_what_the_decoder_reads(tiny_lm_dir):
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir, decoder_input="lm_skip")).eval()
+    ids = model.encode(torch.rand(2, 3, 16, 16))
+    embedded = model.codebook.embeddings[model.codebook.codes_from_token_ids(ids)]
+    expected = model.decoder(model.run_lm(embedded).last_hidden_state + embedded).clamp(0, 1)
+    assert torch.allclose(model.decode(ids), expected)
+
+
+def test_conv_head_blends_patches_at_their_seams(tiny_lm_dir):
+    torch.manual_seed(0)
+    config = tiny_model_config(tiny_lm_dir, decoder_head="conv", decoder_head_channels=8, decoder_input="embeddings")
+    model = LQAE(config).eval()
+    assert model.decoder(torch.zeros(1, 16, model.config.lm_width)).shape == (1, 3, 16, 16)
+    tokens = torch.randn(1, 16, 32, requires_grad=True)  # the decoder's last transformer states
+    model.decoder.head(tokens)[0, :, 3, 3].sum().backward()  # the last pixel of patch (0, 0)
+    touched = tokens.grad.abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert touched == [0, 1, 4, 5]  # two 3x3 convolutions reach into the neighbouring patches
+    linear = LQAE(tiny_model_config(tiny_lm_dir, decoder_input="embeddings")).eval()
+    tokens.grad = None
+    linear.decoder.head(tokens)[0, :, 3, 3].sum().backward()
+    assert tokens.grad.abs().sum(-1)[0].nonzero().flatten().tolist() == [0]  # the reference: its own patch only
 
 
 def test_decoder_reading_embeddings_skips_the_lm(tiny_lm_dir, monkeypatch):
