@@ -227,14 +227,16 @@ def load_model(
     if lm_name is not None:
         model_config.lm_name = lm_name
     model = None
+    saved_ids = weights.get("codebook.code_to_token")  # an llm_vocab filter's choice
+    code_ids = saved_ids.tolist() if saved_ids is not None else None
     light = FrozenLM.for_encoding(model_config.lm_name) if encode_only else None
     if light is not None:
         try:
-            model = LQAE(model_config, lm=light, mlm_head=False, for_loading=True)
+            model = LQAE(model_config, lm=light, mlm_head=False, for_loading=True, code_ids=code_ids)
         except CheckpointError as exc:  # the light reading disagrees with the checkpoint: let transformers decide
             log.debug("encoding-only load of %s failed (%s); loading the whole LM", model_config.lm_name, exc)
     if model is None:
-        model = LQAE(model_config, mlm_head=False, for_loading=True)  # inference: no MLM loss, no head
+        model = LQAE(model_config, mlm_head=False, for_loading=True, code_ids=code_ids)  # inference: no MLM head
     model.load_trainable_state_dict(weights)
     model.weights_fingerprint = fingerprint or weights_fingerprint(weights)
     return model.to(device).eval()

@@ -110,3 +110,21 @@ def image_name(index: int, source: str | None) -> str:
     stem = Path(source).stem if source else ""
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:60]
     return f"{index:05d}_{stem}" if stem else f"{index:05d}"
+
+
+@torch.inference_mode()
+def picture_tokens(model, path: Path, out: Path) -> list[int]:
+    """Encode one image, decode its tokens, and write `images.token_picture` of it to `out` (the image
+    beside its reconstruction, each patch's word over its patch, the global words above). Returns the ids."""
+    from lqae.data import load_image
+    from lqae.images import token_picture
+
+    model.eval()
+    image = load_image(path, model.config.image_size)[None].to(model.device)  # (1, C, H, W)
+    ids = model.encode(image)  # (1, L)
+    reconstruction = model.decode(ids)
+    tokens = [model.tokenizer.convert_ids_to_tokens(i) for i in ids[0].tolist()]
+    words = [model.tokenizer.convert_tokens_to_string([t]).strip() or t for t in tokens]
+    g = model.config.global_tokens
+    token_picture(image[0].cpu(), reconstruction[0].cpu(), words[g:], model.config.grid_size, words[:g], Path(out))
+    return ids[0].tolist()

@@ -21,7 +21,8 @@ CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer imp
     "commitment": ("mse", "cosine"),
     "straight_through": ("identity", "rotation", "soft"),
     "search_space": ("embedding", "latent", "mapped", "pca"),
-    "decoder_input": ("lm", "embeddings"),
+    "decoder_input": ("lm", "lm_skip", "embeddings"),
+    "decoder_head": ("linear", "conv"),
 }
 
 
@@ -41,6 +42,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden = width * mlp_ratio (3072 for ViT-Base)
     lm_name: str = "roberta-base"  # frozen LM: local dir, offline package or HF hub name
     vocab: str = "all"  # codebook tokens: "all" (every non-special token) or "words" (whole alphabetic words)
+    llm_vocab: str | None = None  # keep only words this LLM's tokenizer reads as one token after a space
+    # (hf:NAME, openai:MODEL or tiktoken:ENCODING; lqae.vocab); the chosen ids are saved with the weights
     exclude_special_tokens: bool = True  # the reference kept them; a code equal to [MASK]/[PAD] makes LM input ambiguous
     mask_ratio: float = 0.5  # per-token probability of the LM's mask embedding during training (0 at eval)
     mask_ratio_min: float | None = None  # set: each image draws its ratio uniformly from [mask_ratio_min, mask_ratio]
@@ -57,10 +60,22 @@ class ModelConfig:
     # "pca": the codebook's top latent_dim principal directions (a dense, fixed search space)
     latent_dim: int = 32  # width of the "latent" / "pca" search space
     codebook_weight: float = 1.0  # latent/mapped search only: pulls the mapped code towards the encoder output
-    decoder_input: str = "lm"  # "embeddings": diagnostic, the decoder reads the code embeddings and skips the LM
+    decoder_input: str = "lm"  # "lm_skip": the LM's last hidden state plus its input (the masked code embeddings);
+    # "embeddings": diagnostic, the decoder reads the code embeddings and skips the LM
+    decoder_head: str = "linear"  # "linear": each token's pixels from one linear map (the reference);
+    # "conv": each token unpatchifies to decoder_head_channels feature maps, then 3x3 convs blend the patch seams
+    decoder_head_channels: int = 32  # "conv" head: feature maps per pixel before the convolutions
+    global_tokens: int = 0  # G global tokens per image (learned encoder queries), read by the LM before the patch
+    # tokens and written first in the token text; 0 = the published method (patch tokens only)
+    global_vocab_size: int = 64  # words each global token chooses among (disjoint sets spread over the search space)
+    invariance_weight: float = 1.0  # self-distillation: two augmented views must choose the same global words
+    teacher_temperature: float = 0.04  # sharpens the EMA teacher's word distribution (DINO)
+    student_temperature: float = 0.1  # the student's word distribution
+    centre_momentum: float = 0.9  # EMA of the teacher's mean scores, subtracted before sharpening (no collapse)
     usage_weight: float = 0.0  # code-usage (entropy) regulariser; 0 in the reference. Ours: counters code collapse
     usage_temperature: float = 0.01  # softmax temperature over cosine similarities for that regulariser
     usage_sample_tokens: int = 1024  # tokens per step the regulariser looks at (bounds its memory)
+    usage_top_k: int = 0  # > 0: each token's soft assignment spans its nearest usage_top_k codes only (faster)
     search_chunk_tokens: int = 4096  # tokens per nearest-code matmul chunk; bounds memory to chunk x codebook floats
     # Filled in at training time from the loaded LM, checked on load so a wrong --lm fails loudly.
     lm_vocab_size: int | None = None  # rows of the LM's input embedding matrix
@@ -80,6 +95,10 @@ class ModelConfig:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= self.mask_ratio:
             raise ConfigError(f"mask_ratio_min must be in [0, mask_ratio={self.mask_ratio}], got {self.mask_ratio_min}")
+        if self.global_tokens < 0 or self.global_vocab_size < 1:
+            raise ConfigError(
+                f"global_tokens must be >= 0 and global_vocab_size >= 1, got {self.global_tokens}, {self.global_vocab_size}"
+            )
         for name in ("encoder", "decoder"):
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
             if width % heads:
@@ -91,9 +110,14 @@ class ModelConfig:
         return self.image_size // self.patch_size
 
     @property
-    def num_tokens(self) -> int:
-        """Tokens per image (the LM sequence length)."""
+    def num_patches(self) -> int:
+        """Patch tokens per image."""
         return self.grid_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image (the LM sequence length): the global tokens, then the patch tokens."""
+        return self.global_tokens + self.num_patches
 
 
 @dataclass
@@ -110,6 +134,8 @@ class TrainConfig:
     beta2: float = 0.95
     warmup_fraction: float = 0.05  # reference: 5 of 100 epochs, then cosine to 0
     mask_warmup_fraction: float = 0.0  # the mask ratio ramps linearly from 0 over this fraction of training
+    mask_cooldown_fraction: float = 0.0  # ... and linearly down to 0 over this last fraction
+    teacher_momentum: float = 0.99  # global tokens: EMA rate of the self-distillation teacher encoder
     min_lr_fraction: float = 0.0  # cosine floor as a fraction of the peak lr
     grad_clip: float = 0.0  # max grad norm; 0 disables (the reference does not clip)
     crop_scale_min: float = 0.2  # RandomResizedCrop scale range (0.2, 1)

@@ -207,9 +207,12 @@ class TrainDataset(torch.utils.data.Dataset):
     """Augmented training images. Items are addressed by (index, seed) so augmentation is a pure
     function of the sample schedule: resuming or changing worker counts gives the same batches."""
 
-    def __init__(self, folder: ImageFolder, size: int, crop_scale_min: float = 0.2, hflip: bool = True, augment: bool = True):
+    def __init__(self, folder: ImageFolder, size: int, crop_scale_min: float = 0.2, hflip: bool = True,
+                 augment: bool = True, views: int = 1):
+        """`views` > 1: each item is (views, 3, size, size), independent augmentations of one image
+        (the first is the one a single view would get), for the global tokens' self-distillation."""
         self.folder, self.size = folder, size
-        self.crop_scale, self.hflip, self.augment = (crop_scale_min, 1.0), hflip, augment
+        self.crop_scale, self.hflip, self.augment, self.views = (crop_scale_min, 1.0), hflip, augment, views
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -226,6 +229,11 @@ class TrainDataset(torch.utils.data.Dataset):
                 index = rng.randrange(len(self.folder))
         if not self.augment:
             return to_tensor(resize_center_crop(image, self.size))
+        if self.views > 1:
+            return torch.stack([self._augmented(image, rng) for _ in range(self.views)])  # (views, 3, H, W)
+        return self._augmented(image, rng)
+
+    def _augmented(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         image = random_resized_crop(image, self.size, rng, self.crop_scale)
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)

@@ -40,3 +40,47 @@ def save_png(image: torch.Tensor, path: Path, upscale: int = 1) -> None:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def token_picture(
+    image: torch.Tensor, reconstruction: torch.Tensor, words: list[str], grid: int, global_words: list[str],
+    path: Path, cell: int = 96,
+) -> None:
+    """Write a PNG for a person: the image (left) beside its reconstruction (right), each `cell`
+    pixels per patch, with each patch's word over its patch of both, and the global words above.
+    image, reconstruction: (C, H, W) in [0, 1]; words: the grid x grid patch tokens in row order."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    side, gap = cell * grid, cell // 4
+    header = cell // 2 if global_words else 0
+    font = ImageFont.load_default(size=max(10, cell // 7))
+    canvas = Image.new("RGB", (2 * side + gap, header + side), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, picture in enumerate((image, reconstruction)):
+        left = column * (side + gap)
+        canvas.paste(to_pil(picture).resize((side, side), Image.NEAREST), (left, header))
+        for index, word in enumerate(words):
+            row, col = divmod(index, grid)
+            x, y = left + col * cell + cell // 2, header + row * cell + cell // 2
+            draw.rectangle((left + col * cell, header + row * cell, left + (col + 1) * cell - 1,
+                            header + (row + 1) * cell - 1), outline=(255, 255, 255))
+            # a dark outline keeps the word legible on any patch
+            draw.text((x, y), _fit(word, font, cell - 4), fill="white", font=font, anchor="mm",
+                      stroke_width=2, stroke_fill="black")
+    if global_words:
+        draw.text((canvas.width // 2, header // 2), "global: " + " ".join(global_words), fill="black", font=font,
+                  anchor="mm")
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _fit(word: str, font, width: int) -> str:
+    """The word, cut with an ellipsis where it is wider than `width` pixels."""
+    if font.getlength(word) <= width:
+        return word
+    while word and font.getlength(word + "…") > width:
+        word = word[:-1]
+    return word + "…"

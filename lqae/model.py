@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,12 @@ from lqae.lm import FrozenLM, load_frozen_lm
 from lqae.quantizer import LanguageCodebook, select_token_ids
 from lqae.vit import Decoder, Encoder, init_weights
 
+if TYPE_CHECKING:
+    from lqae.distill import SelfDistillation
+
 log = logging.getLogger(__name__)
 
-TRAINABLE_MODULES = ("encoder", "decoder", "codebook")  # the codebook has weights only with a learned search map
+TRAINABLE_MODULES = ("encoder", "decoder", "codebook")  # the codebook's: a learned search map, the PCA, global words
 
 
 class LossBreakdown(NamedTuple):
@@ -28,6 +31,7 @@ class LossBreakdown(NamedTuple):
     mlm: torch.Tensor  # LM-head cross-entropy at masked positions (0 when skipped)
     usage: torch.Tensor  # code-usage regulariser (0 when usage_weight is 0 or at eval)
     codebook: torch.Tensor  # learned search map's codebook loss (0 with the reference search)
+    invariance: torch.Tensor  # global tokens' self-distillation loss between two views (0 without a second view)
 
 
 @dataclass
@@ -35,9 +39,9 @@ class LQAEOutput:
     """Result of `LQAE.forward`; shapes for a batch of B images with N tokens each."""
 
     reconstruction: torch.Tensor  # (B, C, H, W), unclamped
-    token_ids: torch.Tensor  # (B, N) LM vocabulary ids
-    codes: torch.Tensor  # (B, N) codebook indices
-    mask: torch.Tensor  # (B, N) bool, True where the LM saw its mask token
+    token_ids: torch.Tensor  # (B, L) LM vocabulary ids, L = G global + N patch tokens
+    codes: torch.Tensor  # (B, L) codebook indices
+    mask: torch.Tensor  # (B, L) bool, True where the LM saw its mask token (never a global token)
     encoder_norm: torch.Tensor  # scalar, mean L2 norm of the raw encoder output
     loss: torch.Tensor  # weighted total
     losses: LossBreakdown
@@ -47,16 +51,26 @@ class LQAE(nn.Module):
     """ViT encoder -> nearest frozen LM token embedding -> frozen LM -> ViT decoder."""
 
     def __init__(
-        self, config: ModelConfig, lm: FrozenLM | None = None, mlm_head: bool = True, for_loading: bool = False
+        self, config: ModelConfig, lm: FrozenLM | None = None, mlm_head: bool = True, for_loading: bool = False,
+        code_ids: list[int] | None = None,
     ) -> None:
         """`for_loading`: every trainable weight will come from a checkpoint, so skip the random
-        initialisation and fitting the search space (start-up time)."""
+        initialisation and fitting the search space (start-up time). `code_ids`: the LM ids of the
+        codes, as a checkpoint with an `llm_vocab` filter saved them (else the vocabulary filter
+        chooses them)."""
         super().__init__()
         lm = lm or load_frozen_lm(config.lm_name, mlm_head=mlm_head and config.mlm_weight > 0)
         word_embeddings = lm.input_embeddings
         vocab_rows, lm_width = word_embeddings.shape
         _check_lm_shape(config, vocab_rows, lm_width)
-        token_ids = select_token_ids(lm.tokenizer, vocab_rows, config.vocab, config.exclude_special_tokens)
+        if code_ids is not None:
+            token_ids = list(code_ids)
+        else:
+            token_ids = select_token_ids(lm.tokenizer, vocab_rows, config.vocab, config.exclude_special_tokens)
+            if config.llm_vocab:
+                from lqae.vocab import single_token_words
+
+                token_ids = single_token_words(lm.tokenizer, token_ids, config.llm_vocab)
         if config.codebook_size is not None and config.codebook_size != len(token_ids):
             raise CheckpointError(
                 f"the vocabulary filter {config.vocab!r} gives {len(token_ids)} codes with this LM, but the "
@@ -74,7 +88,9 @@ class LQAE(nn.Module):
             word_embeddings, token_ids, config.search_chunk_tokens, config.usage_temperature, config.usage_sample_tokens,
             encoder_output=config.encoder_output, commitment=config.commitment,
             straight_through=config.straight_through, search_space=config.search_space, latent_dim=config.latent_dim,
-            soft_top_k=config.soft_top_k, soft_temperature=config.soft_temperature, fit_search_space=not for_loading,
+            soft_top_k=config.soft_top_k, soft_temperature=config.soft_temperature,
+            usage_top_k=config.usage_top_k, global_tokens=config.global_tokens, global_vocab_size=config.global_vocab_size,
+            save_token_ids=config.llm_vocab is not None, fit_search_space=not for_loading,
         )
         mask_id = lm.tokenizer.mask_token_id
         if mask_id is None and config.mask_ratio > 0:
@@ -127,20 +143,34 @@ class LQAE(nn.Module):
 
     # -- main API --------------------------------------------------------------------------
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, mask_scale: float = 1.0
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        mask_scale: float = 1.0,
+        second_view: torch.Tensor | None = None,
+        distill: "SelfDistillation | None" = None,
     ) -> LQAEOutput:
-        """images: (B, C, H, W) in [0, 1]. Masks tokens only in training mode, at `mask_scale` times the
-        configured ratio (the trainer's mask warm-up)."""
-        z = self.encoder(images).z  # (B, N, D)
+        """images: (B, C, H, W) in [0, 1]. Masks patch tokens only in training mode, at `mask_scale`
+        times the configured ratio (the trainer's mask schedule). With global tokens, a second
+        augmented view of the same images (B, C, H, W) and the self-distillation teacher add the
+        invariance loss: each view's global tokens must choose the words the teacher chose for the other."""
+        z = self.encoder(images).z  # (B, L, D)
         quant = self.codebook(z, usage=self.training and self.config.usage_weight > 0)
+        invariance = z.new_zeros((), dtype=torch.float32)
+        if distill is not None and second_view is not None and self.config.global_tokens:
+            second = self.codebook.global_scores(self.encoder(second_view).z)  # (B, G, V_g)
+            invariance = distill.loss(
+                quant.global_scores, second, distill.teacher_scores(images, self.codebook),
+                distill.teacher_scores(second_view, self.codebook),
+            )
         mask = self._sample_mask(quant.codes.shape, images.device, generator, mask_scale)
         lm_input = quant.quantized
         if mask.any():
             lm_input = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(lm_input.dtype), lm_input)
-        hidden = self._decoder_input(lm_input)  # (B, N, D)
-        reconstruction = self.decoder(hidden)
+        decoder_input, lm_hidden = self._decoder_input(lm_input)  # (B, L, D) each
+        reconstruction = self.decoder(decoder_input)
         recon_loss = F.mse_loss(reconstruction.float(), images.float())
-        mlm_loss = self._mlm_loss(hidden, quant.token_ids, mask)
+        mlm_loss = self._mlm_loss(lm_hidden, quant.token_ids, mask)
         cfg = self.config
         loss = (
             cfg.recon_weight * recon_loss
@@ -148,10 +178,11 @@ class LQAE(nn.Module):
             + cfg.mlm_weight * mlm_loss
             + cfg.usage_weight * quant.usage_loss
             + cfg.codebook_weight * quant.codebook_loss
+            + cfg.invariance_weight * invariance
         )
         return LQAEOutput(
             reconstruction, quant.token_ids, quant.codes, mask, quant.encoder_norm, loss,
-            LossBreakdown(recon_loss, quant.commitment_loss, mlm_loss, quant.usage_loss, quant.codebook_loss),
+            LossBreakdown(recon_loss, quant.commitment_loss, mlm_loss, quant.usage_loss, quant.codebook_loss, invariance),
         )
 
     @torch.no_grad()
@@ -167,7 +198,7 @@ class LQAE(nn.Module):
 
             raise TokenError(f"got {token_ids.shape[-1]} tokens, this model expects {self.config.num_tokens}")
         codes = self.codebook.codes_from_token_ids(token_ids)
-        return self.decoder(self._decoder_input(self.codebook.embeddings[codes])).clamp(0, 1)
+        return self.decoder(self._decoder_input(self.codebook.embeddings[codes])[0]).clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -175,20 +206,29 @@ class LQAE(nn.Module):
         return self.decode(self.encode(images))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _decoder_input(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """What the decoder reads: the LM's last hidden state (the method), or, as a diagnostic that
-        separates quantizer limits from LM-channel limits, the code embeddings themselves."""
+    def _decoder_input(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what the decoder reads, the LM's last hidden state or None) for the LM input (B, N, D).
+        The decoder reads the LM's last hidden state (the method); with "lm_skip" also the LM's input
+        added to it (masked positions carry the mask embedding, so nothing of a masked code leaks);
+        with "embeddings", a diagnostic that separates quantizer limits from LM-channel limits, the
+        code embeddings themselves."""
         if self.config.decoder_input == "embeddings":
-            return embeddings
-        return self.run_lm(embeddings).last_hidden_state
+            return embeddings, None
+        hidden = self.run_lm(embeddings).last_hidden_state
+        return (hidden + embeddings if self.config.decoder_input == "lm_skip" else hidden), hidden
 
     def _sample_mask(self, shape, device, generator, scale: float = 1.0) -> torch.Tensor:
-        """(B, N) bool. A fixed per-token ratio, or with mask_ratio_min a ratio drawn per image from
-        [mask_ratio_min, mask_ratio]. (The official release draws a ratio per token, which for
-        independent tokens is the same as a fixed ratio at the range's mean.)"""
+        """(B, L) bool, False at the G global tokens. A fixed per-token ratio, or with mask_ratio_min
+        a ratio drawn per image from [mask_ratio_min, mask_ratio]. (The official release draws a
+        ratio per token, which for independent tokens is the same as a fixed ratio at the range's mean.)"""
         cfg = self.config
         if not self.training or self.mask_embedding is None or cfg.mask_ratio * scale <= 0:
             return torch.zeros(shape, dtype=torch.bool, device=device)
+        patches = self._sample_patch_mask((shape[0], shape[1] - cfg.global_tokens), device, generator, scale)
+        return torch.cat([patches.new_zeros(shape[0], cfg.global_tokens), patches], dim=1)
+
+    def _sample_patch_mask(self, shape, device, generator, scale: float) -> torch.Tensor:
+        cfg = self.config
         sample_device = generator.device if generator else device
         noise = torch.rand(shape, generator=generator, device=sample_device)
         ratio = torch.full((shape[0], 1), cfg.mask_ratio, device=sample_device)
@@ -198,9 +238,9 @@ class LQAE(nn.Module):
             )
         return (noise < ratio * scale).to(device)
 
-    def _mlm_loss(self, hidden: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.mlm_head is None or self.config.mlm_weight == 0 or not mask.any() or self.config.decoder_input != "lm":
-            return hidden.new_zeros(())
+    def _mlm_loss(self, hidden: torch.Tensor | None, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if hidden is None or self.mlm_head is None or self.config.mlm_weight == 0 or not mask.any():
+            return mask.new_zeros((), dtype=torch.float32)
         logits = self.mlm_head(hidden[mask])  # (M, V)
         return F.cross_entropy(logits.float(), token_ids[mask])
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lqae.errors import TokenError
+from lqae.errors import ConfigError, TokenError
 
 _SPECIAL_PATTERN = re.compile(r"^(\[[^\]]*\]|<[^>]*>|madeupword\d+)$")
 
@@ -83,13 +83,14 @@ def _nearest_codes_fp32(vectors: torch.Tensor, normalized_codebook: torch.Tensor
 
 
 class QuantizerOutput(NamedTuple):
-    quantized: torch.Tensor  # (B, N, D) raw LM embeddings, straight-through to the encoder
-    codes: torch.Tensor  # (B, N) indices into the codebook
-    token_ids: torch.Tensor  # (B, N) LM vocabulary ids
+    quantized: torch.Tensor  # (B, L, D) raw LM embeddings, straight-through to the encoder
+    codes: torch.Tensor  # (B, L) indices into the codebook
+    token_ids: torch.Tensor  # (B, L) LM vocabulary ids
     commitment_loss: torch.Tensor  # scalar, unweighted: pulls the encoder output towards its code
     usage_loss: torch.Tensor  # scalar: mean per-token code entropy minus entropy of the mean (0 when off)
     codebook_loss: torch.Tensor  # scalar: pulls the learned search map's code towards the encoder output (0 without one)
     encoder_norm: torch.Tensor  # scalar: mean L2 norm of the raw encoder output (shows norm drift)
+    global_scores: torch.Tensor  # (B, G, V_g) cosine of each global token to its V_g candidate words ((B, 0, 0) without)
 
 
 class LanguageCodebook(nn.Module):
@@ -120,6 +121,10 @@ class LanguageCodebook(nn.Module):
       saved with the weights so the search never depends on a re-computed SVD. 20k codes are dense
       on a 16-d sphere (nearest cosine ~0.8 for a random direction, against ~0.2 in 384-d), so the
       nearest code moves smoothly with the encoder output.
+    - global_tokens G > 0: the first G tokens of each sequence are global tokens; token g chooses
+      among its own `global_vocab_size` words (`global_codes[g]`: disjoint sets, spread over the
+      search space by farthest-point sampling, saved with the weights). `global_scores` are what
+      the self-distillation loss (`lqae.distill`) reads.
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class LanguageCodebook(nn.Module):
         chunk_tokens: int = 4096,
         usage_temperature: float = 0.01,
         usage_sample_tokens: int = 1024,
+        usage_top_k: int = 0,
         encoder_output: str = "linear",
         commitment: str = "mse",
         straight_through: str = "identity",
@@ -136,10 +142,14 @@ class LanguageCodebook(nn.Module):
         latent_dim: int = 32,
         soft_top_k: int = 32,
         soft_temperature: float = 0.05,
+        global_tokens: int = 0,
+        global_vocab_size: int = 64,
+        save_token_ids: bool = False,
         fit_search_space: bool = True,
     ) -> None:
         """`fit_search_space=False` leaves the PCA projection as zeros for a checkpoint's saved one to
-        replace (fitting it costs a fraction of a second at start-up)."""
+        replace (fitting it costs a fraction of a second at start-up). `save_token_ids`: the codes'
+        LM ids are saved with the weights (a vocabulary an LLM's tokenizer chose, `lqae.vocab`)."""
         super().__init__()
         vocab_rows, width = word_embeddings.shape
         ids = torch.tensor(token_ids, dtype=torch.long)
@@ -148,10 +158,11 @@ class LanguageCodebook(nn.Module):
         token_to_code[ids] = torch.arange(len(ids))
         self.register_buffer("embeddings", embeddings, persistent=False)  # (K, D) raw
         self.register_buffer("normalized", F.normalize(embeddings, dim=-1), persistent=False)  # (K, D)
-        self.register_buffer("code_to_token", ids, persistent=False)  # (K,)
+        self.register_buffer("code_to_token", ids, persistent=save_token_ids)  # (K,)
         self.register_buffer("token_to_code", token_to_code, persistent=False)  # (V,), -1 = not a code
         self.chunk_tokens = chunk_tokens
         self.usage_temperature, self.usage_sample_tokens = usage_temperature, usage_sample_tokens
+        self.usage_top_k = min(usage_top_k, len(ids))
         self.unit_output = encoder_output == "unit"
         self.embedding_scale = float(embeddings.norm(dim=-1).mean())  # typical |e|: the unit output's length
         self.cosine_commitment = commitment == "cosine"
@@ -173,6 +184,20 @@ class LanguageCodebook(nn.Module):
             self.register_buffer("pca_mean", mean)  # (D,) persistent: saved with the checkpoint
             self.register_buffer("pca_directions", directions)  # (d, D)
             self.register_buffer("pca_codes", self._pca(embeddings), persistent=False)  # (K, d) unit rows
+        self.global_tokens = global_tokens
+        if global_tokens:
+            count = global_tokens * global_vocab_size
+            if count > len(ids):
+                raise ConfigError(
+                    f"{global_tokens} global tokens x {global_vocab_size} words need {count} codes, but the codebook "
+                    f"has {len(ids)}; lower global_vocab_size"
+                )
+            if fit_search_space:
+                spread = farthest_points(self.search_vectors(embeddings)[1], count)  # (count,) code indices
+                chosen = spread.view(global_vocab_size, global_tokens).T.contiguous()  # round-robin: each set spread
+            else:
+                chosen = torch.zeros(global_tokens, global_vocab_size, dtype=torch.long)
+            self.register_buffer("global_codes", chosen)  # (G, V_g) persistent: saved with the checkpoint
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict, assign)
@@ -188,40 +213,70 @@ class LanguageCodebook(nn.Module):
         return self.embeddings.shape[0]
 
     def forward(self, z: torch.Tensor, usage: bool = False) -> QuantizerOutput:
-        """z: (B, N, D) encoder output in LM embedding space; `usage` adds the code-usage loss."""
+        """z: (B, L, D) encoder output in LM embedding space, the G global tokens first; `usage` adds
+        the code-usage loss (over the patch tokens)."""
         encoder_norm = z.detach().float().norm(dim=-1).mean()
-        if self.unit_output:
-            z = F.normalize(z, dim=-1) * self.embedding_scale
-        query, search_codes = self.search_vectors(z)  # (B, N, d), (K, d) unit rows
+        z = self._output(z)
+        query, search_codes = self.search_vectors(z)  # (B, L, d), (K, d) unit rows
         soft = self.straight_through == "soft" and self.training and torch.is_grad_enabled()
-        k = min(self.soft_top_k, self.size) if soft else 1
-        with torch.no_grad():
-            found = nearest_codes(query.detach().flatten(0, 1), search_codes, self.chunk_tokens, k)
-        candidates = found.view(*z.shape[:2], k) if k > 1 else None  # (B, N, k), nearest first
-        codes = candidates[..., 0] if k > 1 else found.view(z.shape[:2])
-        embedded = self.embeddings[codes].to(z.dtype)  # (B, N, D)
+        g = self.global_tokens
+        parts = [self._quantize(z[:, g:], query[:, g:], search_codes, None, soft)]  # the patch tokens
+        if g:
+            parts = [
+                self._quantize(z[:, i : i + 1], query[:, i : i + 1], search_codes[words], words, soft)
+                for i, words in enumerate(self.global_codes)
+            ] + parts
+        quantized = torch.cat([part[0] for part in parts], dim=1)  # (B, L, D)
+        codes = torch.cat([part[1] for part in parts], dim=1)  # (B, L)
+        embedded = self.embeddings[codes].to(z.dtype)  # (B, L, D)
         if self.cosine_commitment:  # gradient reaches z only: e is a constant
             commitment = 1 - F.cosine_similarity(z.float(), embedded.float(), dim=-1).mean()
         else:
             commitment = F.mse_loss(z.float(), embedded.float())
         codebook_loss = z.new_zeros((), dtype=torch.float32)
         if self.search_space in ("latent", "mapped"):
-            mapped = self.search_codes(codes)  # (B, N, d) unit rows, with gradient to the map
+            mapped = self.search_codes(codes)  # (B, L, d) unit rows, with gradient to the map
             commitment = commitment + F.mse_loss(query.float(), mapped.detach().float())
             codebook_loss = F.mse_loss(mapped.float(), query.detach().float())
+        usage_loss = self.usage_loss(query[:, g:], search_codes) if usage else z.new_zeros(())
+        global_scores = self._global_scores(query[:, :g], search_codes) if g else z.new_zeros(z.shape[0], 0, 0)
+        return QuantizerOutput(
+            quantized, codes, self.code_to_token[codes], commitment, usage_loss, codebook_loss, encoder_norm, global_scores
+        )
+
+    def _output(self, z: torch.Tensor) -> torch.Tensor:
+        """The "unit" encoder output: direction only, at the codebook's mean norm."""
+        return F.normalize(z, dim=-1) * self.embedding_scale if self.unit_output else z
+
+    def _quantize(self, z, query, search_codes, subset, soft) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest of `search_codes` (K', d) for each of z's (B, n, D) tokens (queries (B, n, d)), with
+        the configured straight-through; `subset` maps rows of search_codes to code indices (None: all
+        codes). Returns (quantized (B, n, D), code indices (B, n))."""
+        k = min(self.soft_top_k, search_codes.shape[0]) if soft else 1
+        with torch.no_grad():
+            found = nearest_codes(query.detach().flatten(0, 1), search_codes, self.chunk_tokens, k)
+        found = found.view(*z.shape[:2], k)  # (B, n, k) rows of search_codes, nearest first
+        candidates = subset[found] if subset is not None else found  # (B, n, k) code indices
+        codes = candidates[..., 0]
+        embedded = self.embeddings[codes].to(z.dtype)  # (B, n, D)
         if self.straight_through == "rotation":
-            quantized = rotate_onto(z, embedded)
-        elif candidates is not None:
-            sims = (query.unsqueeze(-2) * search_codes[candidates]).sum(-1)  # (B, N, k)
+            return rotate_onto(z, embedded), codes
+        if k > 1:
+            sims = (query.unsqueeze(-2) * search_codes[found]).sum(-1)  # (B, n, k)
             weights = (sims.float() / self.soft_temperature).softmax(dim=-1)
             # value: the nearest code; gradient: that of the softmax mixture sum_j w_j e_j
-            quantized = embedded + _MixtureGradient.apply(weights, candidates, self.embeddings, self.chunk_tokens).to(z.dtype)
-        else:
-            quantized = z + (embedded - z).detach()  # straight-through estimator
-        usage_loss = self.usage_loss(query, search_codes) if usage else z.new_zeros(())
-        return QuantizerOutput(
-            quantized, codes, self.code_to_token[codes], commitment, usage_loss, codebook_loss, encoder_norm
-        )
+            mixture = _MixtureGradient.apply(weights, candidates, self.embeddings, self.chunk_tokens)
+            return embedded + mixture.to(z.dtype), codes
+        return z + (embedded - z).detach(), codes  # straight-through estimator
+
+    def _global_scores(self, query: torch.Tensor, search_codes: torch.Tensor) -> torch.Tensor:
+        """Cosine of global queries (B, G, d) to each one's candidate words: (B, G, V_g)."""
+        return torch.einsum("bgd,gvd->bgv", query.float(), search_codes[self.global_codes].float())
+
+    def global_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """`global_scores` of encoder output z (B, L, D) without quantizing (the second view, the teacher)."""
+        query, search_codes = self.search_vectors(self._output(z[:, : self.global_tokens]))
+        return self._global_scores(query, search_codes)
 
     def search_vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries (B, N, d), codes (K, d)), both L2-normalised, in the space the search runs in."""
@@ -244,13 +299,25 @@ class LanguageCodebook(nn.Module):
     def usage_loss(self, query: torch.Tensor, search_codes: torch.Tensor) -> torch.Tensor:
         """Entropy regulariser on soft code assignments (as in MaskGIT/MAGVIT-v2's LFQ): confident per
         token, spread over the codebook per batch. A frozen codebook cannot move towards unused
-        encoder outputs, so without it the encoder tends to collapse onto a handful of codes."""
+        encoder outputs, so without it the encoder tends to collapse onto a handful of codes.
+        With `usage_top_k`, each token's assignment is a softmax over its nearest `usage_top_k`
+        codes only (at the usual temperature the rest carry almost no mass): the same loss without
+        a (tokens x codebook) softmax forward and backward."""
         flat = query.flatten(0, 1)
         stride = max(1, flat.shape[0] // self.usage_sample_tokens)
         sample = flat[::stride][: self.usage_sample_tokens].float()  # (S, d) unit rows
-        probs = (sample @ search_codes.T / self.usage_temperature).softmax(dim=-1)  # (S, K)
+        if self.usage_top_k:
+            with torch.no_grad():
+                nearest = nearest_codes(sample.detach(), search_codes, self.chunk_tokens, self.usage_top_k)  # (S, k)
+            scores = (sample.unsqueeze(1) * search_codes[nearest].float()).sum(-1)  # (S, k)
+            probs = (scores / self.usage_temperature).softmax(dim=-1)
+            mean = torch.zeros(search_codes.shape[0], device=probs.device).index_add(
+                0, nearest.flatten(), probs.flatten()
+            ) / probs.shape[0]  # (K,)
+        else:
+            probs = (sample @ search_codes.T / self.usage_temperature).softmax(dim=-1)  # (S, K)
+            mean = probs.mean(0)
         per_token = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        mean = probs.mean(0)
         return per_token + (mean * mean.clamp_min(1e-12).log()).sum()
 
     def codes_from_token_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -277,6 +344,20 @@ def rotate_onto(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     rotated = zf - 2 * r * (zf * r).sum(-1, keepdim=True) + 2 * v * (zf * u).sum(-1, keepdim=True)
     out = (scale * rotated).to(z.dtype)
     return out + (target - out).detach()  # exact forward value despite float rounding
+
+
+def farthest_points(unit_rows: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` row indices of (K, d) unit rows spread by farthest-point sampling on cosine: start at
+    the row nearest the mean direction, then repeatedly take the row least similar to all taken so
+    far. Deterministic. Returns (count,) long."""
+    rows = unit_rows.float()
+    chosen = torch.empty(count, dtype=torch.long)
+    chosen[0] = int((rows @ F.normalize(rows.mean(0), dim=0)).argmax())
+    nearest = rows @ rows[chosen[0]]  # (K,) similarity to the nearest chosen row
+    for i in range(1, count):
+        chosen[i] = int(nearest.argmin())
+        nearest = torch.maximum(nearest, rows @ rows[chosen[i]])
+    return chosen
 
 
 def principal_directions(centred: torch.Tensor, count: int) -> torch.Tensor:

@@ -28,11 +28,16 @@ class TokenDataset:
     classes: list[str]  # class names, index = label
     paths: list[str]  # source image path of each row
     model_config: dict  # config of the model that wrote the tokens
-    grid: tuple[int, int]  # (rows, columns) of the patch grid; rows * columns = L
+    grid: tuple[int, int]  # (rows, columns) of the patch grid; global tokens + rows * columns = L
     weights: str | None = None  # fingerprint of the weights that wrote the ids (checkpoint.weights_fingerprint)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+    @property
+    def global_tokens(self) -> int:
+        """How many of each row's ids are global tokens (they come first)."""
+        return int(self.model_config.get("global_tokens", 0) or 0)
 
 
 def is_token_dataset(path: str | Path) -> bool:
@@ -294,6 +299,11 @@ def check_same_weights(
     raise TokenError(f"{message}: {fix}, or pass --allow-foreign-tokens if you know why they match")
 
 
+def _layout(config) -> str:
+    globals_first = f"{config.global_tokens} global + " if config.global_tokens else ""
+    return f"{globals_first}{config.grid_size}x{config.grid_size} grid"
+
+
 def check_ids_fit(written: dict, length: int, config, source: str | Path, fix: str) -> None:
     """Token ids written by a model with config `written` (a dict) mean something to the model of
     `config` only when both share the LM (vocabulary and width) and the sequence length. Raise when
@@ -314,7 +324,7 @@ def check_ids_fit(written: dict, length: int, config, source: str | Path, fix: s
     if length != config.num_tokens:
         raise TokenError(
             f"{source} holds {length} tokens per image, this model expects {config.num_tokens} "
-            f"({config.grid_size}x{config.grid_size} grid): {fix}"
+            f"({_layout(config)}): {fix}"
         )
     differing = sorted(k for k in set(written) | set(current) if written.get(k) != current.get(k))
     if differing:

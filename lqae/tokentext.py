@@ -1,6 +1,7 @@
 """An image's LM token ids written as text, and read back with every check `decode` needs.
 
-Three written forms of the same (L,) ids, L = tokens per image:
+Three written forms of the same (L,) ids, L = tokens per image (the global tokens first, when the
+model has them, then the patches in row order):
 - "tokens": the LM's token strings joined by single spaces (`##ing`, `Ġthe` kept as they are).
   Token strings hold no whitespace, so this form round-trips exactly.
 - "text": the tokenizer's decoded string, as the paper prints it
@@ -56,22 +57,28 @@ class TokenText:
     """Render ids as token text and parse token text back into ids, for one model.
 
     tokenizer: the LM's HF tokenizer; token_to_code: (V,) tensor mapping LM ids to codebook
-    indices (-1 = not a code); length: tokens per image; grid: (rows, columns) of the patch grid.
+    indices (-1 = not a code); length: tokens per image; grid: (rows, columns) of the patch grid;
+    global_tokens: how many of the length come first, before the patches (0 for the published method).
     """
 
-    def __init__(self, tokenizer, token_to_code, length: int, grid: tuple[int, int], lm_name: str = "the LM") -> None:
+    def __init__(self, tokenizer, token_to_code, length: int, grid: tuple[int, int], lm_name: str = "the LM",
+                 global_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.is_code = [code >= 0 for code in token_to_code.tolist()]  # indexed by LM id
         self.length = length
         self.grid = tuple(grid)
         self.lm_name = lm_name
+        self.global_tokens = global_tokens
         self._vocab: dict[str, int] | None = None
 
     @classmethod
     def for_model(cls, model) -> "TokenText":
         grid = model.config.grid_size
         config = model.config
-        return cls(model.tokenizer, model.codebook.token_to_code, config.num_tokens, (grid, grid), config.lm_name)
+        return cls(
+            model.tokenizer, model.codebook.token_to_code, config.num_tokens, (grid, grid), config.lm_name,
+            config.global_tokens,
+        )
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -98,6 +105,8 @@ class TokenText:
         if form is TokenForm.ids:
             return " ".join(map(str, ids))
         record = {"path": path, "ids": ids, "tokens": self.tokens(ids), "text": self.text(ids), "grid": list(self.grid)}
+        if self.global_tokens:  # the first ids are global words (absent: none, as in the published method)
+            record["global_tokens"] = self.global_tokens
         return json.dumps(record, ensure_ascii=False)
 
     # -- text -> ids -----------------------------------------------------------------------------
@@ -165,7 +174,8 @@ class TokenText:
     # -- helpers ---------------------------------------------------------------------------------
     def _expected(self) -> str:
         rows, columns = self.grid
-        return f"{self.length} tokens ({rows}x{columns} grid)"
+        globals_first = f"{self.global_tokens} global + " if self.global_tokens else ""
+        return f"{self.length} tokens ({globals_first}{rows}x{columns} grid)"
 
     def _problem(self, ids: list[int], kind: str) -> str | None:
         """What keeps `ids` from being one image of this model, or None."""

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 DATA_FILE = "data.json"
 SAMPLES_DIR = "samples"
+DISTILL_PREFIX = "distill."  # the self-distillation state's tensors in train_state.safetensors
 
 
 class TrainingInterrupted(Exception):
@@ -62,9 +63,13 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
 
 def mask_scale_at(step: int, total: int, config: TrainConfig) -> float:
     """Fraction of the configured mask ratio in use at `step`: a linear ramp from 0 over
-    mask_warmup_fraction of training, then 1."""
-    ramp = config.mask_warmup_fraction * total
-    return 1.0 if ramp <= 0 else min(1.0, step / ramp)
+    mask_warmup_fraction of training, 1, then a linear ramp down to 0 over the last
+    mask_cooldown_fraction (so the decoder ends on the unmasked sequences it meets at encode time)."""
+    ramp_up, ramp_down = config.mask_warmup_fraction * total, config.mask_cooldown_fraction * total
+    scale = 1.0 if ramp_up <= 0 else min(1.0, step / ramp_up)
+    if ramp_down > 0:
+        scale = min(scale, max(0.0, (total - step) / ramp_down))
+    return scale
 
 
 def total_steps(config: TrainConfig, images: int) -> int:
@@ -139,16 +144,19 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
     model = LQAE(model_config).to(device)
     if train_tensors is not None:
         model.load_trainable_state_dict(ckpt.load_trainable_from(run_dir))
+    distill = _self_distillation(model, train_tensors)
     if train_config.compile:
         model.encoder.compile()
         model.decoder.compile()
-    optimizer = _build_optimizer(model, train_config)
+    optimizer = build_optimizer(model, train_config)
     if train_tensors is not None:
         ckpt.restore_optimizer(optimizer, train_tensors, train_meta.get("optimizer", {}))
     wrapped = _wrap_ddp(model, device) if world > 1 else model
 
     sampler = EpochBatchSampler(len(folder), micro_batch * train_config.grad_accum, train_config.seed, start_step, rank, world)
-    dataset = TrainDataset(folder, model_config.image_size, train_config.crop_scale_min, train_config.hflip)
+    dataset = TrainDataset(
+        folder, model_config.image_size, train_config.crop_scale_min, train_config.hflip, views=2 if distill else 1
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -192,14 +200,18 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
                     ((train_config.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
                 )
                 sync = micro == train_config.grad_accum - 1 or world == 1
+                views = {"second_view": chunk[:, 1], "distill": distill} if distill else {}
+                chunk = chunk[:, 0] if distill else chunk  # (b, C, H, W): the view that is reconstructed
                 with autocast, (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                    out = wrapped(chunk, generator=generator, mask_scale=mask_scale)
+                    out = wrapped(chunk, generator=generator, mask_scale=mask_scale, **views)
                 (out.loss / train_config.grad_accum).backward()
                 window.add(out, chunk)
             if train_config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if distill:
+                distill.update_teacher(model.encoder, train_config.teacher_momentum)
             step += 1
             window.time += time.perf_counter() - started
             window.steps += 1
@@ -228,7 +240,7 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
                     cb.on_validation(step, result.validation)
             interrupted = _any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
             if step % train_config.save_every == 0 or step == steps or interrupted:
-                _save(run_dir, model, train_config, step, optimizer, is_main, world)
+                _save(run_dir, model, train_config, step, optimizer, is_main, world, distill)
                 for cb in callbacks:
                     cb.on_checkpoint(step, run_dir)
             if interrupted:
@@ -261,6 +273,7 @@ class _Window:
         parts = {
             "loss": out.loss, "recon_loss": out.losses.reconstruction, "commitment_loss": out.losses.commitment,
             "mlm_loss": out.losses.mlm, "usage_loss": out.losses.usage, "codebook_loss": out.losses.codebook,
+            "invariance_loss": out.losses.invariance,
             "encoder_norm": out.encoder_norm, "psnr": psnr_tensor(out.reconstruction.detach(), images),
         }
         for key, value in parts.items():
@@ -310,7 +323,7 @@ class _SignalFlag:
                 signal.signal(s, handler)
 
 
-def _build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -321,9 +334,28 @@ def _build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(config.beta1, config.beta2))
 
 
-def _save(run_dir, model, config, step, optimizer, is_main, world) -> None:
+def _self_distillation(model, train_tensors: dict[str, torch.Tensor] | None):
+    """The global tokens' self-distillation state (teacher, centre), restored on resume; None
+    without global tokens or with invariance_weight 0."""
+    config = model.config
+    if not config.global_tokens or config.invariance_weight <= 0:
+        return None
+    from lqae.distill import SelfDistillation
+
+    distill = SelfDistillation(model)
+    if train_tensors is not None:
+        saved = {k[len(DISTILL_PREFIX):]: v for k, v in train_tensors.items() if k.startswith(DISTILL_PREFIX)}
+        if set(saved) != set(distill.state_dict()):
+            raise CheckpointError("the training state holds no self-distillation teacher for the global tokens")
+        distill.load_state_dict(saved)
+    return distill.to(model.device).train()
+
+
+def _save(run_dir, model, config, step, optimizer, is_main, world, distill=None) -> None:
     if is_main:
         tensors, meta = ckpt.optimizer_state_tensors(optimizer)
+        if distill is not None:
+            tensors.update({DISTILL_PREFIX + k: v for k, v in distill.state_dict().items()})
         ckpt.save_checkpoint(run_dir, model, config, step, tensors, {"optimizer": meta})
     if world > 1:
         dist.barrier()

@@ -25,6 +25,10 @@ def encode(
         "(round-trips exactly through `lqae decode`); ids; jsonl: path, ids, tokens, text and grid per image.",
     ),
     grid: bool = typer.Option(False, "--grid", help="Show each image's tokens as its h x w patch grid (for a person)."),
+    show: Optional[Path] = typer.Option(
+        None, "--show", help="Also write a PNG for a person: the image beside its reconstruction, each patch's word "
+        "over its patch and the global words above (one image).",
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o",
         help="Encode one folder into a token dataset FILE.safetensors (ids, labels from class sub-folders, paths, "
@@ -62,6 +66,13 @@ def encode(
         return
     if grid_png is not None or max_images is not None:
         raise ConfigError("--grid-png and --max-images belong to reconstruction quality: use `lqae eval DIR`")
+    if show is not None:
+        if out is not None or grid or len(inputs) != 1 or inputs[0].is_dir():
+            raise ConfigError("--show draws one image: pass exactly one image file (and no --out or --grid)")
+        if show.suffix.lower() != ".png":
+            raise ConfigError(f"--show {show} must end in .png")
+        _show(inputs[0], show, model, token_format, device, quiet)
+        return
     if grid and token_format is TokenForm.jsonl:
         raise ConfigError("--grid shows tokens or ids for a person; it cannot be combined with --format jsonl")
     if out is not None:
@@ -113,13 +124,29 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings
         _print_timings(spent, started, loaded)
 
 
+def _show(image: Path, picture: Path, model, token_format, device, quiet) -> None:
+    from lqae.codec import picture_tokens
+    from lqae.data import collect_images
+    from lqae.tokentext import TokenText
+    from lqae_cli.options import load_run
+
+    collect_images([image])  # a missing or corrupt image: one error line before the model loads
+    net = load_run(model, device)  # the decoder too: the picture shows the reconstruction
+    ids = picture_tokens(net, image, picture)
+    sys.stdout.write(TokenText.for_model(net).render(ids, token_format.value, str(image)) + "\n")
+    if not quiet:
+        sys.stderr.write(f"wrote {picture}\n")
+
+
 def _print_grid(token_text, ids: list[int], title: str | None, token_format: TokenForm) -> None:
     from rich.console import Console
     from rich.table import Table
 
     rows, columns = token_text.grid
     cells = [str(i) for i in ids] if token_format is TokenForm.ids else token_text.tokens(ids)
-    table = Table(title=title, show_header=False, show_lines=True)
+    first, cells = cells[: token_text.global_tokens], cells[token_text.global_tokens :]
+    caption = f"global: {' '.join(first)}" if first else None
+    table = Table(title=title, caption=caption, show_header=False, show_lines=True)
     for _ in range(columns):
         table.add_column(justify="center")
     for r in range(rows):

@@ -12,7 +12,7 @@ import typer
 
 from lqae.fewshot.backends import DEFAULT_LLM
 from lqae.fewshot.settings import (
-    DEFAULT_EPISODES, DEFAULT_WAYS, EVALUATION_SHOTS, IMAGE_TEXTS, LABEL_MODES, LABELLING_SHOTS, ORDERS, SCORING,
+    DEFAULT_EPISODES, DEFAULT_GLOBAL_WEIGHT, DEFAULT_WAYS, EVALUATION_SHOTS, IMAGE_TEXTS, LABEL_MODES, LABELLING_SHOTS, ORDERS, SCORING,
 )
 from lqae_cli.common import check_line_paths, handle_errors
 from lqae_cli.options import AllowForeignOption, DeviceOption, JsonOption, ModelOption, choice_enum
@@ -53,8 +53,12 @@ def fewshot(
         "(as drawn; lets a local model reuse one prompt prefix for every query it labels).",
     ),
     image_text: ImageText = typer.Option(
-        ImageText.sequence, help="Token text per image: sequence (patch order) or frequent (distinct tokens, most "
-        "frequent first; shorter).",
+        ImageText.sequence, help="Token text per image: sequence (global words, then patch order), frequent (global "
+        "words, then distinct patch tokens, most frequent first; shorter) or global (the global words alone).",
+    ),
+    global_weight: float = typer.Option(
+        DEFAULT_GLOBAL_WEIGHT, min=0.0, help="How many patch words a shared global word counts for in the token "
+        "overlap (--llm overlap and --order similar-last); models without global tokens ignore it.",
     ),
     ways: Optional[int] = typer.Option(None, help=f"Classes per episode (evaluation; default {DEFAULT_WAYS})."),
     shots: Optional[int] = typer.Option(
@@ -105,6 +109,7 @@ def fewshot(
         query is not None, ways=ways, shots=shots, episodes=episodes, seed=seed, repeats=repeats,
         induction=induction, scoring=scoring.value, labels=labels.value, length_norm=length_norm,
         context_tokens=context_tokens, calibrate=calibrate, order=order.value, image_text=image_text.value,
+        global_weight=global_weight,
         min_image_tokens=min_image_tokens, max_new_tokens=max_new_tokens,
     )
     job = FewshotJob(

@@ -30,6 +30,7 @@ class TokenPool:
     paths: list[str]  # source image of each row
     lm_name: str  # the LM whose tokenizer turns ids into token text
     weights: str | None = None  # fingerprint of the LQAE weights that wrote the ids, when known
+    global_tokens: int = 0  # how many of each row's ids are global tokens (they come first)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -65,6 +66,7 @@ def pool_from_dataset(dataset, source: str, need_classes: bool = True) -> TokenP
     return TokenPool(
         ids=dataset.ids.tolist(), labels=dataset.labels.tolist(), classes=list(dataset.classes),
         paths=[str(p) for p in dataset.paths], lm_name=lm_name, weights=dataset.weights,
+        global_tokens=dataset.global_tokens,
     )
 
 
@@ -145,9 +147,19 @@ def labelling_supports(support: TokenPool, shots: int | None, seed: int) -> list
     return chosen
 
 
-def shared_tokens(a: Counter, b: Counter) -> int:
-    """Token overlap of two images: the size of the multiset intersection of their ids."""
+def shared_tokens(a: Counter, b: Counter) -> float:
+    """Token overlap of two images: the size of the multiset intersection of their ids (bags from
+    `token_bag` count a global word `global_weight` times)."""
     return sum((a & b).values())
+
+
+def token_bag(ids: Sequence[int], global_tokens: int = 0, global_weight: float = 1.0) -> Counter:
+    """An image's ids as the multiset overlap compares; the first `global_tokens` (its global
+    words) count `global_weight` times each, the patch words once."""
+    bag = Counter(ids[global_tokens:])
+    for token in ids[:global_tokens]:
+        bag[token] += global_weight
+    return bag
 
 
 def letter_labels(count: int) -> list[str]:

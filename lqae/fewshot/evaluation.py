@@ -60,7 +60,7 @@ def evaluate_episodes(
     settings = settings.for_backend(backend)
     shots = settings.shots or 1
     eligible = check_episode_setup(support, query, settings.ways, shots)
-    text = PromptImageText(tokenizer, settings.image_text)
+    text = PromptImageText(tokenizer, settings.image_text, support.global_tokens, settings.global_weight)
     done = results.load() if results else {}
     records, resumed, computed_seconds = [], 0, []
     for index in range(settings.episodes):

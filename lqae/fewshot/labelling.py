@@ -74,7 +74,8 @@ def label_queries(
     if pending:
         shots = settings.shots or max(sum(1 for i in chosen if support.class_name(i) == c) for c in classes)
         support_set = SupportSet(
-            backend, template, settings, PromptImageText(tokenizer, settings.image_text), support, chosen, shown,
+            backend, template, settings, PromptImageText(tokenizer, settings.image_text, support.global_tokens, settings.global_weight),
+            support, chosen, shown,
             [position[support.class_name(i)] for i in chosen], queries.ids, shots,
         )
     predictions = []

@@ -141,11 +141,12 @@ class Sources:
         from lqae.tokendata import check_same_weights, is_token_dataset, read_token_dataset
 
         ids: list[list[int] | None] = []  # (N, L); None until an image file is encoded
-        names, lm_name, files, written_by = [], None, [], []
+        names, lm_name, files, written_by, global_tokens = [], None, [], [], 0
         for path in map(Path, paths):
             if is_token_dataset(path):
                 dataset = read_token_dataset(path)
                 written_by.append((f"query tokens {path}", dataset.weights))
+                global_tokens = dataset.global_tokens
                 ids += dataset.ids.tolist()
                 names += [str(p) for p in dataset.paths]
                 lm_name = lm_name or str(dataset.model_config.get("lm_name", ""))
@@ -166,13 +167,14 @@ class Sources:
             for (position, _), row in zip(files, encoded):
                 ids[position] = row
             lm_name = lm_name or model.config.lm_name
+            global_tokens = model.config.global_tokens
             written_by.insert(0, ("this model", model.weights_fingerprint))
         known = [(source, weights) for source, weights in written_by if weights]
         for source, weights in known[1:]:
             check_same_weights(
                 weights, known[0][1], source, known[0][0], "encode every query with one LQAE checkpoint", self.allow_foreign
             )
-        return TokenPool(ids, [-1] * len(ids), [], names, lm_name or "", known[0][1] if known else None)
+        return TokenPool(ids, [-1] * len(ids), [], names, lm_name or "", known[0][1] if known else None, global_tokens)
 
     def tokenizer(self, lm_name: str):
         """The tokenizer that turns LQAE token ids into token text."""
@@ -199,10 +201,10 @@ def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -
         queries.weights, support.weights, "the query tokens", "the support tokens'",
         "encode both with the same LQAE checkpoint", job.allow_foreign_tokens,
     )
-    if len(queries) and queries.tokens_per_image != support.tokens_per_image:
+    if len(queries) and (queries.tokens_per_image, queries.global_tokens) != (support.tokens_per_image, support.global_tokens):
         raise DataError(
-            f"support images have {support.tokens_per_image} tokens each but queries {queries.tokens_per_image}; "
-            "encode both with the same LQAE checkpoint"
+            f"support images have {support.tokens_per_image} tokens each ({support.global_tokens} global) but queries "
+            f"{queries.tokens_per_image} ({queries.global_tokens} global); encode both with the same LQAE checkpoint"
         )
 
 

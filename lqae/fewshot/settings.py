@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 SCORING = ("loglik", "generate", "constrained")
 LABEL_MODES = ("real", "open", "letters")
 ORDERS = ("random", "similar-last")
-IMAGE_TEXTS = ("sequence", "frequent")
+IMAGE_TEXTS = ("sequence", "frequent", "global")
 
 DEFAULT_WAYS = 2  # classes per episode (evaluation)
+DEFAULT_GLOBAL_WEIGHT = 4.0  # a global word stands for the whole image; measured in the README ("Global tokens")
 DEFAULT_EPISODES = 200
 EVALUATION_SHOTS = 1  # supports per class in an episode (the Frozen protocol's 1-shot)
 LABELLING_SHOTS = 5  # supports per class when labelling new images (fewer where a class has fewer)
@@ -38,7 +39,9 @@ class FewshotSettings:
     # (loglik scoring with an LLM), as it helps most with the default LLM (README, "Measured figures")
     calibrate: bool | None = None
     order: str = "similar-last"  # "similar-last" (most token overlap with the query last) or "random" (as drawn)
-    image_text: str = "sequence"  # "sequence" (patch order) or "frequent" (distinct tokens, most frequent first)
+    image_text: str = "sequence"  # "sequence" (global words, then patch order), "frequent" (global words, then
+    # distinct patch tokens, most frequent first) or "global" (the global words alone)
+    global_weight: float = DEFAULT_GLOBAL_WEIGHT  # a shared global word counts this many patch words (overlap, order)
     length_norm: bool = False  # loglik per label token instead of summed
     context_tokens: int | None = None  # None = the backend's window
     min_image_tokens: int | None = None  # shortest token text per image when fitting; None = half
@@ -80,6 +83,8 @@ class FewshotSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.global_weight < 0:
+            raise ConfigError(f"--global-weight must be 0 or more, got {self.global_weight}")
         if self.repeats < 0:
             raise ConfigError(f"--repeats must be 0 or more, got {self.repeats}")
         if self.calibrate and self.scoring != "loglik":

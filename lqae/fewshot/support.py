@@ -16,7 +16,6 @@ support whose tokens overlap the query's most right before the query (KATE-style
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -80,7 +79,7 @@ class SupportSet:
         self._priors: dict[tuple[int, ...], list[float]] = {}
         label_of = dict(zip(supports, support_labels))
         self.label_of = label_of
-        full = pool.tokens_per_image
+        full = text.full_length(pool.tokens_per_image)
         if settings.scoring == "generate" and backend.reads_text:
             longest = max(backend.count_text(label) for label in self.labels)
             self.max_new_tokens = settings.max_new_tokens or longest + 4
@@ -116,8 +115,10 @@ class SupportSet:
         fit, backend, settings = self.fit, self.backend, self.settings
         supports = self.ordered(fit.supports, query)
         prompts = self._prompts(supports, fit.repeats, fit.image_tokens, [query]) if backend.reads_text else []
+        text = self.text
         request = Request(
-            prompts, self.labels, [self.pool.ids[i] for i in supports], [self.label_of[i] for i in supports], [query],
+            prompts, self.labels, [text.shown(self.pool.ids[i]) for i in supports], [self.label_of[i] for i in supports],
+            [text.shown(query)], global_tokens=text.global_tokens, global_weight=text.global_weight,
         )
         count = backend.count(prompts[0]) if prompts else 0
         if settings.scoring == "constrained":
@@ -141,11 +142,12 @@ class SupportSet:
 
     def ordered(self, supports: Sequence[int], query: Sequence[int]) -> list[int]:
         """The supports in prompt order: as drawn, or with `similar-last` ascending by token overlap
-        with the query (ties keep the drawn order), so the most similar one comes right before it."""
+        with the query (the token text's words, global words weighted; ties keep the drawn order), so
+        the most similar one comes right before it."""
         if self.settings.order != "similar-last":
             return list(supports)
-        bag = Counter(query)
-        return sorted(supports, key=lambda i: shared_tokens(bag, Counter(self.pool.ids[i])))
+        bag = self.text.bag(query)
+        return sorted(supports, key=lambda i: shared_tokens(bag, self.text.bag(self.pool.ids[i])))
 
     def prior(self, supports: Sequence[int]) -> list[float]:
         """Each label's probability after the content-free queries, averaged (one short forward each

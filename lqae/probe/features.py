@@ -49,7 +49,9 @@ def extract_features(
     progress: ProgressCallback | None = None,
     stage: str = "features",
 ) -> torch.Tensor:
-    """(N, feature_dim) float32 on the CPU: the chosen hidden states, each mean-pooled over tokens.
+    """(N, feature_dim) float32 on the CPU: the chosen hidden states, each mean-pooled over tokens
+    (with global tokens: the global positions and the patch positions pooled apart, side by side,
+    as a ViT probe reads the class token beside the mean patch).
 
     Token datasets feed their ids straight to the LM (no image is re-encoded) unless encoder layers
     or a replacement `encoder` (the random-encoder baseline) need the pixels.
@@ -66,7 +68,7 @@ def extract_features(
         stop = start + len(ids)
         lm_states = model.lm_hidden_states(ids) if any(s == "lm" for s, _ in selected) else ()
         pooled = [
-            (lm_states if source == "lm" else encoder_states)[index].float().mean(dim=1)  # (B, D)
+            pool((lm_states if source == "lm" else encoder_states)[index].float(), model.config.global_tokens)
             for source, index in selected
         ]
         features[start:stop] = torch.cat(pooled, dim=1).cpu()
@@ -74,6 +76,13 @@ def extract_features(
             progress(stage, stop - start, len(split))
         start = stop
     return features
+
+
+def pool(states: torch.Tensor, global_tokens: int) -> torch.Tensor:
+    """(B, L, D) hidden states -> (B, D) mean over tokens, or (B, 2D) [global mean, patch mean]."""
+    if not global_tokens:
+        return states.mean(dim=1)
+    return torch.cat([states[:, :global_tokens].mean(dim=1), states[:, global_tokens:].mean(dim=1)], dim=1)
 
 
 def _token_batches(

@@ -51,5 +51,7 @@ def uses_encoder(layers: list[str]) -> bool:
 
 
 def feature_dim(model, layers: list[str]) -> int:
+    """Features per image: each layer's width, twice with global tokens (they are pooled apart)."""
     widths = {"lm": int(model.lm.config.hidden_size), "enc": int(model.config.encoder_width)}
-    return sum(widths[name.split(":")[0]] for name in layers)
+    pools = 2 if model.config.global_tokens else 1
+    return pools * sum(widths[name.split(":")[0]] for name in layers)

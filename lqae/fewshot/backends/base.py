@@ -24,6 +24,8 @@ class Request:
     support_ids: list[list[int]] = field(default_factory=list)  # LQAE token ids of each support
     support_labels: list[int] = field(default_factory=list)  # index into labels, per support
     query_ids: list[list[int]] = field(default_factory=list)  # LQAE token ids of each query
+    global_tokens: int = 0  # how many of each support's and query's ids are global words (they come first)
+    global_weight: float = 1.0  # how much a shared global word counts in a token overlap
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from lqae.fewshot.backends.base import Backend, BackendOptions, Request
-from lqae.fewshot.episodes import shared_tokens
+from lqae.fewshot.episodes import shared_tokens, token_bag
 
 
 class OverlapBackend(Backend):
     """No LLM: each label scores the largest token overlap (multiset intersection, as a fraction of
-    the query's tokens) between the query and one of that label's supports; ties go to the larger
-    mean overlap. The honest baseline: how much class information the tokens carry on their own."""
+    the query's tokens; a global word counts `global_weight` times) between the query and one of
+    that label's supports; ties go to the larger mean overlap. The honest baseline: how much class
+    information the tokens carry on their own."""
 
     name = "overlap"
     reads_text = False
@@ -22,13 +21,17 @@ class OverlapBackend(Backend):
         return None if target else cls()
 
     def loglik(self, request: Request) -> list[list[tuple[float, int]]]:
-        supports = [Counter(ids) for ids in request.support_ids]
+        def bag(ids):
+            return token_bag(ids, request.global_tokens, request.global_weight)
+
+        supports = [bag(ids) for ids in request.support_ids]
         results = []
         for query in request.query_ids:
-            bag, size = Counter(query), max(len(query), 1)
+            query_bag = bag(query)
+            size = max(sum(query_bag.values()), 1)
             overlaps: list[list[float]] = [[] for _ in request.labels]
             for support, label in zip(supports, request.support_labels):
-                overlaps[label].append(shared_tokens(bag, support) / size)
+                overlaps[label].append(shared_tokens(query_bag, support) / size)
             results.append([
                 (max(values) + 1e-3 * sum(values) / len(values), 0) if values else (float("-inf"), 0)
                 for values in overlaps

@@ -1,0 +1,71 @@
+"""Self-distillation of the global tokens between two augmented views (DINO: Caron et al. 2021,
+arXiv 2104.14294), with frozen word embeddings as the prototypes.
+
+Each global token g has its own candidate words (`LanguageCodebook.global_codes[g]`); its scores
+are the cosines of its query to those words in the search space. The teacher is an EMA copy of the
+encoder; its scores are centred (a running mean over batches, so one word cannot win every image)
+and sharpened (a low temperature), and the student's distribution for one view is trained towards
+the teacher's for the other. No labels and no paired text: the same image under different crops
+must choose the same few words.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class SelfDistillation(nn.Module):
+    """The EMA teacher encoder and the centre of its scores; training state, saved with the
+    optimiser's (never in model.safetensors)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        config = model.config
+        self.teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval()
+        self.register_buffer("centre", torch.zeros(config.global_tokens, config.global_vocab_size))  # (G, V_g)
+        self.teacher_temperature = config.teacher_temperature
+        self.student_temperature = config.student_temperature
+        self.centre_momentum = config.centre_momentum
+
+    def train(self, mode: bool = True) -> "SelfDistillation":
+        super().train(mode)
+        self.teacher.eval()  # running statistics, no batch statistics: the teacher only follows
+        return self
+
+    @torch.no_grad()
+    def teacher_scores(self, images: torch.Tensor, codebook) -> torch.Tensor:
+        """(B, G, V_g) the teacher's cosines of each global token to its words."""
+        return codebook.global_scores(self.teacher(images).z).float()
+
+    def loss(self, student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor,
+             teacher_b: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy from the sharpened, centred teacher of one view to the student of the other,
+        both ways, averaged over tokens and images; updates the centre. Inputs (B, G, V_g)."""
+        targets_a = ((teacher_a - self.centre) / self.teacher_temperature).softmax(-1)
+        targets_b = ((teacher_b - self.centre) / self.teacher_temperature).softmax(-1)
+        log_a = (student_a.float() / self.student_temperature).log_softmax(-1)
+        log_b = (student_b.float() / self.student_temperature).log_softmax(-1)
+        loss = -((targets_b * log_a).sum(-1).mean() + (targets_a * log_b).sum(-1).mean()) / 2
+        if self.training:
+            self._update_centre(torch.cat([teacher_a, teacher_b]))
+        return loss
+
+    @torch.no_grad()
+    def _update_centre(self, scores: torch.Tensor) -> None:
+        mean = scores.mean(0)  # (G, V_g)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        self.centre.mul_(self.centre_momentum).add_(mean, alpha=1 - self.centre_momentum)
+
+    @torch.no_grad()
+    def update_teacher(self, encoder: nn.Module, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student; buffers (running statistics) copied."""
+        for teacher, student in zip(self.teacher.parameters(), encoder.parameters()):
+            teacher.lerp_(student.detach(), 1 - momentum)
+        for teacher, student in zip(self.teacher.buffers(), encoder.buffers()):
+            teacher.copy_(student)

@@ -1,0 +1,56 @@
+"""An LLM-aligned vocabulary: keep only the words a prompting LLM reads as exactly one token after a
+space, so an image of L tokens costs L LLM tokens and word boundaries survive its tokenisation.
+
+`ModelConfig.llm_vocab` names the LLM's tokenizer as `--llm` does: `hf:NAME_OR_PATH` (a transformers
+tokenizer, a folder or a .gguf file), `openai:MODEL` (tiktoken's encoding for MODEL, else
+cl100k_base) or `tiktoken:ENCODING`. The chosen token ids are saved with the weights, so loading a
+checkpoint never needs the LLM's tokenizer again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from lqae.errors import ConfigError
+
+LLM_VOCAB_KINDS = ("hf", "openai", "tiktoken")
+
+
+def llm_token_counter(spec: str) -> Callable[[str], int]:
+    """A function giving the number of LLM tokens of a text, for a `--llm`-style spec."""
+    kind, _, target = spec.partition(":")
+    if kind not in LLM_VOCAB_KINDS or not target:
+        raise ConfigError(
+            f"llm_vocab {spec!r}: expected one of {', '.join(k + ':NAME' for k in LLM_VOCAB_KINDS)} "
+            "(e.g. tiktoken:cl100k_base or hf:HuggingFaceTB/SmolLM2-135M-Instruct)"
+        )
+    if kind == "hf":
+        from transformers import AutoTokenizer
+
+        from lqae.fewshot.backends.hf import resolve_llm
+        from lqae.lm import quiet_transformers
+
+        location, gguf_file = resolve_llm(target)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from lqae.fewshot.budget import DEFAULT_ENCODING, load_tiktoken
+
+    if kind == "tiktoken" and target != DEFAULT_ENCODING:
+        import tiktoken
+
+        encoding = tiktoken.get_encoding(target)
+    else:
+        encoding = load_tiktoken(target if kind == "openai" else None)
+    return lambda text: len(encoding.encode(text, disallowed_special=()))
+
+
+def single_token_words(lm_tokenizer, token_ids: Sequence[int], spec: str) -> list[int]:
+    """The ids among `token_ids` whose word (the LM token as text) the LLM of `spec` reads as one
+    token after a space, in order."""
+    count = llm_token_counter(spec)
+    words = [lm_tokenizer.decode([i]).strip() for i in token_ids]
+    kept = [i for i, word in zip(token_ids, words) if word and count(" " + word) == 1]
+    if not kept:
+        raise ConfigError(f"no word of the LM's vocabulary is one token of {spec}; check llm_vocab")
+    return kept

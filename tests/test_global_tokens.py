@@ -1,0 +1,223 @@
+"""Global tokens: G learned queries quantized to their own word sets, first in every sequence,
+trained by self-distillation between two views; and what reads them (token text, datasets, few-shot)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from conftest import tiny_model_config, tiny_train_config
+from safetensors.torch import load_file
+
+from lqae import checkpoint as ckpt
+from lqae.model import LQAE
+from lqae.train import train
+
+G, WORDS = 2, 8
+
+
+def global_config(lm_dir, **overrides):
+    fields = dict(global_tokens=G, global_vocab_size=WORDS)
+    fields.update(overrides)
+    return tiny_model_config(lm_dir, **fields)
+
+
+@pytest.fixture
+def global_model(tiny_lm_dir):
+    torch.manual_seed(0)
+    return LQAE(global_config(tiny_lm_dir)).eval()
+
+
+def test_global_words_come_first_and_from_their_own_sets(global_model):
+    config = global_model.config
+    assert config.num_tokens == G + config.grid_size**2
+    sets = global_model.codebook.global_codes  # (G, V_g) code indices
+    assert sets.shape == (G, WORDS)
+    assert len(set(sets.flatten().tolist())) == G * WORDS  # disjoint
+    images = torch.rand(5, 3, 16, 16)
+    ids = global_model.encode(images)
+    assert ids.shape == (5, config.num_tokens)
+    codes = global_model.codebook.codes_from_token_ids(ids)
+    for g in range(G):
+        assert set(codes[:, g].tolist()) <= set(sets[g].tolist())
+    assert global_model.decode(ids).shape == (5, 3, 16, 16)
+
+
+def test_farthest_points_spread_the_sets():
+    from lqae.quantizer import farthest_points
+
+    torch.manual_seed(0)
+    rows = torch.nn.functional.normalize(torch.randn(500, 8), dim=-1)
+    chosen = farthest_points(rows, 20)
+    assert len(set(chosen.tolist())) == 20
+    spread = rows[chosen] @ rows[chosen].T
+    random_pick = rows[:20] @ rows[:20].T
+    off = ~torch.eye(20, dtype=torch.bool)
+    assert spread[off].max() < random_pick[off].max()  # farther apart than 20 arbitrary rows
+
+
+def test_the_mask_never_hides_a_global_token(tiny_lm_dir):
+    torch.manual_seed(0)
+    model = LQAE(global_config(tiny_lm_dir, mask_ratio=0.9)).train()
+    out = model(torch.rand(4, 3, 16, 16))
+    assert out.mask.shape == (4, model.config.num_tokens)
+    assert not out.mask[:, :G].any() and out.mask[:, G:].any()
+
+
+def test_invariance_loss_needs_a_second_view_and_trains_the_student(tiny_lm_dir):
+    from lqae.distill import SelfDistillation
+
+    torch.manual_seed(0)
+    model = LQAE(global_config(tiny_lm_dir)).train()
+    distill = SelfDistillation(model).train()
+    images = torch.rand(4, 3, 16, 16)
+    assert model(images).losses.invariance == 0
+    out = model(images, second_view=images.flip(-1), distill=distill)
+    assert out.losses.invariance > 0 and torch.isfinite(out.loss)
+    out.losses.invariance.backward()
+    assert model.encoder.global_queries.grad.abs().sum() > 0  # the student learns
+    assert all(p.grad is None for p in distill.teacher.parameters())  # the teacher only follows
+    assert distill.centre.abs().sum() > 0  # the centre moved towards the teacher's mean scores
+
+
+def test_teacher_follows_the_student_by_ema(tiny_lm_dir):
+    from lqae.distill import SelfDistillation
+
+    torch.manual_seed(0)
+    model = LQAE(global_config(tiny_lm_dir))
+    distill = SelfDistillation(model)
+    before = distill.teacher.global_queries.detach().clone()
+    with torch.no_grad():
+        model.encoder.global_queries.add_(1.0)
+    distill.update_teacher(model.encoder, momentum=0.75)
+    assert torch.allclose(distill.teacher.global_queries, before + 0.25, atol=1e-6)
+
+
+def test_a_sharper_match_to_the_teacher_costs_less(tiny_lm_dir):
+    from lqae.distill import SelfDistillation
+
+    model = LQAE(global_config(tiny_lm_dir))
+    distill = SelfDistillation(model).eval()  # eval: the centre stays put
+    teacher = torch.zeros(3, G, WORDS)
+    teacher[..., 2] = 1.0  # the teacher picks word 2
+    agreeing, disagreeing = teacher.clone(), torch.roll(teacher, 1, dims=-1)
+    assert distill.loss(agreeing, agreeing, teacher, teacher) < distill.loss(disagreeing, disagreeing, teacher, teacher)
+
+
+def test_training_with_global_tokens_resumes_exactly(tiny_lm_dir, image_folder, tmp_path):
+    train(image_folder, tmp_path / "straight", global_config(tiny_lm_dir), tiny_train_config(steps=4, save_every=100))
+    train(image_folder, tmp_path / "resumed", global_config(tiny_lm_dir), tiny_train_config(steps=2))
+    state, _, _ = ckpt.load_train_state(tmp_path / "resumed")
+    assert any(k.startswith("distill.teacher.") for k in state) and "distill.centre" in state
+    train(image_folder, tmp_path / "resumed", global_config(tiny_lm_dir), tiny_train_config(steps=4), resume=True)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert max((straight[k].double() - resumed[k].double()).abs().max().item() for k in straight) <= 1e-6
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["invariance_loss"] > 0 for m in metrics if "invariance_loss" in m)
+
+
+def test_checkpoint_round_trip_keeps_the_global_sets(tiny_lm_dir, tmp_path):
+    torch.manual_seed(3)
+    model = LQAE(global_config(tiny_lm_dir)).eval()
+    ckpt.save_checkpoint(tmp_path / "run", model, tiny_train_config(), step=0)
+    loaded = ckpt.load_model(tmp_path / "run")
+    assert torch.equal(loaded.codebook.global_codes, model.codebook.global_codes)
+    images = torch.rand(3, 3, 16, 16)
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    assert (loaded.decode(model.encode(images)) - model.decode(model.encode(images))).abs().max() <= 1e-5
+    light = ckpt.load_model(tmp_path / "run", encode_only=True)
+    assert torch.equal(light.encode(images), model.encode(images))
+
+
+def test_models_without_global_tokens_are_unchanged(tiny_lm_dir, tiny_checkpoint):
+    model = ckpt.load_model(tiny_checkpoint)
+    assert model.config.global_tokens == 0 and model.encoder.global_queries is None
+    assert "codebook.global_codes" not in model.trainable_state_dict()
+    assert model.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
+
+
+def test_token_text_and_datasets_know_the_global_tokens(tiny_lm_dir, image_folder, tmp_path):
+    from lqae.data import scan_image_folder
+    from lqae.errors import TokenError
+    from lqae.fewshot.episodes import pool_from_dataset
+    from lqae.tokendata import encode_folder_to_file, read_token_dataset
+    from lqae.tokentext import TokenText
+
+    torch.manual_seed(0)
+    model = LQAE(global_config(tiny_lm_dir)).eval()
+    text = TokenText.for_model(model)
+    with pytest.raises(TokenError, match=r"18 tokens \(2 global \+ 4x4 grid\)"):
+        text.check_ids([5] * 16)
+    encode_folder_to_file(model, scan_image_folder(image_folder), tmp_path / "t.safetensors")
+    dataset = read_token_dataset(tmp_path / "t.safetensors")
+    assert dataset.ids.shape[1] == 18 and dataset.global_tokens == G
+    assert pool_from_dataset(dataset, "t").global_tokens == G
+    record = json.loads(text.render(dataset.ids[0].tolist(), "jsonl"))
+    assert record["global_tokens"] == G and record["grid"] == [4, 4]
+
+
+class Words:
+    """A tokenizer for prompt text: id i is the word w<i>."""
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def test_prompt_text_modes_put_global_words_first():
+    from lqae.errors import ConfigError
+    from lqae.fewshot.prompts import PromptImageText
+
+    ids = [7, 8, 1, 2, 2, 3, 3, 3]  # two global words, then patches
+    assert PromptImageText(Words(), "sequence", 2)(ids) == "w7 w8 w1 w2 w2 w3 w3 w3"
+    assert PromptImageText(Words(), "frequent", 2)(ids) == "w7 w8 w3 w2 w1"
+    assert PromptImageText(Words(), "global", 2)(ids) == "w7 w8"
+    assert PromptImageText(Words(), "sequence", 2)(ids, 3) == "w7 w8 w1"  # a cut drops patches first
+    assert PromptImageText(Words(), "global", 2).full_length(8) == 2
+    assert PromptImageText(Words(), "sequence", 2, global_weight=4.0).bag(ids) == Counter(
+        {7: 4.0, 8: 4.0, 1: 1, 2: 2, 3: 3}
+    )
+    with pytest.raises(ConfigError, match="global_tokens 0"):
+        PromptImageText(Words(), "global", 0)
+
+
+def test_overlap_weighs_a_shared_global_word():
+    from lqae.fewshot.backends.base import Request
+    from lqae.fewshot.backends.overlap import OverlapBackend
+
+    # the query shares its global word (9) with support 0, and two patch words with support 1
+    supports = [[9, 1, 2, 3, 4], [8, 5, 6, 3, 4]]
+    query = [9, 5, 6, 7, 7]
+
+    def answer(weight: float) -> int:
+        request = Request([], ["a", "b"], supports, [0, 1], [query], global_tokens=1, global_weight=weight)
+        return OverlapBackend().constrained(request)[0]
+
+    assert answer(1.0) == 1 and answer(4.0) == 0
+
+
+def test_fewshot_and_show_with_a_global_model(tiny_lm_dir, image_folder, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lqae_cli.app import app
+
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(tmp_path / "run", LQAE(global_config(tiny_lm_dir)), tiny_train_config(), step=0)
+    runner = CliRunner()
+    image = next(iter(sorted((image_folder / "red").glob("*.png"))))
+    shown = runner.invoke(app, ["encode", str(image), "-m", str(tmp_path / "run"), "--show", str(tmp_path / "s.png")])
+    assert shown.exit_code == 0, shown.output
+    assert len(shown.stdout.split()) >= 18  # the token text: 2 global + 16 patch words
+    picture = Image.open(tmp_path / "s.png")
+    assert picture.height > picture.width // 2 > 0  # two images side by side, the global words above
+    grid = runner.invoke(app, ["encode", str(image), "-m", str(tmp_path / "run"), "--grid"])
+    assert grid.exit_code == 0 and "global:" in grid.stdout
+    result = runner.invoke(app, [
+        "fewshot", "--support", str(image_folder), "--query", str(image_folder), "-m", str(tmp_path / "run"),
+        "--llm", "overlap", "--episodes", "5", "--image-text", "global", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["episodes"] == 5
