@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +26,72 @@ CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer imp
     "search_space": ("embedding", "latent", "mapped", "pca"),
     "decoder_input": ("lm", "embeddings"),
 }
+
+
+# Ranges of the numeric fields, (lowest, highest) inclusive; None leaves a side open. Generous: they
+# exist to turn a typo (patch_size 0, image_size 10**9) into one clear line instead of a division by
+# zero or an exabyte allocation, not to forbid unusual experiments.
+MODEL_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "image_size": (1, 8192), "patch_size": (1, 8192), "channels": (1, 4),
+    "encoder_width": (1, 16384), "encoder_depth": (1, 256), "encoder_heads": (1, 1024),
+    "decoder_width": (1, 16384), "decoder_depth": (1, 256), "decoder_heads": (1, 1024),
+    "mlp_ratio": (1e-3, 64), "mask_ratio": (0, 1), "mask_ratio_min": (0, 1),
+    "commitment_weight": (0, None), "recon_weight": (0, None), "mlm_weight": (0, None),
+    "soft_top_k": (1, 65536), "soft_temperature": (1e-6, None), "latent_dim": (1, 16384),
+    "codebook_weight": (0, None), "usage_weight": (0, None), "usage_temperature": (1e-6, None),
+    "usage_sample_tokens": (1, 1 << 20), "search_chunk_tokens": (1, 1 << 20),
+    "lm_vocab_size": (1, None), "lm_width": (1, None), "codebook_size": (1, None),
+}
+MAX_TOKENS_PER_IMAGE = 65536  # (image_size / patch_size)^2: far beyond any LM's context
+
+
+def check_fields(config: Any, limits: dict[str, tuple[float | None, float | None]]) -> None:
+    """Every field of a config dataclass has its annotated type (an int field takes no 32.0 and no
+    "abc", a bool field no "no") and lies in its range; one ConfigError names every bad field."""
+    hints = typing.get_type_hints(type(config))
+    problems = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        problem = _type_problem(value, hints[field.name]) or _range_problem(value, limits.get(field.name))
+        if problem:
+            problems.append(f"{field.name} {problem}, got {value!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if isinstance(config, ModelConfig) and (config.image_size // config.patch_size) ** 2 > MAX_TOKENS_PER_IMAGE:
+        raise ConfigError(
+            f"image_size {config.image_size} / patch_size {config.patch_size} gives "
+            f"{(config.image_size // config.patch_size) ** 2:,} tokens per image; at most {MAX_TOKENS_PER_IMAGE:,}"
+        )
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        return None if type(None) in allowed else "must not be null"
+    kind = next(t for t in allowed if t is not type(None))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return None
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return f"must be {names.get(kind, kind.__name__)}" + (" or null" if type(None) in allowed else "")
+
+
+def _range_problem(value: Any, limits: tuple[float | None, float | None] | None) -> str | None:
+    if limits is None or value is None:
+        return None
+    low, high = limits
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            return f"must be at least {low}"
+        return f"must be between {low} and {high}"
+    return None
 
 
 @dataclass
@@ -68,6 +137,7 @@ class ModelConfig:
     codebook_size: int | None = None  # number of codes after the vocabulary filter
 
     def __post_init__(self) -> None:
+        check_fields(self, MODEL_LIMITS)
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image size {self.image_size} is not divisible by patch size {self.patch_size}; "
@@ -94,6 +164,15 @@ class ModelConfig:
     def num_tokens(self) -> int:
         """Tokens per image (the LM sequence length)."""
         return self.grid_size**2
+
+
+TRAIN_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "batch_size": (1, None), "grad_accum": (1, None), "epochs": (1e-6, None), "steps": (1, None),
+    "base_lr": (1e-12, 1e3), "weight_decay": (0, None), "beta1": (0, 0.999999), "beta2": (0, 0.999999),
+    "warmup_fraction": (0, 1), "mask_warmup_fraction": (0, 1), "min_lr_fraction": (0, 1), "grad_clip": (0, None),
+    "crop_scale_min": (1e-6, 1), "num_workers": (-1, 1024), "log_every": (1, None), "sample_every": (1, None),
+    "save_every": (1, None), "val_every": (1, None), "seed": (0, 2**31 - 1),
+}
 
 
 @dataclass
@@ -124,6 +203,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, TRAIN_LIMITS)
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch size and gradient accumulation must be positive")
         if self.batch_size % self.grad_accum:
