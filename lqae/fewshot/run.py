@@ -136,35 +136,36 @@ class Sources:
 
     def images(self, paths: list[Path]) -> TokenPool:
         """Query images to label, in the order given: image files, folders of images (recursive), or
-        token datasets (every row)."""
-        from lqae.data import IMAGE_EXTENSIONS, collect_images
+        token datasets (every row). Unreadable images inside folders are skipped and named."""
+        from lqae.data import IMAGE_EXTENSIONS, collect_images, found_in_folders
         from lqae.tokendata import check_same_weights, is_token_dataset, read_token_dataset
 
-        ids: list[list[int] | None] = []  # (N, L); None until an image file is encoded
-        names, lm_name, files, written_by = [], None, [], []
+        queries: list[tuple[str, list[int] | None]] = []  # (name, ids); ids None until the image is encoded
+        lm_name, files, written_by = None, [], []
         for path in map(Path, paths):
             if is_token_dataset(path):
                 dataset = read_token_dataset(path)
                 written_by.append((f"query tokens {path}", dataset.weights))
-                ids += dataset.ids.tolist()
-                names += [str(p) for p in dataset.paths]
+                queries += [(str(name), row) for name, row in zip(dataset.paths, dataset.ids.tolist())]
                 lm_name = lm_name or str(dataset.model_config.get("lm_name", ""))
                 continue
             if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise DataError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)}) or a token dataset (.safetensors)")
             for image in collect_images([path]):
-                files.append((len(names), image))
-                names.append(str(image))
-                ids.append(None)
+                files.append(image)
+                queries.append((str(image), None))
         if files:
             from lqae.codec import encode_images
 
-            model = self.model(f"query {files[0][1]}")
+            model = self.model(f"query {files[0]}")
             self.stage(f"encoding {len(files)} query images")
-            batches = encode_images(model, [image for _, image in files], ENCODE_BATCH)  # (paths, ids (b, L))
-            encoded = [row for _, batch_ids in batches for row in batch_ids.tolist()]
-            for (position, _), row in zip(files, encoded):
-                ids[position] = row
+            encoded = {  # path -> ids (L,); images that could not be decoded are missing
+                str(image): row
+                for chunk, batch_ids in encode_images(model, files, ENCODE_BATCH, skip_unreadable=found_in_folders(paths))
+                for image, row in zip(chunk, batch_ids.tolist())
+            }
+            queries = [(name, ids if ids is not None else encoded.get(name)) for name, ids in queries]
+            queries = [(name, ids) for name, ids in queries if ids is not None]
             lm_name = lm_name or model.config.lm_name
             written_by.insert(0, ("this model", model.weights_fingerprint))
         known = [(source, weights) for source, weights in written_by if weights]
@@ -172,6 +173,9 @@ class Sources:
             check_same_weights(
                 weights, known[0][1], source, known[0][0], "encode every query with one LQAE checkpoint", self.allow_foreign
             )
+        if not queries:
+            raise DataError("none of the query images could be read")
+        names, ids = [name for name, _ in queries], [row for _, row in queries]
         return TokenPool(ids, [-1] * len(ids), [], names, lm_name or "", known[0][1] if known else None)
 
     def tokenizer(self, lm_name: str):
