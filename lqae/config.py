@@ -168,7 +168,7 @@ class ModelConfig:
 
 TRAIN_LIMITS: dict[str, tuple[float | None, float | None]] = {
     "batch_size": (1, None), "grad_accum": (1, None), "epochs": (1e-6, None), "steps": (1, None),
-    "base_lr": (1e-12, 1e3), "weight_decay": (0, None), "beta1": (0, 0.999999), "beta2": (0, 0.999999),
+    "base_lr": (1e-12, None), "weight_decay": (0, None), "beta1": (0, 0.999999), "beta2": (0, 0.999999),
     "warmup_fraction": (0, 1), "mask_warmup_fraction": (0, 1), "min_lr_fraction": (0, 1), "grad_clip": (0, None),
     "crop_scale_min": (1e-6, 1), "num_workers": (-1, 1024), "log_every": (1, None), "sample_every": (1, None),
     "save_every": (1, None), "val_every": (1, None), "seed": (0, 2**31 - 1),
@@ -349,6 +349,57 @@ def configure(preset: str, overrides: Sequence[str] = (), **options: Any) -> Pre
         dataclasses.replace(chosen.train, **{k: v for k, v in given.items() if k in train_fields}),
         chosen.summary,
     )
+
+
+# What `--resume` may change: bookkeeping that leaves the weights a run produces as they are.
+RESUME_CHANGES = frozenset({
+    "steps", "epochs", "num_workers", "log_every", "sample_every", "save_every", "val_every", "compile",
+    "search_chunk_tokens",
+})
+_FILLED_AT_TRAINING = frozenset({"lm_vocab_size", "lm_width", "codebook_size"})
+
+
+def asked_fields(overrides: Sequence[str] = (), **options: Any) -> set[str]:
+    """The config fields a command line chose: `--set` keys and the options that are not None
+    (`configure`'s rule included: epochs without steps chooses steps too)."""
+    asked = {pair.partition("=")[0].strip() for pair in overrides}
+    asked |= {name for name, value in options.items() if value is not None}
+    if "epochs" in asked:
+        asked.add("steps")
+    return asked
+
+
+def resumed_configs(
+    saved_model: "ModelConfig", saved_train: "TrainConfig | None", model: "ModelConfig", train: "TrainConfig",
+    asked: set[str] | None = None,
+) -> tuple["ModelConfig", "TrainConfig"]:
+    """What a resumed run continues with: the saved configs, with the fields of RESUME_CHANGES
+    taken from the request. Any other field the request chose (`asked`; every field when None) that
+    differs from the saved run is refused: one ConfigError lists each difference."""
+    refused, changes = [], {}
+    for saved, requested in ((saved_model, model), (saved_train, train)):
+        if saved is None:  # a checkpoint saved without its training config: the request's stands
+            continue
+        for field in dataclasses.fields(saved):
+            name = field.name
+            if name in _FILLED_AT_TRAINING or (asked is not None and name not in asked):
+                continue
+            old, new = getattr(saved, name), getattr(requested, name)
+            if old == new or (name == "steps" and new is None and asked is None):  # None: the saved count
+                continue
+            if name in RESUME_CHANGES:
+                changes[name] = new
+            else:
+                refused.append(f"{name} (trained with {old!r}, asked {new!r})")
+    if refused:
+        raise ConfigError(
+            "--resume continues a run with the configuration it was trained with, and these options differ: "
+            + ", ".join(refused) + "; drop them to resume, or train a new run with another --out"
+        )
+    model_changes = {k: v for k, v in changes.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    train_changes = {k: v for k, v in changes.items() if k not in model_changes}
+    resumed_train = dataclasses.replace(saved_train, **train_changes) if saved_train is not None else train
+    return dataclasses.replace(saved_model, **model_changes), resumed_train
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -149,7 +149,7 @@ def test_bad_model_config_values_are_one_clear_line(field, value, needle):
 
 @pytest.mark.parametrize("field, value, needle", [
     ("steps", "abc", "steps must be an integer or null"),
-    ("base_lr", -5, "base_lr must be between"),
+    ("base_lr", -5, "base_lr must be at least"),
     ("seed", 1.5, "seed must be an integer"),
     ("hflip", "yes", "hflip must be true or false"),
     ("beta2", 1.0, "beta2 must be between"),
@@ -177,8 +177,116 @@ def test_set_and_options_with_bad_values_are_one_error_line(tiny_lm_dir, image_f
     for args, needle in [
         (["--set", "patch_size=0"], "patch_size must be between 1"),
         (["--set", "steps=abc"], "steps must be an integer or null"),
-        (["--lr", "-5"], "base_lr must be between"),
+        (["--lr", "-5"], "base_lr must be at least"),
         (["--set", "exclude_special_tokens=no"], "exclude_special_tokens must be true or false"),
     ]:
         assert_one_error_line(invoke("train", image_folder, "--out", tmp_path / "run", *common, *args), needle)
     assert not (tmp_path / "run").exists()
+
+
+# -- item 1: a diverging run stops, names the step, and keeps the last good checkpoint ----------------
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_nan_loss_stops_training_at_the_next_log_line_naming_its_step(tiny_lm_dir, image_folder, tmp_path):
+    from lqae.errors import TrainingError
+    from lqae.train import TrainCallback, train
+
+    class Steps(TrainCallback):
+        seen: list[int] = []
+
+        def on_step(self, step, metrics):
+            self.seen.append(step)
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="diverged.*at step 2.*nothing was saved.*lower --lr"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir),
+              tiny_train_config(steps=6, base_lr=1e12, log_every=3, save_every=100), callbacks=[Steps()])
+    assert Steps.seen == [1, 2]  # found at step 3's log line, not by a sync at every step
+    lines = strict_json_lines(run / "metrics.jsonl")  # no bare NaN
+    assert [line["step"] for line in lines] == [3] and lines[0]["loss"] is None
+    assert not (run / "model.safetensors").exists()
+
+
+def test_a_diverged_run_keeps_its_last_good_checkpoint(tiny_lm_dir, image_folder, tmp_path):
+    from lqae.errors import TrainingError
+    from lqae.train import train
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="keeps its checkpoint of step 1"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir),
+              tiny_train_config(steps=6, base_lr=1e12, log_every=100, save_every=1))
+    assert ckpt.read_config(run)[2] == 1
+    model = ckpt.load_model(run)
+    assert all(torch.isfinite(t).all() for t in model.trainable_state_dict().values())
+
+
+def test_finiteness_is_read_only_at_log_lines_and_saves(tiny_lm_dir, image_folder, tmp_path, monkeypatch):
+    from lqae import train as training
+
+    checks = []
+    check = training._Health.check
+    monkeypatch.setattr(training._Health, "check", lambda self, *a: checks.append(1) or check(self, *a))
+    training.train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir),
+                   tiny_train_config(steps=6, log_every=3, save_every=100, sample_every=100, val_every=100))
+    assert len(checks) == 3  # log lines at steps 3 and 6, the save at step 6: no host sync per step
+
+
+def test_train_cli_reports_divergence_in_one_line(tiny_lm_dir, image_folder, tmp_path):
+    result = invoke("train", image_folder, "--out", tmp_path / "nan1", "--lm", tiny_lm_dir, "--image-size", "16",
+                    "--patch-size", "4", "--steps", "6", "--batch-size", "8", "--log-every", "1", "--lr", "1e12",
+                    "--workers", "0", "--quiet")
+    assert_one_error_line(result, "diverged", "at step 2")
+    strict_json_lines(tmp_path / "nan1" / "metrics.jsonl")
+
+
+# -- item 10: --resume and changed options or data --------------------------------------------------
+
+
+def test_resume_refuses_changed_options_and_other_data(tiny_lm_dir, image_folder, tmp_path):
+    from conftest import write_class_images
+    from lqae.train import train
+
+    run = tmp_path / "run"
+    train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    record = (run / "data.json").read_text()
+    with pytest.raises(ConfigError, match=r"batch_size \(trained with 8, asked 4\).*base_lr"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=4, batch_size=4, base_lr=0.1),
+              resume=True)
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir, mask_ratio=0.1), tiny_train_config(steps=4), resume=True)
+    other = write_class_images(tmp_path / "other", seed=3)
+    from lqae.errors import DataError
+
+    with pytest.raises(DataError, match="holds other data"):
+        train(other, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=4), resume=True)
+    assert (run / "data.json").read_text() == record and ckpt.read_config(run)[2] == 2
+    moved = tmp_path / "moved"
+    image_folder.rename(moved)  # the same images elsewhere: fine, and the record keeps its data
+    train(moved, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=3, log_every=5), resume=True)
+    assert ckpt.read_config(run)[2] == 3
+    assert json.loads((run / "data.json").read_text())["train"] == json.loads(record)["train"]
+
+
+def test_resume_on_the_command_line_compares_only_the_options_given(tiny_lm_dir, image_folder, tmp_path):
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet",
+              "--workers", "0"]
+    first = invoke("train", image_folder, "--out", tmp_path / "run", "--steps", "1", *common)
+    assert first.exit_code == 0, first.output
+    for args, needle in [
+        (["--batch-size", "8"], "batch_size (trained with 4, asked 8)"),
+        (["--lr", "0.5"], "base_lr"),
+        (["--set", "weight_decay=0.3"], "weight_decay"),
+        (["--preset", "small"], "encoder_width (trained with 128, asked 384)"),
+    ]:
+        result = invoke("train", image_folder, "--out", tmp_path / "run", "--steps", "2", "--resume", *common, *args)
+        assert_one_error_line(result, "--resume", needle)
+    bare = invoke("train", image_folder, "--out", tmp_path / "run", "--steps", "2", "--resume", "--quiet")
+    assert bare.exit_code == 0, bare.output  # nothing asked but more steps: the saved configuration goes on
+    assert ckpt.read_config(tmp_path / "run")[2] == 2
