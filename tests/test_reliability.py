@@ -290,3 +290,181 @@ def test_resume_on_the_command_line_compares_only_the_options_given(tiny_lm_dir,
     bare = invoke("train", image_folder, "--out", tmp_path / "run", "--steps", "2", "--resume", "--quiet")
     assert bare.exit_code == 0, bare.output  # nothing asked but more steps: the saved configuration goes on
     assert ckpt.read_config(tmp_path / "run")[2] == 2
+
+
+# -- item 6: encode --out over a file that is not a token dataset ------------------------------------
+
+
+def test_encode_out_never_replaces_a_checkpoints_weights(tiny_checkpoint, image_folder, tmp_path):
+    weights = tiny_checkpoint / "model.safetensors"
+    before = weights.read_bytes()
+    result = invoke("encode", image_folder, "-m", tiny_checkpoint, "--out", weights, "-q")
+    assert_one_error_line(result, "is not a token dataset", "refusing to overwrite")
+    assert weights.read_bytes() == before
+    tokens = tmp_path / "t.safetensors"
+    for _ in range(2):  # an older token dataset is replaced as before
+        assert invoke("encode", image_folder, "-m", tiny_checkpoint, "--out", tokens, "-q").exit_code == 0
+
+
+# -- item 7: EXIF orientation ------------------------------------------------------------------------
+
+
+def write_sideways(folder: Path) -> tuple[Path, Path]:
+    """A phone-style photo (pixels stored sideways, EXIF orientation 6) and the same picture upright."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((12, 24, 3), dtype=np.uint8)
+    pixels[:, :8] = (220, 30, 30)
+    pixels[:4, 8:] = (30, 30, 220)
+    stored = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(folder / "phone.png", exif=exif)
+    stored.transpose(Image.Transpose.ROTATE_270).save(folder / "upright.png")
+    return folder / "phone.png", folder / "upright.png"
+
+
+def test_exif_orientation_is_applied_wherever_images_are_read(tiny_checkpoint, tmp_path):
+    import numpy as np
+
+    from lqae.data import ImageFolder, TrainDataset, load_image, open_rgb
+
+    phone, upright = write_sideways(tmp_path / "photos")
+    assert open_rgb(phone).size == (12, 24)
+    assert np.array_equal(np.asarray(open_rgb(phone)), np.asarray(open_rgb(upright)))
+    assert torch.equal(load_image(phone, 16), load_image(upright, 16))  # encode, eval, probe, fewshot
+    folder = ImageFolder(tmp_path, [phone, upright], [-1, -1], [])
+    dataset = TrainDataset(folder, 16, augment=False)
+    assert torch.equal(dataset[(0, 0)], dataset[(1, 0)])  # training
+    phone_tokens = invoke("encode", phone, "-m", tiny_checkpoint, "-f", "ids")
+    upright_tokens = invoke("encode", upright, "-m", tiny_checkpoint, "-f", "ids")
+    assert phone_tokens.exit_code == 0 and phone_tokens.stdout == upright_tokens.stdout
+
+
+# -- item 8: an image that fails only when decoded, inside a folder ----------------------------------
+
+
+def add_truncated_jpeg(folder: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from lqae.data import is_readable_image
+
+    path = folder / "red" / "cut.jpg"
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:1500])
+    assert is_readable_image(path)  # the header check passes: only decoding finds it
+    return path
+
+
+def test_a_truncated_image_inside_a_folder_is_skipped_and_named_everywhere(tiny_checkpoint, image_folder, tmp_path):
+    from lqae.tokendata import read_token_dataset
+
+    cut = add_truncated_jpeg(image_folder)
+    printed = invoke("encode", image_folder, "-m", tiny_checkpoint, "-f", "ids")
+    assert printed.exit_code == 0, printed.output
+    assert len(printed.stdout.splitlines()) == 12 and "cut.jpg" in printed.stderr
+    tokens = tmp_path / "t.safetensors"
+    written = invoke("encode", image_folder, "-m", tiny_checkpoint, "--out", tokens)
+    assert written.exit_code == 0, written.output
+    dataset = read_token_dataset(tokens)
+    assert len(dataset) == 12 and str(cut) not in dataset.paths and "cut.jpg" in written.stderr
+    assert dataset.labels.tolist() == [0] * 6 + [1] * 6
+    evaluated = invoke("eval", image_folder, "-m", tiny_checkpoint, "--json")
+    assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["images"] == 12
+    labelled = invoke("fewshot", "--support", image_folder, image_folder, "-m", tiny_checkpoint, "--llm", "overlap",
+                      "--json")
+    assert labelled.exit_code == 0, labelled.output
+    assert len(json.loads(labelled.stdout)["predictions"]) == 12
+    named = invoke("encode", cut, "-m", tiny_checkpoint)  # named on its own: an error, as before
+    assert_one_error_line(named, "cut.jpg")
+
+
+def test_training_validates_past_a_truncated_image_and_saves_before_validating(
+    tiny_lm_dir, image_folder, tmp_path, monkeypatch
+):
+    from lqae import train as training
+    from lqae.errors import DataError
+
+    add_truncated_jpeg(image_folder)
+    result = training.train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2),
+                            val_dir=image_folder)
+    assert result.step == 2 and result.validation["val_images"] == 12
+
+    def failing_validation(*args, **kwargs):
+        raise DataError("the validation folder went away")
+
+    monkeypatch.setattr(training, "evaluate_reconstruction", failing_validation)
+    with pytest.raises(DataError, match="went away"):
+        training.train(image_folder, tmp_path / "run2", tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2),
+                       val_dir=image_folder)
+    assert ckpt.read_config(tmp_path / "run2")[2] == 2  # the steps before the failing pass were saved
+
+
+# -- item 15: a named pipe as an image; a full disk ---------------------------------------------------
+
+
+def test_a_named_pipe_given_as_an_image_is_refused_not_opened(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    result = subprocess.run([sys.executable, "-m", "lqae_cli", "encode", str(pipe), "-m", str(tiny_checkpoint)],
+                            capture_output=True, text=True, timeout=120)  # a hang fails here
+    assert result.returncode == 1 and "not a regular file" in result.stderr and "Traceback" not in result.stderr
+
+
+def no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_leaves_no_temp_files_and_names_the_target(tiny_model, tiny_checkpoint, image_folder, tmp_path,
+                                                               monkeypatch):
+    from lqae import io
+    from lqae.errors import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(io.os, "fsync", no_space)
+    with pytest.raises(OutputError, match=rf"cannot write {out / 'a.json'}: No space left on device"):
+        io.atomic_write_bytes(out / "a.json", b"{}")
+    tokens = out / "t.safetensors"
+    result = invoke("encode", image_folder, "-m", tiny_checkpoint, "--out", tokens, "-q")
+    assert_one_error_line(result, f"cannot write {tokens}", "No space left")
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(run, tiny_model, step=1)
+    before = (run / "model.safetensors").read_bytes()
+    monkeypatch.setattr(ckpt, "save_file", no_space)
+    with pytest.raises(OutputError, match=f"cannot write {run}"):
+        ckpt.save_checkpoint(run, tiny_model, step=2)
+    assert not (run / ".saving").exists() and (run / "model.safetensors").read_bytes() == before
+
+
+# -- item 16: decompression bombs and PIL's raw warnings ----------------------------------------------
+
+
+def test_large_images_get_a_clean_warning_and_bombs_are_named_as_such(tmp_path, monkeypatch, caplog):
+    import logging
+    import warnings
+
+    from PIL import Image
+
+    from lqae.data import collect_images, open_rgb
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # warns above 100 pixels, refuses above 200
+    Image.new("RGB", (12, 12)).save(tmp_path / "large.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "bomb.png")
+    with warnings.catch_warnings(record=True) as raw, caplog.at_level(logging.WARNING, logger="lqae"):
+        warnings.simplefilter("always")
+        open_rgb(tmp_path / "large.png")
+    assert raw == [] and "large.png is a very large image" in caplog.text
+    with pytest.raises(Exception, match="bomb.png: too large to decode safely.*decompression bomb"):
+        collect_images([tmp_path / "bomb.png"])
