@@ -3,6 +3,8 @@ new images or evaluate on episodes."""
 
 from __future__ import annotations
 
+import contextlib
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,6 +71,8 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
         if callbacks.on_queries:
             callbacks.on_queries(queries.paths)
     _check_compatible(support, queries, job)
+    for pool, role in ((support, "support"), (queries, "query")):
+        check_class_names(pool.classes, role, job.settings.labels)
     tokenizer = sources.tokenizer(support.lm_name)
 
     stage(f"loading {job.llm}")
@@ -87,15 +91,15 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
         template=asdict(template), settings={k: v for k, v in asdict(job.settings).items() if k != "episodes"},
         support_data=support.digest(), query_data=queries.digest() if job.query is not None else queries.weights,
     )
-    if job.query is not None:
-        results = ResultsFile(job.out, run, "episode") if job.out else None
-        stage("evaluating")
-        return evaluate_episodes(
-            support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result
-        )
-    results = ResultsFile(job.out, run, "query") if job.out else None
-    stage("classifying")
-    return label_queries(support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label)
+    key = "episode" if job.query is not None else ("query", "content")
+    with (ResultsFile(job.out, run, key) if job.out else contextlib.nullcontext()) as results:
+        if job.query is not None:
+            stage("evaluating")
+            return evaluate_episodes(
+                support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result
+            )
+        stage("classifying")
+        return label_queries(support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label)
 
 
 class Sources:
@@ -208,6 +212,23 @@ def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -
             f"support images have {support.tokens_per_image} tokens each but queries {queries.tokens_per_image}; "
             "encode both with the same LQAE checkpoint"
         )
+
+
+def check_class_names(classes: list[str], role: str, labels: str) -> None:
+    """Class (folder) names become labels in `PATH<TAB>LABEL` lines and in the prompt: refuse line
+    breaks, tabs and other control characters (they would split lines or inject prompt lines), and,
+    when the LLM is shown the real names, commas (the instruction lists the labels comma-separated)."""
+    for name in classes:
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+            raise DataError(
+                f"{role} class {name!r} holds a line break, tab or other control character, which would break "
+                "PATH<TAB>LABEL lines and the prompt's lines; rename the folder"
+            )
+        if labels == "real" and "," in name:
+            raise DataError(
+                f"{role} class {name!r} holds a comma, which makes the prompt's comma-separated list of labels "
+                "ambiguous; rename the folder, or pass --labels letters (or open)"
+            )
 
 
 def _check_template(template: Template, backend: Backend, settings: FewshotSettings) -> None:
