@@ -222,17 +222,22 @@ def post_once(
     proxy = _proxy_for(parts)
     connection = _connection(parts, proxy, timeout)
     expired = threading.Event()
+    opened: list[socket.socket] = []  # http.client lets go of its socket once a reply says "close"
 
     def cut() -> None:
         expired.set()
-        if connection.sock is not None:
+        for sock in opened:
             with contextlib.suppress(OSError):
-                connection.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked send or recv at once
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked send or recv at once
 
     watchdog = threading.Timer(timeout, cut)
     watchdog.daemon = True
     watchdog.start()
     try:
+        connection.connect()  # bounded by the socket timeout; the watchdog covers what follows
+        opened.append(connection.sock)
+        if expired.is_set():
+            raise RequestTimeout()
         path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         connection.request("POST", url if proxy and parts.scheme == "http" else path, body=body, headers=headers)
         response = connection.getresponse()
@@ -255,6 +260,8 @@ def post_once(
     finally:
         watchdog.cancel()
         connection.close()
+        for sock in opened:
+            sock.close()
 
 
 def _connection(parts, proxy, timeout: float) -> http.client.HTTPConnection:
