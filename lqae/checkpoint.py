@@ -132,7 +132,7 @@ def save_checkpoint(
         )
     journal = run_dir / _JOURNAL
     shutil.rmtree(journal, ignore_errors=True)
-    with writing(run_dir):
+    with writing(run_dir, "its previous checkpoint is kept"):
         try:
             _write_journal(journal, model, weights, train_config, step, train_state, train_meta)
         except BaseException:

@@ -34,14 +34,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def writing(target: Path):
+def writing(target: Path, kept: str = "nothing was changed there"):
     """Report a failed write (disk full, no permission, a folder in the way) as an OutputError that
-    names the file the user asked for, not the temp file beside it."""
+    names the file the user asked for, not the temp file beside it, and says what was kept."""
     try:
         yield
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise OutputError(f"cannot write {target}: {reason}; nothing was changed there") from exc
+        raise OutputError(f"cannot write {target}: {reason}; {kept}") from exc
 
 
 def temp_beside(path: Path) -> tuple[BinaryIO, Path]:

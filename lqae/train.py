@@ -466,8 +466,10 @@ def _num_workers(requested: int, device: str) -> int:
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One JSON object per line; a NaN or infinite value is written as null (bare NaN is not JSON)."""
+    from lqae.io import writing
+
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(path, "a") as handle:
+    with writing(path, "the lines before are kept"), open(path, "a") as handle:
         handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
 

@@ -71,9 +71,12 @@ class ResultsFile:
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock()
-        self._handle.write((json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        from lqae.io import writing
+
+        with writing(self.path, "the records before are kept (a rerun resumes after them)"):
+            self._handle.write((json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
 
     def _lock(self) -> None:
         """Open the file for appending and hold an exclusive lock on it until `close`."""
