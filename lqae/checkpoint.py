@@ -2,8 +2,12 @@
 
 A save first writes every file into RUN_DIR/.saving/, marks it complete (the marker records each
 file's size and SHA-256), then moves the files into place. A kill at any moment leaves either the
-previous checkpoint or a complete journal that is rolled forward once every file checks out
-(otherwise discarded), never a mix of two steps.
+previous checkpoint or a complete journal, which the next lock holder rolls forward to the end
+from wherever the moves stopped (a file already moved is recognised by its recorded hash); a
+journal whose files do not check out is discarded. Never a mix of two steps.
+
+Weights are verified on load against the fingerprint recorded at save (a flipped byte is refused,
+not loaded), and non-finite weights are neither saved nor loaded.
 
 One process trains a run folder at a time: `RunLock` (an flock on RUN_DIR/.lock naming its pid).
 Readers never delete or roll a journal while a trainer holds the lock: they read the last
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from lqae.config import ModelConfig, TrainConfig, from_dict, to_dict
 from lqae.errors import CheckpointError, ConfigError
-from lqae.io import fsync_dir, give_default_mode
+from lqae.io import fsync_dir, give_default_mode, writing
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ class RunLock:
         except ImportError:  # no flock (Windows): no protection, as before
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        handle = _open_lock_file(self.path)
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -86,6 +91,25 @@ class RunLock:
         self.release()
 
 
+def _open_lock_file(path: Path):
+    """RUN_DIR/.lock opened for reading and writing, never through a symbolic link (the pid written
+    into it would overwrite whatever the link points at) and only when it is a regular file."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
+    except OSError as exc:
+        if path.is_symlink():
+            raise CheckpointError(
+                f"{path} is a symbolic link; lqae writes its pid into that file and will not write through a "
+                "link: remove it"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path} is not a regular file; remove it (lqae keeps its lock there)")
+    return os.fdopen(fd, "r+")
+
+
 def save_checkpoint(
     run_dir: Path,
     model,
@@ -94,16 +118,36 @@ def save_checkpoint(
     train_state: dict[str, torch.Tensor] | None = None,
     train_meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write config, trainable weights and (optionally) optimiser/RNG state for `step` atomically."""
+    """Write config, trainable weights and (optionally) optimiser/RNG state for `step` atomically.
+
+    Non-finite weights are refused (CheckpointError) before anything is written. A failed write
+    (a full disk) removes the unfinished journal and keeps the previous checkpoint (OutputError)."""
     run_dir = Path(run_dir)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    broken = non_finite_tensors(weights)
+    if broken:
+        raise CheckpointError(
+            f"refusing to save non-finite weights at step {step} ({len(broken)} of {len(weights)} tensors hold "
+            f"NaN or inf, e.g. {broken[0]}); {run_dir} keeps its previous checkpoint"
+        )
     journal = run_dir / _JOURNAL
     shutil.rmtree(journal, ignore_errors=True)
+    with writing(run_dir, "its previous checkpoint is kept"):
+        try:
+            _write_journal(journal, model, weights, train_config, step, train_state, train_meta)
+        except BaseException:
+            shutil.rmtree(journal, ignore_errors=True)  # unfinished: the previous checkpoint stays
+            raise
+    roll_forward(run_dir)
+
+
+def _write_journal(journal: Path, model, weights, train_config, step, train_state, train_meta) -> None:
+    """Every file of the checkpoint into the journal, fsynced, then the COMPLETE marker that records them."""
     journal.mkdir(parents=True)
     config = {"model": to_dict(model.config), "step": step, "format": "lqae-checkpoint-1"}
     if train_config is not None:
         config["train"] = to_dict(train_config)
     (journal / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
     save_file(weights, journal / WEIGHTS_FILE, metadata={"step": str(step), "fingerprint": weights_fingerprint(weights)})
     if train_state is not None:
         meta = {"step": str(step), "meta": json.dumps(train_meta or {}, sort_keys=True)}
@@ -115,9 +159,19 @@ def save_checkpoint(
             give_default_mode(handle.fileno())  # safetensors writes 0600 whatever the umask
             os.fsync(handle.fileno())
         files[name] = _file_identity(journal / name)
-    (journal / _COMPLETE).write_text(json.dumps({"step": step, "files": files}, sort_keys=True))
+    with open(journal / _COMPLETE, "w") as marker:
+        marker.write(json.dumps({"step": step, "files": files}, sort_keys=True))
+        marker.flush()
+        os.fsync(marker.fileno())
     fsync_dir(journal)
-    roll_forward(run_dir)
+
+
+def non_finite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [
+        name for name, tensor in sorted(weights.items())
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
 
 
 def weights_fingerprint(weights: dict[str, torch.Tensor]) -> str:
@@ -140,34 +194,52 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _journal_is_sound(journal: Path) -> bool:
-    """The COMPLETE marker parses and every file it lists is there with its recorded size and hash."""
+_SAVED_FILES = (TRAIN_STATE_FILE, WEIGHTS_FILE, CONFIG_FILE)  # the order of the moves: config.json last
+
+
+def _pending_moves(run_dir: Path, journal: Path) -> list[str] | None:
+    """The files of a complete journal still to move into place, in order; None when the journal
+    does not check out. Every file the COMPLETE marker lists must be either in the journal or,
+    moved already by an interrupted roll-forward, in place with its recorded size and hash."""
     try:
-        marker = json.loads((journal / _COMPLETE).read_text())
-        files = marker["files"]
-        return bool(files) and all(_file_identity(journal / name) == identity for name, identity in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        files = json.loads((journal / _COMPLETE).read_text())["files"]
+        if not files or not set(files) <= set(_SAVED_FILES):
+            return None
+        pending = []
+        for name in _SAVED_FILES:
+            if name not in files:
+                continue
+            if (journal / name).exists():
+                if _file_identity(journal / name) != files[name]:
+                    return None
+                pending.append(name)
+            elif not (run_dir / name).is_file() or _file_identity(run_dir / name) != files[name]:
+                return None
+        return pending
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def roll_forward(run_dir: Path) -> None:
-    """Finish an interrupted save whose files all check out; discard any other journal.
-    Only the lock holder calls this (the trainer, or a reader that took the free lock)."""
+    """Finish an interrupted save whose files all check out, from wherever its moves stopped;
+    discard any other journal. Only the lock holder calls this (the trainer, or a reader that took
+    the free lock)."""
     journal = run_dir / _JOURNAL
     if not journal.is_dir():
         return
     if not (journal / _COMPLETE).exists():
         shutil.rmtree(journal, ignore_errors=True)
         return
-    if not _journal_is_sound(journal):
+    pending = _pending_moves(run_dir, journal)
+    if pending is None:
         log.warning("%s: discarding a checkpoint journal whose files do not match its record; the previous "
                     "checkpoint stays", run_dir)
         shutil.rmtree(journal, ignore_errors=True)
         return
-    for name in (TRAIN_STATE_FILE, WEIGHTS_FILE, CONFIG_FILE):
-        if (journal / name).exists():
-            os.replace(journal / name, run_dir / name)
+    for name in pending:
+        os.replace(journal / name, run_dir / name)
     fsync_dir(run_dir)
+    (journal / _COMPLETE).unlink()  # first, so a kill inside rmtree leaves no marker without its files
     shutil.rmtree(journal, ignore_errors=True)
 
 
@@ -238,12 +310,12 @@ def load_model(
     if model is None:
         model = LQAE(model_config, mlm_head=False, for_loading=True, code_ids=code_ids)  # inference: no MLM head
     model.load_trainable_state_dict(weights)
-    model.weights_fingerprint = fingerprint or weights_fingerprint(weights)
+    model.weights_fingerprint = fingerprint
     return model.to(device).eval()
 
 
 def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25):
-    """Config, weights and the weights' recorded fingerprint (None in older checkpoints), all of one
+    """Config, weights and the weights' fingerprint (verified against the recorded one), all of one
     step. A trainer moving a new checkpoint into place can be caught between two files: read again
     until both name the same step."""
     for attempt in range(attempts):
@@ -252,7 +324,7 @@ def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25):
         weights_step = metadata.get("step")
         weights_step = int(weights_step) if weights_step is not None and str(weights_step).isdigit() else None
         if weights_step is None or weights_step == step:
-            return model_config, weights, metadata.get("fingerprint")
+            return model_config, weights, verified_fingerprint(run_dir / WEIGHTS_FILE, weights, metadata)
         time.sleep(pause)
     raise CheckpointError(
         f"{run_dir}: config.json is at step {step} but model.safetensors at step {weights_step}; "
@@ -276,8 +348,31 @@ def weights_metadata(path: Path) -> dict[str, str]:
 
 
 def load_trainable_from(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The trainable weights of a checkpoint folder."""
-    return _load_tensors(Path(run_dir) / WEIGHTS_FILE)
+    """The trainable weights of a checkpoint folder, verified (see `verified_fingerprint`)."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    weights, metadata = _load_tensors_with_metadata(path)
+    verified_fingerprint(path, weights, metadata)
+    return weights
+
+
+def verified_fingerprint(path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The fingerprint computed from the weights' values; CheckpointError when it differs from the
+    one recorded at save (a corrupt or edited file) or when a tensor holds NaN or inf (a diverged
+    run). Checkpoints from before fingerprints were recorded are checked for finiteness only."""
+    computed = weights_fingerprint(weights)
+    recorded = metadata.get("fingerprint")
+    if recorded is not None and recorded != computed:
+        raise CheckpointError(
+            f"{path} does not match the fingerprint recorded when it was saved ({recorded}; its values give "
+            f"{computed}): the file is corrupt or was edited; restore it from a copy or retrain"
+        )
+    broken = non_finite_tensors(weights)
+    if broken:
+        raise CheckpointError(
+            f"{path} holds non-finite weights ({len(broken)} of {len(weights)} tensors with NaN or inf, e.g. "
+            f"{broken[0]}): the run diverged before this save; use an earlier checkpoint or retrain with a lower lr"
+        )
+    return computed
 
 
 def load_train_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:

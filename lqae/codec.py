@@ -38,8 +38,11 @@ def encode_images(
     paths: Sequence[Path],
     batch_size: int = 64,
     timings: EncodeTimings | None = None,
+    skip_unreadable: bool | Callable[[Path], bool] = False,
 ) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
     """Yield (paths, ids (b, L) long on CPU) per batch, in order. Memory holds one batch of pixels.
+    Images that cannot be decoded raise DataError, or are left out (and named in a warning) as
+    `skip_unreadable` says (see `data.image_batches`); the yielded paths are those encoded.
 
     Images of any size are resized (shorter side) and centre-cropped to the model's resolution,
     as at evaluation. Deterministic: the same image and model give the same ids whatever the batch.
@@ -47,7 +50,8 @@ def encode_images(
     model.eval()
     timings = timings if timings is not None else EncodeTimings()
     started = tick = time.perf_counter()
-    for chunk, images in image_batches(paths, model.config.image_size, batch_size, model.device):  # (b, C, H, W)
+    batches = image_batches(paths, model.config.image_size, batch_size, model.device, skip_unreadable)
+    for chunk, images in batches:  # (b, C, H, W)
         tock = time.perf_counter()
         ids = model.encode(images).cpu()  # (b, L)
         timings.load_seconds += tock - tick

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +27,75 @@ CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer imp
     "decoder_input": ("lm", "lm_skip", "embeddings"),
     "decoder_head": ("linear", "conv"),
 }
+
+
+# Ranges of the numeric fields, (lowest, highest) inclusive; None leaves a side open. Generous: they
+# exist to turn a typo (patch_size 0, image_size 10**9) into one clear line instead of a division by
+# zero or an exabyte allocation, not to forbid unusual experiments.
+MODEL_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "image_size": (1, 8192), "patch_size": (1, 8192), "channels": (1, 4),
+    "encoder_width": (1, 16384), "encoder_depth": (1, 256), "encoder_heads": (1, 1024),
+    "decoder_width": (1, 16384), "decoder_depth": (1, 256), "decoder_heads": (1, 1024),
+    "mlp_ratio": (1e-3, 64), "mask_ratio": (0, 1), "mask_ratio_min": (0, 1),
+    "commitment_weight": (0, None), "recon_weight": (0, None), "mlm_weight": (0, None),
+    "soft_top_k": (1, 65536), "soft_temperature": (1e-6, None), "latent_dim": (1, 16384),
+    "codebook_weight": (0, None), "usage_weight": (0, None), "usage_temperature": (1e-6, None),
+    "usage_sample_tokens": (1, 1 << 20), "search_chunk_tokens": (1, 1 << 20),
+    "lm_vocab_size": (1, None), "lm_width": (1, None), "codebook_size": (1, None),
+    "decoder_head_channels": (1, 4096), "usage_top_k": (0, 65536), "global_tokens": (0, 1024),
+    "global_vocab_size": (1, 65536), "invariance_weight": (0, None), "teacher_temperature": (1e-6, None),
+    "student_temperature": (1e-6, None), "centre_momentum": (0, 1),
+}
+MAX_TOKENS_PER_IMAGE = 65536  # (image_size / patch_size)^2: far beyond any LM's context
+
+
+def check_fields(config: Any, limits: dict[str, tuple[float | None, float | None]]) -> None:
+    """Every field of a config dataclass has its annotated type (an int field takes no 32.0 and no
+    "abc", a bool field no "no") and lies in its range; one ConfigError names every bad field."""
+    hints = typing.get_type_hints(type(config))
+    problems = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        problem = _type_problem(value, hints[field.name]) or _range_problem(value, limits.get(field.name))
+        if problem:
+            problems.append(f"{field.name} {problem}, got {value!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if isinstance(config, ModelConfig) and (config.image_size // config.patch_size) ** 2 > MAX_TOKENS_PER_IMAGE:
+        raise ConfigError(
+            f"image_size {config.image_size} / patch_size {config.patch_size} gives "
+            f"{(config.image_size // config.patch_size) ** 2:,} tokens per image; at most {MAX_TOKENS_PER_IMAGE:,}"
+        )
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        return None if type(None) in allowed else "must not be null"
+    kind = next(t for t in allowed if t is not type(None))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return None
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return f"must be {names.get(kind, kind.__name__)}" + (" or null" if type(None) in allowed else "")
+
+
+def _range_problem(value: Any, limits: tuple[float | None, float | None] | None) -> str | None:
+    if limits is None or value is None:
+        return None
+    low, high = limits
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            return f"must be at least {low}"
+        return f"must be between {low} and {high}"
+    return None
 
 
 @dataclass
@@ -83,6 +155,7 @@ class ModelConfig:
     codebook_size: int | None = None  # number of codes after the vocabulary filter
 
     def __post_init__(self) -> None:
+        check_fields(self, MODEL_LIMITS)
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image size {self.image_size} is not divisible by patch size {self.patch_size}; "
@@ -95,10 +168,6 @@ class ModelConfig:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= self.mask_ratio:
             raise ConfigError(f"mask_ratio_min must be in [0, mask_ratio={self.mask_ratio}], got {self.mask_ratio_min}")
-        if self.global_tokens < 0 or self.global_vocab_size < 1:
-            raise ConfigError(
-                f"global_tokens must be >= 0 and global_vocab_size >= 1, got {self.global_tokens}, {self.global_vocab_size}"
-            )
         for name in ("encoder", "decoder"):
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
             if width % heads:
@@ -118,6 +187,16 @@ class ModelConfig:
     def num_tokens(self) -> int:
         """Tokens per image (the LM sequence length): the global tokens, then the patch tokens."""
         return self.global_tokens + self.num_patches
+
+
+TRAIN_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "batch_size": (1, None), "grad_accum": (1, None), "epochs": (1e-6, None), "steps": (1, None),
+    "base_lr": (1e-12, None), "weight_decay": (0, None), "beta1": (0, 0.999999), "beta2": (0, 0.999999),
+    "warmup_fraction": (0, 1), "mask_warmup_fraction": (0, 1), "mask_cooldown_fraction": (0, 1),
+    "teacher_momentum": (0, 1), "min_lr_fraction": (0, 1), "grad_clip": (0, None),
+    "crop_scale_min": (1e-6, 1), "num_workers": (-1, 1024), "log_every": (1, None), "sample_every": (1, None),
+    "save_every": (1, None), "val_every": (1, None), "seed": (0, 2**31 - 1),
+}
 
 
 @dataclass
@@ -150,6 +229,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, TRAIN_LIMITS)
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch size and gradient accumulation must be positive")
         if self.batch_size % self.grad_accum:
@@ -295,6 +375,57 @@ def configure(preset: str, overrides: Sequence[str] = (), **options: Any) -> Pre
         dataclasses.replace(chosen.train, **{k: v for k, v in given.items() if k in train_fields}),
         chosen.summary,
     )
+
+
+# What `--resume` may change: bookkeeping that leaves the weights a run produces as they are.
+RESUME_CHANGES = frozenset({
+    "steps", "epochs", "num_workers", "log_every", "sample_every", "save_every", "val_every", "compile",
+    "search_chunk_tokens",
+})
+_FILLED_AT_TRAINING = frozenset({"lm_vocab_size", "lm_width", "codebook_size"})
+
+
+def asked_fields(overrides: Sequence[str] = (), **options: Any) -> set[str]:
+    """The config fields a command line chose: `--set` keys and the options that are not None
+    (`configure`'s rule included: epochs without steps chooses steps too)."""
+    asked = {pair.partition("=")[0].strip() for pair in overrides}
+    asked |= {name for name, value in options.items() if value is not None}
+    if "epochs" in asked:
+        asked.add("steps")
+    return asked
+
+
+def resumed_configs(
+    saved_model: "ModelConfig", saved_train: "TrainConfig | None", model: "ModelConfig", train: "TrainConfig",
+    asked: set[str] | None = None,
+) -> tuple["ModelConfig", "TrainConfig"]:
+    """What a resumed run continues with: the saved configs, with the fields of RESUME_CHANGES
+    taken from the request. Any other field the request chose (`asked`; every field when None) that
+    differs from the saved run is refused: one ConfigError lists each difference."""
+    refused, changes = [], {}
+    for saved, requested in ((saved_model, model), (saved_train, train)):
+        if saved is None:  # a checkpoint saved without its training config: the request's stands
+            continue
+        for field in dataclasses.fields(saved):
+            name = field.name
+            if name in _FILLED_AT_TRAINING or (asked is not None and name not in asked):
+                continue
+            old, new = getattr(saved, name), getattr(requested, name)
+            if old == new or (name == "steps" and new is None and asked is None):  # None: the saved count
+                continue
+            if name in RESUME_CHANGES:
+                changes[name] = new
+            else:
+                refused.append(f"{name} (trained with {old!r}, asked {new!r})")
+    if refused:
+        raise ConfigError(
+            "--resume continues a run with the configuration it was trained with, and these options differ: "
+            + ", ".join(refused) + "; drop them to resume, or train a new run with another --out"
+        )
+    model_changes = {k: v for k, v in changes.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    train_changes = {k: v for k, v in changes.items() if k not in model_changes}
+    resumed_train = dataclasses.replace(saved_train, **train_changes) if saved_train is not None else train
+    return dataclasses.replace(saved_model, **model_changes), resumed_train
 
 
 def to_dict(config: Any) -> dict[str, Any]:

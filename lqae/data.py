@@ -3,17 +3,19 @@ greyscale, into tensors with the evaluation transform, and the augmented trainin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lqae.errors import DataError
 
@@ -59,14 +61,19 @@ def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
         paths.append(path)
         labels.append(class_index[path.relative_to(root).parts[0]] if classes else -1)
     if skipped:
-        named = ", ".join(str(p) for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), root, named)
+        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), root, name_some(skipped))
     if not paths:
         raise DataError(
             f"no readable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}"
             + (f"; {len(skipped)} unreadable" if skipped else "") + ")"
         )
     return ImageFolder(root, paths, labels, classes, skipped)
+
+
+def name_some(paths: Sequence[Path], shown: int = 5) -> str:
+    """`a.png, b.png and 3 more`: the first few of a list of files, for a warning."""
+    named = ", ".join(str(p) for p in paths[:shown])
+    return named + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -90,30 +97,76 @@ def _image_files(root: Path) -> list[Path]:
 
 # What opening a bad file can raise: corrupt data, truncation, and PIL's decompression-bomb guard.
 _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_WARNED_LARGE: set[str] = set()  # images already named in a "large image" warning (once per process)
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be an image, from its header (None when it looks readable). A truncated
+    file passes: only decoding finds that (see `image_batches`)."""
+    path = Path(path)
+    if not path.is_file():
+        return "not a regular file (a pipe or a device?)" if path.exists() else "it does not exist"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_rgb names it once
+            with Image.open(path) as image:
+                image.verify()
+        return None
+    except Image.DecompressionBombError as exc:
+        return _too_large(exc)
+    except _UNREADABLE:
+        return "corrupt or not an image file"
 
 
 def is_readable_image(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except _UNREADABLE:
-        return False
+    return image_problem(path) is None
+
+
+def _too_large(exc: Exception) -> str:
+    return f"too large to decode safely ({exc}); PIL refuses it as a possible decompression bomb"
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open any image as RGB; a missing or corrupt file raises DataError.
+    """Open any image as RGB, upright as its EXIF orientation says (phone photos); a missing or
+    corrupt file raises DataError.
 
     16-bit greyscale is scaled to 8 bits (not clipped); transparency is composited on white."""
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise DataError(f"{path} is not a regular file (a pipe or a device?): give an image file")
         raise DataError(f"image {path} does not exist")
     try:
-        with Image.open(path) as image:
+        with _large_image_note(path), Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            return _to_rgb(_upright(image))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"cannot read image {path}: {_too_large(exc)}") from exc
     except _UNREADABLE as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _large_image_note(path: Path):
+    """PIL warns through `warnings` about images past its pixel guard (raw `file:line:` lines on
+    stderr); name the image once in a logged warning instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            if str(path) not in _WARNED_LARGE:
+                _WARNED_LARGE.add(str(path))
+                log.warning("%s is a very large image (%s); decoding it takes much memory", path, warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: rotated/flipped by its EXIF orientation tag (2-8)."""
+    if image.getexif().get(0x0112, 1) in range(2, 9):  # 0x0112: Orientation
+        return ImageOps.exif_transpose(image)
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -186,21 +239,47 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
             paths.extend(scan_image_folder(item).paths)
         elif not item.exists():
             raise DataError(f"image {item} does not exist")
-        elif not is_readable_image(item):
-            raise DataError(f"cannot read image {item}: corrupt or not an image file")
         else:
+            problem = image_problem(item)
+            if problem:
+                raise DataError(f"cannot read image {item}: {problem}")
             paths.append(item)
     return paths
 
 
+def found_in_folders(inputs: Sequence[str | Path]) -> Callable[[Path], bool]:
+    """For `image_batches`' skip_unreadable: True for images `collect_images` found inside the
+    folders among `inputs` (skipped when unreadable), False for files named one by one (an error)."""
+    named = {Path(item) for item in inputs if not Path(item).is_dir()}
+    return lambda path: Path(path) not in named
+
+
 def image_batches(
-    paths: Sequence[Path], size: int, batch_size: int = 64, device: torch.device | str = "cpu"
+    paths: Sequence[Path], size: int, batch_size: int = 64, device: torch.device | str = "cpu",
+    skip_unreadable: bool | Callable[[Path], bool] = False,
 ) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
     """(paths, images (b, 3, size, size) on `device`) per batch, in order, with the evaluation
-    transform; memory holds one batch of pixels."""
+    transform; memory holds one batch of pixels.
+
+    An image that cannot be decoded raises DataError, unless `skip_unreadable` is True (or True
+    for its path): then it is left out of its batch and named in a warning, and the yielded paths
+    are those of the images in the tensor. A folder scan reads headers only, so this is where a
+    truncated file is found."""
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        yield chunk, torch.stack([load_image(p, size) for p in chunk]).to(device)
+        chunk, images, skipped = [], [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(load_image(path, size))
+                chunk.append(path)
+            except DataError as exc:
+                if not (skip_unreadable(path) if callable(skip_unreadable) else skip_unreadable):
+                    raise
+                skipped.append(path)
+                reason = exc
+        if skipped:
+            log.warning("skipped %d unreadable image(s): %s (%s)", len(skipped), name_some(skipped), reason)
+        if chunk:
+            yield chunk, torch.stack(images).to(device)
 
 
 class TrainDataset(torch.utils.data.Dataset):

@@ -29,3 +29,11 @@ class TokenError(LQAEError):
 
 class LLMError(LQAEError):
     """A language-model backend failed (unreachable server, missing log-probs, ...)."""
+
+
+class OutputError(LQAEError):
+    """A result cannot be written (disk full, no permission); what was there before is kept."""
+
+
+class TrainingError(LQAEError):
+    """Training cannot go on (the loss or gradients became non-finite); the last good checkpoint is kept."""

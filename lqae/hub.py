@@ -15,15 +15,25 @@ from lqae.errors import CheckpointError
 
 CARD_FILE = "README.md"
 HUB_FILES = ("config.json", "model.safetensors", CARD_FILE)
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@]*))?$")
+# a branch, tag or commit: slash-separated parts of word characters, dots and dashes, none of them
+# empty, `.` or `..`, none starting with a dot (git's own rules forbid the rest); never a path outside
+_REVISION = re.compile(r"^(?!.*\.\.)(?!\.)(?!.*/\.)[\w.-]+(?:/[\w.-]+)*$")
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """("org/name", revision or None) for a hub id, else None."""
+    """("org/name", revision or None) for a hub id, else None. A revision that is not a plain
+    branch, tag or commit name (`@../../x`) raises CheckpointError: it never reaches the hub client."""
     match = _HUB_ID.match(str(text))
     if not match or str(text).endswith((".safetensors", ".json")):
         return None
-    return match.group("repo"), match.group("revision")
+    revision = match.group("revision")
+    if revision is not None and not _REVISION.match(revision):
+        raise CheckpointError(
+            f"{text}: {revision!r} is not a branch, tag or commit name (letters, digits, '_', '-', '.' and '/', "
+            "no '..' and no part starting with a dot)"
+        )
+    return match.group("repo"), revision
 
 
 def resolve_run(run: str | Path) -> Path:

@@ -6,27 +6,42 @@ writer left beside a path are removed on the next write to that path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO
 
+from lqae.errors import OutputError
+
 _ORPHAN_AGE = 3600.0  # seconds after which a temp file that names no writer counts as abandoned
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    handle, tmp = temp_beside(path)
+    with writing(path):
+        handle, tmp = temp_beside(path)
+        try:
+            with handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def writing(target: Path, kept: str = "nothing was changed there"):
+    """Report a failed write (disk full, no permission, a folder in the way) as an OutputError that
+    names the file the user asked for, not the temp file beside it, and says what was kept."""
     try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"cannot write {target}: {reason}; {kept}") from exc
 
 
 def temp_beside(path: Path) -> tuple[BinaryIO, Path]:

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from lqae.data import ImageFolder, image_batches
+from lqae.errors import DataError
 from lqae.metrics import psnr, ssim, usage_from_counts
 
 
@@ -36,8 +37,8 @@ def evaluate_reconstruction(
     progress: Callable[[int], None] | None = None,
     shown: Sequence[int] | None = None,
 ) -> tuple[ReconstructionReport, torch.Tensor, torch.Tensor]:
-    """Encode and decode (no masking) every image; returns the report and the originals and
-    reconstructions at positions `shown` (default the first 16), for a grid."""
+    """Encode and decode (no masking) every image (unreadable ones are skipped and named); returns
+    the report and the originals and reconstructions at positions `shown` (default the first 16), for a grid."""
     from lqae.tokentext import TokenText
 
     model.eval()
@@ -51,7 +52,7 @@ def evaluate_reconstruction(
     token_text = TokenText.for_model(model)
     text_tokens = 0
     start = 0
-    for _, images in image_batches(paths, size, batch_size, model.device):
+    for _, images in image_batches(paths, size, batch_size, model.device, skip_unreadable=True):
         codes = model.codebook(model.encoder(images).z).codes
         token_ids = model.codebook.code_to_token[codes]
         recon = model.decode(token_ids)
@@ -68,7 +69,9 @@ def evaluate_reconstruction(
         if progress:
             progress(count)
         start += count
-    total = len(paths)
+    total = start  # images evaluated: unreadable ones are skipped (and named) by image_batches
+    if total == 0:
+        raise DataError(f"none of the {len(paths)} images in {folder.root} could be read")
     unique, perplexity = usage_from_counts(counts)
     report = ReconstructionReport(
         total, psnr_sum / total, ssim_sum / total, unique, perplexity, model.codebook.size,

@@ -46,11 +46,12 @@ def is_token_dataset(path: str | Path) -> bool:
 
 
 def write_token_dataset(path: str | Path, dataset: TokenDataset) -> None:
-    """Write atomically (temp file + rename)."""
+    """Write atomically (temp file + rename); refuses to replace a file that is not a token dataset."""
     from safetensors.torch import save
 
     from lqae.io import atomic_write_bytes
 
+    check_overwritable(path)
     dtype = ids_dtype(dataset.model_config)
     tensors = {"ids": dataset.ids.to(dtype).contiguous(), "labels": dataset.labels.to(torch.int32).contiguous()}
     metadata = _metadata(dataset.classes, dataset.paths, dataset.grid, dataset.model_config, dataset.weights)
@@ -114,21 +115,51 @@ def encode_folder(
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> TokenDataset:
-    """Encode every image of an `ImageFolder` into an in-memory TokenDataset (one batch of pixels at a time)."""
+    """Encode every readable image of an `ImageFolder` into an in-memory TokenDataset (one batch of
+    pixels at a time); images that cannot be decoded are skipped and named in a warning."""
     from lqae.codec import encode_images
     from lqae.config import to_dict
 
-    rows = []
-    for chunk, ids in encode_images(model, folder.paths, batch_size):
+    rows, kept = [], []
+    for chunk, ids in encode_images(model, folder.paths, batch_size, skip_unreadable=True):
         rows.append(ids)
+        kept += chunk
         if progress:
             progress(len(chunk))
+    if not kept:
+        raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
+    label_of = dict(zip(map(str, folder.paths), folder.labels))
     grid = model.config.grid_size
     return TokenDataset(
-        ids=torch.cat(rows).long(), labels=torch.tensor(folder.labels, dtype=torch.long), classes=list(folder.classes),
-        paths=[str(p) for p in folder.paths], model_config=to_dict(model.config), grid=(grid, grid),
-        weights=getattr(model, "weights_fingerprint", None),
+        ids=torch.cat(rows).long(), labels=torch.tensor([label_of[str(p)] for p in kept], dtype=torch.long),
+        classes=list(folder.classes), paths=[str(p) for p in kept], model_config=to_dict(model.config),
+        grid=(grid, grid), weights=getattr(model, "weights_fingerprint", None),
     )
+
+
+def check_overwritable(path: str | Path) -> None:
+    """Refuse to write a token dataset over anything but an older token dataset: `--out
+    RUN/model.safetensors` must not replace a checkpoint's weights."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; a token dataset is one file: name a FILE.safetensors")
+    if path.exists() and not _holds_token_dataset(path):
+        raise DataError(
+            f"{path} exists and is not a token dataset (checkpoint weights, or another file); refusing to "
+            "overwrite it: choose another file name, or delete it first"
+        )
+
+
+def _holds_token_dataset(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("lqae_token_dataset") is not None
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 # -- streaming: any number of images in bounded memory ---------------------------------------------
@@ -139,9 +170,10 @@ _SAFETENSORS_DTYPES = {torch.int16: ("I16", "<i2"), torch.uint16: ("U16", "<u2")
 class TokenDatasetWriter:
     """Write the file `write_token_dataset` writes, one batch of rows at a time.
 
-    safetensors keeps shapes and metadata in its header, so rows, labels and paths are fixed up
-    front; ids then stream to a temp file that replaces `path` only when every row was written.
-    Memory holds one batch whatever the number of rows.
+    Labels and paths of every row are announced up front; each row is then written (`write`) or
+    left out (`skip_unwritten`, for images that turned out unreadable). Ids stream to a temp file; when
+    every row is accounted for, the final file (header, labels, ids of the rows written) replaces
+    `path`. Memory holds one batch whatever the number of rows; on any error nothing is left.
     """
 
     def __init__(
@@ -149,62 +181,101 @@ class TokenDatasetWriter:
         model_config: dict, grid: tuple[int, int], weights: str | None = None,
     ) -> None:
         self.path = Path(path)
-        self.rows, self.length, self.written = len(labels), length, 0
+        check_overwritable(self.path)
+        self.rows, self.length = len(labels), length
         self.dtype = ids_dtype(model_config)
-        tag, self._numpy_dtype = _SAFETENSORS_DTYPES[self.dtype]
-        label_bytes = 4 * self.rows
-        self.id_bytes = self.rows * length * np.dtype(self._numpy_dtype).itemsize
-        header = {  # labels (4-byte) before ids (2-byte) keeps both aligned, as safetensors does
-            "__metadata__": _metadata(classes, paths, grid, model_config, weights),
-            "labels": {"dtype": "I32", "shape": [self.rows], "data_offsets": [0, label_bytes]},
-            "ids": {
-                "dtype": tag, "shape": [self.rows, length], "data_offsets": [label_bytes, label_bytes + self.id_bytes],
-            },
-        }
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        self._header = encoded + b" " * (-len(encoded) % 8)
-        self._labels = np.asarray(labels, dtype="<i4")
+        self._tag, self._numpy_dtype = _SAFETENSORS_DTYPES[self.dtype]
+        self._labels, self._paths, self._classes = list(labels), list(paths), list(classes)
+        self._model_config, self._grid, self._weights = model_config, grid, weights
+        self._kept: list[int] = []  # announced rows written, in order
+        self._skipped: set[int] = set()
         self._handle = None
         self._tmp: Path | None = None
 
+    @property
+    def written(self) -> int:
+        return len(self._kept)
+
+    @property
+    def id_bytes(self) -> int:
+        """Size of the ids tensor of the rows written."""
+        return self.written * self.length * np.dtype(self._numpy_dtype).itemsize
+
     def __enter__(self) -> "TokenDatasetWriter":
-        import struct
+        from lqae.io import temp_beside, writing
 
-        from lqae.io import temp_beside
-
-        self._handle, self._tmp = temp_beside(self.path)
-        self._handle.write(struct.pack("<Q", len(self._header)) + self._header)
-        self._handle.write(self._labels.tobytes())
+        with writing(self.path):
+            self._handle, self._tmp = temp_beside(self.path)  # the ids, until the header is known
         return self
 
-    def write(self, ids: torch.Tensor | np.ndarray) -> None:
-        """Append rows: (b, L) ids."""
+    def write(self, ids: torch.Tensor | np.ndarray, rows: list[int] | None = None) -> None:
+        """Append rows: (b, L) ids of the announced rows `rows` (default: the next b)."""
+        from lqae.io import writing
+
         array = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         if array.ndim != 2 or array.shape[1] != self.length:
             raise ValueError(f"expected rows of {self.length} ids, got shape {array.shape}")
-        if self.written + array.shape[0] > self.rows:
-            raise ValueError(f"more than the {self.rows} rows announced")
-        self._handle.write(np.ascontiguousarray(array, dtype=self._numpy_dtype).tobytes())
-        self.written += array.shape[0]
+        start = self._kept[-1] + 1 if self._kept else 0
+        rows = list(range(start, start + array.shape[0])) if rows is None else list(rows)
+        if len(rows) != array.shape[0] or (rows and (rows[0] < start or rows[-1] >= self.rows)):
+            raise ValueError(f"rows {rows[:3]}... do not follow the {self.written} written of {self.rows} announced")
+        with writing(self.path):
+            self._handle.write(np.ascontiguousarray(array, dtype=self._numpy_dtype).tobytes())
+        self._kept += rows
+
+    def skip_unwritten(self) -> None:
+        """Leave every announced row not written out of the file (its image could not be read)."""
+        self._skipped = set(range(self.rows)) - set(self._kept)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        import os
-
-        from lqae.io import fsync_dir
+        from lqae.io import writing
 
         try:
-            if exc_type is None and self.written != self.rows:
+            if exc_type is None and self.written + len(self._skipped) != self.rows:
                 raise DataError(f"only {self.written} of {self.rows} rows were written to {self.path}")
             if exc_type is None:
-                self._handle.flush()
-                os.fsync(self._handle.fileno())
-                self._handle.close()
-                os.replace(self._tmp, self.path)
-                fsync_dir(self.path.parent)
+                with writing(self.path):
+                    self._finish()
         finally:
             if not self._handle.closed:
                 self._handle.close()
             self._tmp.unlink(missing_ok=True)
+
+    def _finish(self) -> None:
+        """The whole file beside `path`, then renamed over it: header, labels, then the streamed ids."""
+        import os
+        import shutil
+        import struct
+
+        from lqae.io import fsync_dir, temp_beside
+
+        self._handle.close()
+        label_bytes = 4 * self.written
+        header = {  # labels (4-byte) before ids (2-byte) keeps both aligned, as safetensors does
+            "__metadata__": _metadata(
+                self._classes, [self._paths[i] for i in self._kept], self._grid, self._model_config, self._weights
+            ),
+            "labels": {"dtype": "I32", "shape": [self.written], "data_offsets": [0, label_bytes]},
+            "ids": {
+                "dtype": self._tag, "shape": [self.written, self.length],
+                "data_offsets": [label_bytes, label_bytes + self.id_bytes],
+            },
+        }
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        final, final_tmp = temp_beside(self.path)
+        try:
+            with final, open(self._tmp, "rb") as ids:
+                final.write(struct.pack("<Q", len(encoded)) + encoded)
+                final.write(np.asarray([self._labels[i] for i in self._kept], dtype="<i4").tobytes())
+                shutil.copyfileobj(ids, final, 1 << 20)
+                final.flush()
+                os.fsync(final.fileno())
+            os.replace(final_tmp, self.path)
+        except BaseException:
+            final_tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.path.parent)
 
 
 @dataclass
@@ -236,7 +307,9 @@ def encode_folder_to_file(
     timings=None,
 ) -> TokenFileSummary:
     """Encode an `ImageFolder` straight into a token dataset file, streaming: memory holds one
-    batch of pixels and ids whatever the folder size. Nothing is left at `path` on error."""
+    batch of pixels and ids whatever the folder size. Images that cannot be decoded are left out
+    (and named in a warning). Nothing is left at `path` on error, and a file at `path` that is not
+    a token dataset is never replaced."""
     from lqae.codec import encode_images
     from lqae.config import to_dict
 
@@ -246,15 +319,21 @@ def encode_folder_to_file(
         path, list(folder.labels), config.num_tokens, list(folder.classes), [str(p) for p in folder.paths],
         to_dict(config), grid, getattr(model, "weights_fingerprint", None),
     )
+    row_of = {str(p): i for i, p in enumerate(folder.paths)}
     with writer:
-        for chunk, ids in encode_images(model, folder.paths, batch_size, timings):
-            writer.write(ids)
+        for chunk, ids in encode_images(model, folder.paths, batch_size, timings, skip_unreadable=True):
+            writer.write(ids, [row_of[str(p)] for p in chunk])
             if progress:
                 progress(len(chunk))
+        unreadable = len(folder) - writer.written
+        if unreadable == len(folder):
+            raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
+        writer.skip_unwritten()
     return TokenFileSummary(
-        path=str(path), images=len(folder), tokens_per_image=config.num_tokens, classes=list(folder.classes),
-        skipped=len(folder.skipped), id_dtype=str(writer.dtype).replace("torch.", ""), id_bytes=writer.id_bytes,
-        pixel_bytes=len(folder) * config.channels * config.image_size**2, file_bytes=Path(path).stat().st_size,
+        path=str(path), images=writer.written, tokens_per_image=config.num_tokens, classes=list(folder.classes),
+        skipped=len(folder.skipped) + unreadable, id_dtype=str(writer.dtype).replace("torch.", ""),
+        id_bytes=writer.id_bytes, pixel_bytes=writer.written * config.channels * config.image_size**2,
+        file_bytes=Path(path).stat().st_size,
     )
 
 

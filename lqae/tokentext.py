@@ -110,9 +110,17 @@ class TokenText:
         return json.dumps(record, ensure_ascii=False)
 
     # -- text -> ids -----------------------------------------------------------------------------
+    @property
+    def max_line_chars(self) -> int:
+        """The longest line one image's token text can need (a jsonl line with a long path), with room
+        to spare; longer input is refused before the tokenizer sees it (megabytes of text cost it
+        gigabytes)."""
+        return 256 * self.length + 8192
+
     def parse(self, text: str, form: InputForm | str = InputForm.auto) -> list[int]:
         """Token text of one image -> its L ids; TokenError names the problem and the expected count."""
         form = InputForm(form)
+        self._check_size(text)
         if not text.strip():
             raise TokenError(f"no tokens given; this model expects {self._expected()}")
         if form is InputForm.ids:
@@ -144,6 +152,8 @@ class TokenText:
         """Several images, one per non-empty line: `TOKENS`, `PATH<TAB>TOKENS` (as `lqae encode`
         prints for several images) or a JSON object with "ids" (`--format jsonl`)."""
         numbered = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        for number, line in numbered:
+            self._check_size(line, f"line {number} " if len(numbered) > 1 else "")
         if not numbered:
             raise TokenError(f"no tokens given; this model expects {self._expected()}")
         lines: list[TokenLine] = []
@@ -172,6 +182,13 @@ class TokenText:
         return ids
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _check_size(self, text: str, where: str = "") -> None:
+        if len(text) > self.max_line_chars:
+            raise TokenError(
+                f"{where or 'the token text '}is {len(text):,} characters long; one image's token text is at most "
+                f"{self.max_line_chars:,} here: this model expects {self._expected()} per line"
+            )
+
     def _expected(self) -> str:
         rows, columns = self.grid
         globals_first = f"{self.global_tokens} global + " if self.global_tokens else ""

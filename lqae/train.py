@@ -24,9 +24,9 @@ import torch.distributed as dist
 
 from lqae import checkpoint as ckpt
 from lqae.callbacks import TrainCallback, TrainInfo
-from lqae.config import ModelConfig, TrainConfig
+from lqae.config import ModelConfig, TrainConfig, resumed_configs
 from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batches, scan_image_folder
-from lqae.errors import CheckpointError, ConfigError
+from lqae.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lqae.reconstruction import evaluate_reconstruction
 from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr_tensor, usage_from_counts
@@ -87,24 +87,35 @@ def train(
     resume: bool = False,
     device: str = "cpu",
     callbacks: list[TrainCallback] = (),
+    asked: set[str] | None = None,
 ) -> TrainResult:
     """Train an LQAE on an image folder, writing checkpoints, metrics and sample grids to `run_dir`.
 
     Rank 0 holds the run folder's lock throughout (a second trainer on the same folder is refused)
-    and owns any checkpoint journal a killed run left there."""
+    and owns any checkpoint journal a killed run left there.
+
+    `resume` continues the checkpoint in `run_dir` with its saved configuration; the given configs
+    may change only its bookkeeping (steps, logging and saving intervals, workers), and any other
+    difference is a ConfigError (`asked`: the fields the caller chose, e.g. the command line's
+    options; None compares every field). The training data must be the data it was trained on.
+
+    A loss or gradient norm that turns NaN or infinite stops training with a TrainingError (found
+    where the loop syncs anyway: at a log line and before a save); non-finite weights are never saved."""
     run_dir = Path(run_dir)
     lock = ckpt.RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
         if lock is not None and run_dir.is_dir():
             lock.acquire()
             ckpt.roll_forward(run_dir)
-        return _train(data_dir, run_dir, model_config, train_config, val_dir, resume, device, callbacks, lock)
+        return _train(data_dir, run_dir, model_config, train_config, val_dir, resume, device, callbacks, lock, asked)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume, device, callbacks, lock) -> TrainResult:
+def _train(
+    data_dir, run_dir: Path, model_config, train_config, val_dir, resume, device, callbacks, lock, asked
+) -> TrainResult:
     rank, world, device = _setup_distributed(device)
     is_main = rank == 0
     callbacks = list(callbacks) if is_main else []
@@ -112,12 +123,7 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
     start_step, train_tensors, train_meta = 0, None, {}
     if resume:
         saved_model, saved_train, start_step = ckpt.read_config(run_dir)
-        model_config = saved_model
-        if saved_train is not None:
-            requested_steps = train_config.steps
-            train_config = saved_train
-            if requested_steps is not None:
-                train_config.steps = requested_steps
+        model_config, train_config = resumed_configs(saved_model, saved_train, model_config, train_config, asked)
         train_tensors, train_meta, state_step = ckpt.load_train_state(run_dir)
         if state_step != start_step:
             raise CheckpointError(f"{run_dir}: weights are at step {start_step} but training state at {state_step}")
@@ -171,7 +177,7 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
         run_dir.mkdir(parents=True, exist_ok=True)
         if lock is not None and lock.handle is None:
             lock.acquire()  # a new run folder: claimed now that it exists
-        _write_data_record(run_dir, folder, val_folder)
+        _write_data_record(run_dir, folder, val_folder, resume)
         info = TrainInfo(
             total_steps=steps, start_step=start_step, images=len(folder), skipped=len(folder.skipped),
             classes=len(folder.classes), codebook_size=model.codebook.size, tokens_per_image=model_config.num_tokens,
@@ -184,6 +190,8 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
     stop = _SignalFlag()
     result = TrainResult(start_step)
     window = _Window(model.codebook.size, model_config)
+    health = _Health(device, start_step)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     batches = iter(loader)
     model.train()
     step = start_step
@@ -206,8 +214,8 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
                     out = wrapped(chunk, generator=generator, mask_scale=mask_scale, **views)
                 (out.loss / train_config.grad_accum).backward()
                 window.add(out, chunk)
-            if train_config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+                health.watch(step + 1, out.loss)
+            health.watch(step + 1, _grad_norm(trainable, train_config.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if distill:
@@ -222,9 +230,22 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
                 window = _Window(model.codebook.size, model_config)
                 if is_main:
                     _append_jsonl(run_dir / METRICS_FILE, metrics)
+                health.check(run_dir, train_config, steps, world)
             if is_main:
                 for cb in callbacks:
                     cb.on_step(step, result.last_metrics)
+            interrupted = _any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
+            if step % train_config.save_every == 0 or step == steps or interrupted:
+                health.check(run_dir, train_config, steps, world)  # before a save: never non-finite weights
+                _save(run_dir, model, train_config, step, optimizer, is_main, world, distill)
+                health.saved = step
+                for cb in callbacks:
+                    cb.on_checkpoint(step, run_dir)
+            if interrupted:
+                del wrapped, batches, loader
+                _teardown_distributed(world)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step)
+            # after the save: a failing validation pass loses no steps
             if is_main and (step % train_config.sample_every == 0 or step == steps):
                 grid = run_dir / SAMPLES_DIR / f"step_{step:07d}.png"
                 _save_samples(model, sample_images, grid)
@@ -238,15 +259,6 @@ def _train(data_dir, run_dir: Path, model_config, train_config, val_dir, resume,
                 _append_jsonl(run_dir / METRICS_FILE, result.validation)
                 for cb in callbacks:
                     cb.on_validation(step, result.validation)
-            interrupted = _any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
-            if step % train_config.save_every == 0 or step == steps or interrupted:
-                _save(run_dir, model, train_config, step, optimizer, is_main, world, distill)
-                for cb in callbacks:
-                    cb.on_checkpoint(step, run_dir)
-            if interrupted:
-                del wrapped, batches, loader
-                _teardown_distributed(world)
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step)
     result.step = step
     del wrapped, batches, loader  # DDP's reducer must go before its process group does
     _teardown_distributed(world)
@@ -295,6 +307,45 @@ class _Window:
         metrics["sec_per_step"] = self.time / max(1, self.steps)
         metrics["images_per_sec"] = images_per_step / max(1e-9, metrics["sec_per_step"])
         return metrics
+
+
+class _Health:
+    """The first step whose loss or gradient norm was NaN or infinite, kept on the device: updated
+    every step without a host sync, read (`check`) only where the loop syncs anyway."""
+
+    def __init__(self, device: str, saved: int) -> None:
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 0: none yet
+        self.saved = saved  # step of the last checkpoint in the run folder (0: none)
+
+    def watch(self, step: int, value: torch.Tensor) -> None:
+        self.first_bad.masked_fill_((self.first_bad == 0) & ~torch.isfinite(value.detach()).all(), step)
+
+    def check(self, run_dir: Path, config: TrainConfig, total: int, world: int) -> None:
+        first = self.first_bad.clone()
+        if world > 1:  # every rank stops at the same step, or none does
+            first.masked_fill_(first == 0, 2**62)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first.masked_fill_(first == 2**62, 0)
+        bad = int(first.item())
+        if not bad:
+            return
+        kept = (f"{run_dir} keeps its checkpoint of step {self.saved} (continue it with --resume and a change below)"
+                if self.saved else "nothing was saved")
+        raise TrainingError(
+            f"training diverged: the loss or the gradient norm became NaN or infinite at step {bad} "
+            f"(lr {lr_at(bad - 1, total, config):.3g}); {kept}; try a lower --lr, --set grad_clip=1.0"
+            + (", or --precision fp32" if config.precision != "fp32" else "")
+        )
+
+
+def _grad_norm(parameters: list[torch.nn.Parameter], clip: float) -> torch.Tensor:
+    """The total gradient norm (on the device), clipping to `clip` when it is positive."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 class _SignalFlag:
@@ -361,16 +412,58 @@ def _save(run_dir, model, config, step, optimizer, is_main, world, distill=None)
         dist.barrier()
 
 
-def _write_data_record(run_dir: Path, folder, val_folder) -> None:
-    """RUN_DIR/data.json: which images trained the model (the model card reports them)."""
+def _write_data_record(run_dir: Path, folder, val_folder, resume: bool) -> None:
+    """RUN_DIR/data.json: which images trained the model (the model card reports them). A resumed
+    run must train on the data the record names (else a DataError); a changed --val is recorded,
+    with a warning."""
     from lqae.config import write_json
 
     def describe(found) -> dict:
         return {"folder": str(found.root), "name": Path(found.root).resolve().name, "images": len(found),
-                "classes": list(found.classes), "skipped": len(found.skipped)}
+                "classes": list(found.classes), "skipped": len(found.skipped), "digest": _data_digest(found)}
 
     record = {"train": describe(folder), "val": describe(val_folder) if val_folder is not None else None}
+    previous = _read_record(run_dir / DATA_FILE) if resume else None
+    if previous and previous.get("train"):
+        _check_same_data(previous["train"], record["train"], run_dir)
+        record["train"] = previous["train"]  # the same images: the record stays as it was written
+        before = previous.get("val")
+        if record["val"] and before and before.get("digest") != record["val"]["digest"]:
+            log.warning("%s: validating on %s from now on (it was validated on %s)", run_dir,
+                        record["val"]["folder"], before.get("folder"))
+        record["val"] = record["val"] or before
     write_json(run_dir / DATA_FILE, record)
+
+
+def _data_digest(found) -> str:
+    """A short id of an image folder's content as training sees it: classes, and each image's path
+    inside the folder and size (moving the folder keeps it; adding, removing or replacing an image does not)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(list(found.classes)).encode())
+    for path, label in zip(found.paths, found.labels):
+        digest.update(f"{Path(path).relative_to(found.root).as_posix()}\0{os.path.getsize(path)}\0{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_same_data(recorded: dict, current: dict, run_dir: Path) -> None:
+    if "digest" in recorded:
+        same = recorded["digest"] == current["digest"]
+    else:  # a record from before digests: folder, count and classes
+        same = (Path(recorded.get("folder", "")).resolve(), recorded.get("images"), recorded.get("classes")) == (
+            Path(current["folder"]).resolve(), current["images"], current["classes"])
+    if not same:
+        raise DataError(
+            f"{run_dir} was trained on {recorded.get('folder')} ({recorded.get('images')} images); {current['folder']} "
+            f"({current['images']} images) holds other data: resume on the same images, or train a new --out"
+        )
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _save_samples(model, images: torch.Tensor, path: Path) -> None:
@@ -382,8 +475,9 @@ def _save_samples(model, images: torch.Tensor, path: Path) -> None:
 
 def _sample_batch(folder: ImageFolder, size: int, count: int = 8) -> torch.Tensor:
     step = max(1, len(folder) // count)  # spread over the folder (and so over classes)
-    _, images = next(image_batches(folder.paths[::step][:count], size, count))
-    return images
+    for _, images in image_batches(folder.paths[::step][:count], size, count, skip_unreadable=True):
+        return images
+    raise DataError(f"none of the images chosen for the sample grids in {folder.root} could be read")
 
 
 def _autocast(precision: str, device: str):
@@ -403,8 +497,12 @@ def _num_workers(requested: int, device: str) -> int:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    """One JSON object per line; a NaN or infinite value is written as null (bare NaN is not JSON)."""
+    from lqae.io import writing
+
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    with writing(path, "the lines before are kept"), open(path, "a") as handle:
+        handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
 
 # -- distributed ----------------------------------------------------------------------------------

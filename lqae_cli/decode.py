@@ -64,6 +64,9 @@ def decode(
     _decode_text(_read_input(tokens), form, model, out, batch_size, device, quiet)
 
 
+MAX_INPUT_CHARS = 256 << 20  # what stdin may hold: each line is checked against one image's size too
+
+
 def _read_input(tokens: Optional[List[str]]) -> str:
     from lqae.errors import TokenError
 
@@ -71,7 +74,12 @@ def _read_input(tokens: Optional[List[str]]) -> str:
         return " ".join(tokens)
     if not tokens and sys.stdin.isatty():
         raise TokenError("no token text given: pass it as an argument, or pipe it on stdin (`-` reads stdin)")
-    return sys.stdin.read()
+    text = sys.stdin.read(MAX_INPUT_CHARS + 1)
+    if len(text) > MAX_INPUT_CHARS:
+        raise TokenError(
+            f"stdin holds more than {MAX_INPUT_CHARS >> 20} MB of token text; decode it in parts (e.g. `split -l 10000`)"
+        )
+    return text
 
 
 def _decode_text(raw: str, form: str, model, out: Path, batch_size: int, device: str, quiet: bool) -> None:

@@ -91,7 +91,7 @@ def encode(
 
 def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings, quiet, started) -> None:
     from lqae.codec import EncodeTimings, encode_images
-    from lqae.data import collect_images
+    from lqae.data import collect_images, found_in_folders
     from lqae.tokentext import TokenText
     from lqae_cli.options import load_run
     from lqae_cli.progress import Bars, wanted
@@ -108,7 +108,7 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings
     bar = wanted(quiet, len(paths)) and not sys.stdout.isatty()  # a person reading stdout sees it move
     with Bars(bar) as bars:
         advance = bars.counter("encode", len(paths))
-        for chunk, ids in encode_images(net, paths, batch_size, spent):
+        for chunk, ids in encode_images(net, paths, batch_size, spent, found_in_folders(inputs)):
             if grid:
                 for path, row in zip(chunk, ids.tolist()):
                     _print_grid(token_text, row, str(path) if with_paths else None, token_format)

@@ -125,7 +125,7 @@ def fewshot(
     if isinstance(result, EvalSummary):
         _render_evaluation(result, as_json, out)
     else:
-        _render_predictions(result, as_json, len(job.images) == 1)
+        _render_predictions(result, as_json, len(job.images) == 1, out)
 
 
 def _accuracy_bar(bars):
@@ -140,8 +140,10 @@ def _accuracy_bar(bars):
     return on_result
 
 
-def _render_predictions(run, as_json: bool, single_argument: bool) -> None:
+def _render_predictions(run, as_json: bool, single_argument: bool, out: Optional[Path]) -> None:
     _budget_note(run.dropped.as_dict(), f"{run.supports} support images, {run.image_tokens} of {run.tokens_per_image} tokens per image")
+    if run.resumed:
+        sys.stderr.write(f"note: {run.resumed} of {len(run.predictions)} answer(s) read back from {out}\n")
     unanswered = sum(1 for p in run.predictions if p.label is None)
     if unanswered:
         sys.stderr.write(f"note: {unanswered} generated repl(ies) started with no label (printed as ?)\n")

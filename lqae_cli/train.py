@@ -15,6 +15,7 @@ from lqae_cli.options import DeviceOption, QuietOption, choice_enum, resolve_dev
 
 
 PresetName = choice_enum("PresetName", PRESETS)
+DEFAULT_PRESET = "tiny"
 Vocab = choice_enum("Vocab", VOCAB_CHOICES)
 Precision = choice_enum("Precision", PRECISIONS)
 TrackerName = choice_enum("TrackerName", TRACKERS)
@@ -24,7 +25,10 @@ TrackerName = choice_enum("TrackerName", TRACKERS)
 def train(
     data_dir: Path = typer.Argument(..., help="Image folder: flat, or one sub-folder per class (png/jpg/webp/bmp)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoint, metrics.jsonl, samples/."),
-    preset: PresetName = typer.Option(PresetName.tiny, help="Named configuration (see README)."),
+    preset: Optional[PresetName] = typer.Option(
+        None, help=f"Named configuration (see README; default {DEFAULT_PRESET}; --resume keeps the run's).",
+        show_default=False,
+    ),
     lm: Optional[str] = typer.Option(None, help="Frozen LM: local folder or HF hub name (default: the preset's)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Optimiser steps (default: the preset's steps or epochs)."),
     epochs: Optional[float] = typer.Option(None, min=0.01, help="Epochs, used when --steps is not given."),
@@ -38,7 +42,9 @@ def train(
     val: Optional[Path] = typer.Option(None, help="Held-out image folder for PSNR/SSIM/code-usage passes."),
     resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly where it stopped."),
     device: DeviceOption = "auto",
-    precision: Precision = typer.Option(Precision.auto, help="auto = bf16 autocast on CUDA, fp32 on CPU."),
+    precision: Optional[Precision] = typer.Option(
+        None, help="auto (the default) = bf16 autocast on CUDA, fp32 on CPU.", show_default=False,
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder and decoder."),
     workers: Optional[int] = typer.Option(None, min=0, help="Data-loading processes (default: from the CPU count)."),
     log_every: Optional[int] = typer.Option(None, min=1, help="Steps between metric lines in metrics.jsonl."),
@@ -59,17 +65,18 @@ def train(
     Several GPUs: torchrun --nproc_per_node 4 -m lqae_cli train data/ --out runs/x --preset base
     (each process takes cuda:LOCAL_RANK).
     """
-    from lqae.config import configure, to_dict
+    from lqae.config import asked_fields, configure, to_dict
     from lqae.trackers import make_tracker
     from lqae.train import TrainingInterrupted, train as run_training
 
-    chosen = configure(
-        preset.value, overrides, lm_name=lm, image_size=image_size, patch_size=patch_size,
-        vocab=vocab.value if vocab else None, mask_ratio=mask_ratio, steps=steps, epochs=epochs,
-        batch_size=batch_size, grad_accum=grad_accum, base_lr=lr, precision=precision.value,
-        compile=compile or None, num_workers=workers, log_every=log_every, sample_every=sample_every,
-        save_every=save_every, val_every=val_every, seed=seed,
+    options = dict(
+        lm_name=lm, image_size=image_size, patch_size=patch_size, vocab=vocab.value if vocab else None,
+        mask_ratio=mask_ratio, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, base_lr=lr,
+        precision=precision.value if precision else None, compile=compile or None, num_workers=workers,
+        log_every=log_every, sample_every=sample_every, save_every=save_every, val_every=val_every, seed=seed,
     )
+    chosen = configure(preset.value if preset else DEFAULT_PRESET, overrides, **options)
+    asked = None if preset else asked_fields(overrides, **options)  # what --resume compares with the run
     model_config, train_config = chosen.model, chosen.train
     display = TrainDisplay(quiet)
     logger = make_tracker(tracker.value, out, {"model": to_dict(model_config), "train": to_dict(train_config)})
@@ -77,7 +84,7 @@ def train(
         with display:
             result = run_training(
                 data_dir, out, model_config, train_config, val_dir=val, resume=resume,
-                device=resolve_device(device), callbacks=[display] + ([logger] if logger else []),
+                device=resolve_device(device), callbacks=[display] + ([logger] if logger else []), asked=asked,
             )
     except TrainingInterrupted as exc:
         from lqae_cli.common import error_line

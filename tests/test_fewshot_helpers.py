@@ -148,13 +148,17 @@ def fake_logprob(token: str) -> float:
 class StubServer:
     """An OpenAI-compatible server on 127.0.0.1 with scripted behaviour.
 
-    mode: "ok" | "no-logprobs" (logprobs: null) | "no-echo" (echo ignored) | "zeros" (all log-probs 0);
+    mode: "ok" | "no-logprobs" (logprobs: null) | "no-echo" (echo ignored) | "zeros" (all log-probs 0) |
+    "nan" (NaN log-probs) | "echo-headers" (200 with a text body quoting the request's headers) |
+    "trickle" (a 200 whose body comes one byte per 50 ms) | "huge" (a 200 with a body of `huge_bytes`);
     fail_first: HTTP statuses to answer before behaving (e.g. [429]);
     redirect_to: answer every request with a 302 to this base URL.
     """
 
-    def __init__(self, mode: str = "ok", fail_first=(), chat_reply: str = "cat", redirect_to: str | None = None) -> None:
+    def __init__(self, mode: str = "ok", fail_first=(), chat_reply="cat", redirect_to: str | None = None,
+                 huge_bytes: int = 0) -> None:
         self.mode, self.fail_first, self.chat_reply, self.redirect_to = mode, list(fail_first), chat_reply, redirect_to
+        self.huge_bytes, self.trickled, self.stop = huge_bytes, 0, False
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         stub = self
@@ -170,6 +174,9 @@ class StubServer:
                 if stub.redirect_to:
                     self._send(302, {}, {"Location": stub.redirect_to + self.path.removeprefix("/v1")})
                     return
+                if stub.mode in ("echo-headers", "trickle", "huge"):
+                    self._raw_reply()
+                    return
                 if stub.fail_first:
                     status = stub.fail_first.pop(0)
                     self._send(status, {"error": {"message": f"scripted {status}"}}, {"Retry-After": "0"})
@@ -180,6 +187,34 @@ class StubServer:
                     self._send(200, stub.completion(body))
                 else:
                     self._send(404, {"error": {"message": "no such endpoint"}})
+
+            def _raw_reply(self):
+                import time
+
+                if stub.mode == "echo-headers":  # the key starts near character 100 of the body
+                    data = ("<p>" + "." * 77 + " Authorization: " + self.headers.get("Authorization", "") + "; Host: "
+                            + self.headers.get("Host", "") + "</p>").encode()
+                elif stub.mode == "huge":
+                    data = b"x" * stub.huge_bytes
+                else:
+                    data = json.dumps({"choices": []}).encode() + b" " * 200
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html" if stub.mode == "echo-headers" else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if stub.mode != "trickle":
+                    self.wfile.write(data)
+                    return
+                try:
+                    for byte in data:
+                        if stub.stop:
+                            break
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        stub.trickled += 1
+                        time.sleep(0.05)
+                except OSError:  # the client hung up
+                    pass
 
             def _send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
@@ -210,6 +245,9 @@ class StubServer:
             logprobs = None
         elif self.mode == "no-echo":
             logprobs = {"tokens": [" and"], "token_logprobs": [-0.5], "text_offset": [len(prompt)]}
+        elif self.mode == "nan":
+            logprobs = {"tokens": tokens, "token_logprobs": [None] + [float("nan")] * (len(tokens) - 1),
+                        "text_offset": offsets}
         elif self.mode == "zeros":
             logprobs = {"tokens": tokens, "token_logprobs": [None] + [0.0] * (len(tokens) - 1), "text_offset": offsets}
         else:

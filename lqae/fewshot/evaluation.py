@@ -3,6 +3,7 @@ accuracy alone hides (`diagnose`) and a 95% interval (`wilson_interval`)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet
 
 EpisodeCallback = Callable[[dict, int, int], None]  # (record, done, total)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class EvalSummary:
     seconds_per_episode: float  # over the episodes computed in this run (resumed ones excluded)
     unanswered: int  # generate scoring: replies that start with no label
     resumed: int  # episodes read back from --out
+    distinct_queries: int = 0  # query images among the episodes: the interval assumes one per episode
     dropped: dict = field(default_factory=dict)  # budget cuts: episodes affected and totals
     settings: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)  # see `diagnose`
@@ -119,6 +122,13 @@ def _summarize(
 ) -> EvalSummary:
     total = len(records)
     correct = sum(1 for r in records if r["correct"])
+    distinct = len({r["query"] for r in records})
+    if distinct < total:
+        log.warning(
+            "the 95%% interval assumes %d independent episodes, but they reuse %d query image(s) (about %.0f "
+            "times each) and the same supports: accuracy on new images is less certain than it says; "
+            "draw queries from a larger --query set", total, distinct, total / max(1, distinct),
+        )
     cuts = [Dropped(**r["dropped"]) for r in records]
     dropped = {
         "episodes": sum(1 for c in cuts if c.any()),
@@ -134,7 +144,8 @@ def _summarize(
         correct=correct, ways=settings.ways, shots=shots, repeats=settings.repeats, chance=1 / settings.ways,
         mean_prompt_tokens=sum(r["prompt_tokens"] for r in records) / total if total else 0.0,
         seconds_per_episode=sum(seconds) / len(seconds) if seconds else 0.0,
-        unanswered=sum(1 for r in records if r["predicted"] is None), resumed=resumed, dropped=dropped,
+        unanswered=sum(1 for r in records if r["predicted"] is None), resumed=resumed, distinct_queries=distinct,
+        dropped=dropped,
         settings=settings_dict, diagnostics=diagnose(records, settings.scoring == "loglik"),
     )
 

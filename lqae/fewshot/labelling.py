@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from lqae.fewshot.backends.base import Backend
 from lqae.fewshot.budget import Dropped
@@ -12,6 +15,8 @@ from lqae.fewshot.prompts import PromptImageText, Template
 from lqae.fewshot.results import ResultsFile
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +48,11 @@ class LabelRun:
         }
 
 
+def content_id(ids: Sequence[int]) -> str:
+    """A short id of a query's token ids: what the LLM is shown of it."""
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
+
+
 def label_queries(
     support: TokenPool,
     queries: TokenPool,
@@ -67,9 +77,13 @@ def label_queries(
         shown = letter_labels(len(classes))
     else:
         shown = classes
+    if len(classes) == 1:
+        log.warning("the support set has one class (%s): every query is given that label", classes[0])
     position = {name: j for j, name in enumerate(classes)}
     done = results.load() if results else {}
-    pending = [i for i, path in enumerate(queries.paths) if path not in done]
+    # a query is known by its path and its tokens: a changed image at the same path is answered again
+    keys = [(path, content_id(ids)) for path, ids in zip(queries.paths, queries.ids)]
+    pending = [i for i, key in enumerate(keys) if key not in done]
     support_set = None
     if pending:
         shots = settings.shots or max(sum(1 for i in chosen if support.class_name(i) == c) for c in classes)
@@ -79,15 +93,15 @@ def label_queries(
             [position[support.class_name(i)] for i in chosen], queries.ids, shots,
         )
     predictions = []
-    for index, path in enumerate(queries.paths):
-        record = done.get(path)
+    for index, (path, content) in enumerate(keys):
+        record = done.get((path, content))
         if record is None:
             answer = support_set.answer([queries.ids[index]])[0]
             record = answer.as_record(results.run if results else None, path, classes)
-            record["label"] = answer.label(classes)
+            record.update(label=answer.label(classes), content=content)
             if results:
                 results.append(record)
-            done[path] = record
+            done[(path, content)] = record
         label = QueryLabel(path, record["label"], record["scores"], record["prompt_tokens"], record.get("generated"))
         predictions.append(label)
         if on_label:

@@ -78,7 +78,14 @@ def load_template(name_or_path: str | Path) -> Template:
     """A shipped template by name (`completion`, `chat`) or any template file by path."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return parse_template(path.read_text(encoding="utf-8"), name=path.stem)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise TemplateError(
+                f"template {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                "save it as UTF-8"
+            ) from None
+        return parse_template(text, name=path.stem)
     names = list_templates()
     if str(name_or_path) in names:
         text = _template_dir().joinpath(f"{name_or_path}.txt").read_text(encoding="utf-8")
@@ -194,7 +201,12 @@ def _check_fields(name: str, section: str, content: str) -> None:
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
-        if field not in allowed or spec or conversion:
+        if field in allowed and (spec or conversion):
+            written = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise TemplateError(
+                f"template {name!r} [{section}]: {written} takes no conversion or format spec; write {{{field}}}"
+            )
+        if field not in allowed:
             raise TemplateError(
                 f"template {name!r} [{section}]: unknown placeholder {{{field}}}; "
                 f"known here: {', '.join('{' + f + '}' for f in allowed)}"

@@ -3,6 +3,8 @@ new images or evaluate on episodes."""
 
 from __future__ import annotations
 
+import contextlib
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,6 +71,8 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
         if callbacks.on_queries:
             callbacks.on_queries(queries.paths)
     _check_compatible(support, queries, job)
+    for pool, role in ((support, "support"), (queries, "query")):
+        check_class_names(pool.classes, role, job.settings.labels)
     tokenizer = sources.tokenizer(support.lm_name)
 
     stage(f"loading {job.llm}")
@@ -87,15 +91,15 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
         template=asdict(template), settings={k: v for k, v in asdict(job.settings).items() if k != "episodes"},
         support_data=support.digest(), query_data=queries.digest() if job.query is not None else queries.weights,
     )
-    if job.query is not None:
-        results = ResultsFile(job.out, run, "episode") if job.out else None
-        stage("evaluating")
-        return evaluate_episodes(
-            support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result
-        )
-    results = ResultsFile(job.out, run, "query") if job.out else None
-    stage("classifying")
-    return label_queries(support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label)
+    key = "episode" if job.query is not None else ("query", "content")
+    with (ResultsFile(job.out, run, key) if job.out else contextlib.nullcontext()) as results:
+        if job.query is not None:
+            stage("evaluating")
+            return evaluate_episodes(
+                support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result
+            )
+        stage("classifying")
+        return label_queries(support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label)
 
 
 class Sources:
@@ -136,36 +140,37 @@ class Sources:
 
     def images(self, paths: list[Path]) -> TokenPool:
         """Query images to label, in the order given: image files, folders of images (recursive), or
-        token datasets (every row)."""
-        from lqae.data import IMAGE_EXTENSIONS, collect_images
+        token datasets (every row). Unreadable images inside folders are skipped and named."""
+        from lqae.data import IMAGE_EXTENSIONS, collect_images, found_in_folders
         from lqae.tokendata import check_same_weights, is_token_dataset, read_token_dataset
 
-        ids: list[list[int] | None] = []  # (N, L); None until an image file is encoded
-        names, lm_name, files, written_by, global_tokens = [], None, [], [], 0
+        queries: list[tuple[str, list[int] | None]] = []  # (name, ids); ids None until the image is encoded
+        lm_name, files, written_by, global_tokens = None, [], [], 0
         for path in map(Path, paths):
             if is_token_dataset(path):
                 dataset = read_token_dataset(path)
                 written_by.append((f"query tokens {path}", dataset.weights))
                 global_tokens = dataset.global_tokens
-                ids += dataset.ids.tolist()
-                names += [str(p) for p in dataset.paths]
+                queries += [(str(name), row) for name, row in zip(dataset.paths, dataset.ids.tolist())]
                 lm_name = lm_name or str(dataset.model_config.get("lm_name", ""))
                 continue
             if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise DataError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)}) or a token dataset (.safetensors)")
             for image in collect_images([path]):
-                files.append((len(names), image))
-                names.append(str(image))
-                ids.append(None)
+                files.append(image)
+                queries.append((str(image), None))
         if files:
             from lqae.codec import encode_images
 
-            model = self.model(f"query {files[0][1]}")
+            model = self.model(f"query {files[0]}")
             self.stage(f"encoding {len(files)} query images")
-            batches = encode_images(model, [image for _, image in files], ENCODE_BATCH)  # (paths, ids (b, L))
-            encoded = [row for _, batch_ids in batches for row in batch_ids.tolist()]
-            for (position, _), row in zip(files, encoded):
-                ids[position] = row
+            encoded = {  # path -> ids (L,); images that could not be decoded are missing
+                str(image): row
+                for chunk, batch_ids in encode_images(model, files, ENCODE_BATCH, skip_unreadable=found_in_folders(paths))
+                for image, row in zip(chunk, batch_ids.tolist())
+            }
+            queries = [(name, ids if ids is not None else encoded.get(name)) for name, ids in queries]
+            queries = [(name, ids) for name, ids in queries if ids is not None]
             lm_name = lm_name or model.config.lm_name
             global_tokens = model.config.global_tokens
             written_by.insert(0, ("this model", model.weights_fingerprint))
@@ -174,6 +179,9 @@ class Sources:
             check_same_weights(
                 weights, known[0][1], source, known[0][0], "encode every query with one LQAE checkpoint", self.allow_foreign
             )
+        if not queries:
+            raise DataError("none of the query images could be read")
+        names, ids = [name for name, _ in queries], [row for _, row in queries]
         return TokenPool(ids, [-1] * len(ids), [], names, lm_name or "", known[0][1] if known else None, global_tokens)
 
     def tokenizer(self, lm_name: str):
@@ -206,6 +214,23 @@ def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -
             f"support images have {support.tokens_per_image} tokens each ({support.global_tokens} global) but queries "
             f"{queries.tokens_per_image} ({queries.global_tokens} global); encode both with the same LQAE checkpoint"
         )
+
+
+def check_class_names(classes: list[str], role: str, labels: str) -> None:
+    """Class (folder) names become labels in `PATH<TAB>LABEL` lines and in the prompt: refuse line
+    breaks, tabs and other control characters (they would split lines or inject prompt lines), and,
+    when the LLM is shown the real names, commas (the instruction lists the labels comma-separated)."""
+    for name in classes:
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+            raise DataError(
+                f"{role} class {name!r} holds a line break, tab or other control character, which would break "
+                "PATH<TAB>LABEL lines and the prompt's lines; rename the folder"
+            )
+        if labels == "real" and "," in name:
+            raise DataError(
+                f"{role} class {name!r} holds a comma, which makes the prompt's comma-separated list of labels "
+                "ambiguous; rename the folder, or pass --labels letters (or open)"
+            )
 
 
 def _check_template(template: Template, backend: Backend, settings: FewshotSettings) -> None:

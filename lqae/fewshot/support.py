@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from lqae.errors import LLMError
 from lqae.fewshot.backends.base import Backend, Request, match_label
 from lqae.fewshot.budget import Fit, fit_prompt
 from lqae.fewshot.episodes import TokenPool, shared_tokens
@@ -131,6 +132,8 @@ class SupportSet:
             scores = [1.0 if j == chosen else 0.0 for j in range(len(self.labels))]
             return Answer(chosen, scores, count, reply, supports)
         scores = self._scores(backend.loglik(request)[0])
+        if any(math.isnan(s) for s in scores):
+            raise LLMError(f"{backend.name} gave NaN log-probabilities for the labels; its scores cannot be trusted")
         prior = None
         if settings.calibrate:
             prior = self.prior(supports)

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP servers (vLLM, llama.cpp, Ollama, OpenAI) as few-shot backends.
 
-Standard library only (urllib). Log-likelihood: /v1/completions with echo=true and logprobs, the
+Standard library only (http.client; see `post_once`, and the README on why not httpx). Log-likelihood: /v1/completions with echo=true and logprobs, the
 label's log-probs read from the echoed prompt tokens (by character offset). Generation:
 /v1/chat/completions, temperature 0. The API key comes from OPENAI_API_KEY and never appears in
 messages or logs. Servers that ignore `echo` or return no prompt log-probs are detected and fail
@@ -9,12 +9,18 @@ with LLMError instead of producing chance-level numbers.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
+import math
 import os
+import re
 import socket
+import ssl
+import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 
 from lqae.errors import LLMError
@@ -112,12 +118,18 @@ class OpenAIBackend(Backend):
                 content = response["choices"][0]["message"].get("content") or ""
             except (KeyError, IndexError, TypeError, AttributeError) as exc:
                 raise LLMError(f"{self.api_base}/chat/completions answered without choices[0].message") from exc
+            if not isinstance(content, str):
+                raise LLMError(
+                    f"{self.api_base}/chat/completions answered a message whose content is not text "
+                    f"({type(content).__name__} {self._excerpt(json.dumps(content), 60)})"
+                )
             replies.append(content.split("\n")[0])
         return replies
 
     # -- HTTP -------------------------------------------------------------------------------
     def _post(self, path: str, payload: dict) -> dict:
-        """POST JSON; retries with exponential back-off on 429, 5xx, timeouts and refused connections."""
+        """POST JSON; retries with exponential back-off on 429, 5xx, timeouts and refused connections.
+        Each try is one `post_once`: its own connection, deadline and size cap (safe from threads)."""
         url = self.api_base + path
         data = json.dumps(payload).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "lqae-fewshot"}
@@ -126,62 +138,150 @@ class OpenAIBackend(Backend):
         delay = self.backoff
         for attempt in range(self.retries + 1):
             last_try = attempt == self.retries
+            tries = f" after {attempt + 1} tries" if attempt else ""
             log.debug("POST %s (try %d)", url, attempt + 1)
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
-                with _NO_REDIRECTS.open(request, timeout=self.timeout) as response:
-                    body = response.read()
-            except _Redirected as exc:
+                status, reply_headers, body = post_once(url, data, headers, self.timeout)
+            except ReplyTooLarge as exc:
                 raise LLMError(
-                    f"{url} answered a redirect (HTTP {exc.code}) to {self._redact(exc.location)}; requests carrying "
-                    "the API key do not follow redirects: set --api-base to the final address"
+                    f"{url} answered more than {exc.limit:,} bytes; refusing to read it (is --api-base right?)"
                 ) from None
-            except urllib.error.HTTPError as exc:
-                detail = self._redact(_server_message(exc))
-                if (exc.code == 429 or exc.code >= 500) and not last_try:
-                    wait = _retry_after(exc.headers, delay)
-                    log.info("HTTP %d from %s; retrying in %.1fs", exc.code, url, wait)
-                    time.sleep(wait)
-                    delay *= 2
-                    continue
-                tries = f" after {attempt + 1} tries" if attempt else ""
-                raise LLMError(f"{url} answered HTTP {exc.code}{tries}: {detail}{_HINTS.get(exc.code, '')}") from None
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
-                reason = getattr(exc, "reason", exc)
+            except (RequestTimeout, OSError, http.client.HTTPException) as exc:
+                reason = f"no answer within --timeout {self.timeout:g} s" if isinstance(exc, RequestTimeout) else exc
                 if not last_try:
-                    log.info("cannot reach %s (%s); retrying in %.1fs", url, reason, delay)
+                    log.info("cannot reach %s (%s); retrying in %.1fs", url, self._excerpt(str(reason)), delay)
                     time.sleep(delay)
                     delay *= 2
                     continue
                 raise LLMError(
-                    f"cannot reach the OpenAI-compatible server at {self.api_base} ({self._redact(str(reason))}) "
+                    f"cannot reach the OpenAI-compatible server at {self.api_base} ({self._excerpt(str(reason))}) "
                     f"after {attempt + 1} tries; is it running? check --api-base"
                 ) from None
+            if 300 <= status < 400:
+                raise LLMError(
+                    f"{url} answered a redirect (HTTP {status}) to {self._excerpt(reply_headers.get('Location', '?'))}; "
+                    "requests carrying the API key do not follow redirects: set --api-base to the final address"
+                )
+            if status >= 400:
+                if (status == 429 or status >= 500) and not last_try:
+                    wait = _retry_after(reply_headers, delay)
+                    log.info("HTTP %d from %s; retrying in %.1fs", status, url, wait)
+                    time.sleep(wait)
+                    delay *= 2
+                    continue
+                detail = self._excerpt(_server_message(body)) or f"HTTP {status}"
+                raise LLMError(f"{url} answered HTTP {status}{tries}: {detail}{_HINTS.get(status, '')}")
             try:
                 return json.loads(body)
             except ValueError:
-                raise LLMError(f"{url} answered with something that is not JSON: {body[:120]!r}") from None
+                raise LLMError(f"{url} answered with something that is not JSON: {self._excerpt(body)!r}") from None
         raise AssertionError("unreachable")
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+    def _excerpt(self, text: str | bytes, limit: int = 200) -> str:
+        """A server's words fit for an error line: on one line, the API key and any bearer token
+        blanked out first, then cut to `limit` characters (a cut never leaves part of a key)."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        text = " ".join(text.split())
+        if self._key:
+            text = text.replace(self._key, "***")
+        text = _SECRETS.sub(r"\1***", text)
+        return text[:limit]
 
 
-class _Redirected(Exception):
-    def __init__(self, code: int, location: str) -> None:
-        super().__init__(f"HTTP {code} to {location}")
-        self.code, self.location = code, location
+# `Bearer TOKEN`, `api_key: "TOKEN"` and the like, whatever the token (a proxy's, another key)
+_SECRETS = re.compile(r"(?i)(bearer\s+|api[-_]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+")
+MAX_REPLY_BYTES = 64 << 20  # an echoed 128k-token prompt with its log-probs is about 20 MB
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib keeps the Authorization header across a redirect, even to another host (and turns the
-    POST into a GET): never follow one with the key; say where the server pointed instead."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise _Redirected(code, newurl)
+class RequestTimeout(Exception):
+    """The whole request took longer than its timeout."""
 
 
-_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+class ReplyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"reply over {limit} bytes")
+        self.limit = limit
+
+
+def post_once(
+    url: str, body: bytes, headers: dict[str, str], timeout: float, limit: int | None = None
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One HTTP POST: (status, reply headers, reply body).
+
+    `timeout` bounds the whole exchange (connect, send, the wait for the answer, reading it): at
+    the deadline a watchdog shuts the socket down and RequestTimeout is raised, so a server that
+    trickles bytes cannot hold a request longer. A reply over `limit` bytes (MAX_REPLY_BYTES by
+    default) raises ReplyTooLarge, from its Content-Length or while it is read. A redirect is
+    returned as it is, never followed. HTTP(S)_PROXY and NO_PROXY apply (no proxy authentication).
+    Everything lives in the call: safe to run from several threads at once."""
+    limit = MAX_REPLY_BYTES if limit is None else limit
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LLMError(f"{url} is not an http:// or https:// address; check --api-base")
+    proxy = _proxy_for(parts)
+    connection = _connection(parts, proxy, timeout)
+    expired = threading.Event()
+    opened: list[socket.socket] = []  # http.client lets go of its socket once a reply says "close"
+
+    def cut() -> None:
+        expired.set()
+        for sock in opened:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked send or recv at once
+
+    watchdog = threading.Timer(timeout, cut)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.connect()  # bounded by the socket timeout; the watchdog covers what follows
+        opened.append(connection.sock)
+        if expired.is_set():
+            raise RequestTimeout()
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request("POST", url if proxy and parts.scheme == "http" else path, body=body, headers=headers)
+        response = connection.getresponse()
+        declared = response.getheader("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ReplyTooLarge(limit)
+        chunks, size = [], 0
+        while chunk := response.read1(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise ReplyTooLarge(limit)
+            chunks.append(chunk)
+        if expired.is_set():
+            raise RequestTimeout()
+        return response.status, response.headers, b"".join(chunks)
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise RequestTimeout() from None
+        raise
+    finally:
+        watchdog.cancel()
+        connection.close()
+        for sock in opened:
+            sock.close()
+
+
+def _connection(parts, proxy, timeout: float) -> http.client.HTTPConnection:
+    """A connection to the server of `parts` (a split URL), through `proxy` when one applies."""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host, host_port = (proxy.hostname, proxy.port or 80) if proxy else (parts.hostname, port)
+    if parts.scheme == "http":
+        return http.client.HTTPConnection(host, host_port, timeout=timeout)
+    connection = http.client.HTTPSConnection(host, host_port, timeout=timeout, context=ssl.create_default_context())
+    if proxy:
+        connection.set_tunnel(parts.hostname, port)
+    return connection
+
+
+def _proxy_for(parts) -> urllib.parse.SplitResult | None:
+    """The proxy that HTTP(S)_PROXY names for this URL, unless NO_PROXY exempts its host."""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
 
 
 def continuation_logprob(response: dict, full: str, start: int, where: str = "the server") -> tuple[float, int]:
@@ -211,25 +311,32 @@ def continuation_logprob(response: dict, full: str, start: int, where: str = "th
     prompt_values = [values[i] for i in range(1, len(values)) if offsets[i] < len(full)]
     if not picked or any(values[i] is None for i in picked):
         raise LLMError(f"{where} {NO_LOGPROBS} (the label's tokens have no log-probs)")
+    strange = [values[i] for i in picked if not _is_number(values[i])]
+    if strange:
+        raise LLMError(
+            f"{where} answered log-probabilities that are not finite numbers for the label's tokens "
+            f"(e.g. {strange[0]!r}); the server is misbehaving: check it before trusting any score"
+        )
     if prompt_values and all(v == 0 for v in prompt_values):
         raise LLMError(f"{where} {NO_LOGPROBS} (every prompt token came back with log-prob 0)")
     return float(sum(values[i] for i in picked)), len(picked)
 
 
-def _server_message(error: urllib.error.HTTPError) -> str:
+def _server_message(body: bytes) -> str:
+    """The error message in a server's reply (OpenAI's {"error": {"message": ...}}), else its text."""
+    text = body.decode("utf-8", "replace")
     try:
-        body = error.read().decode("utf-8", "replace")
-    except OSError:
-        return error.reason or ""
-    try:
-        parsed = json.loads(body)
+        parsed = json.loads(text)
         message = parsed.get("error", parsed)
         if isinstance(message, dict):
             message = message.get("message", message)
-        body = str(message)
+        return str(message)
     except (ValueError, AttributeError):
-        pass
-    return " ".join(body.split())[:200] or str(error.reason)
+        return text
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _retry_after(headers, default: float) -> float:
