@@ -13,6 +13,7 @@ the decoder reads the (quantised) 384-d tokens directly, as `decoder_input=embed
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class PeerAutoencoder(nn.Module):
 
     def __init__(self, preset: Preset, kind: str) -> None:
         super().__init__()
-        config = dataclasses.replace(preset.model, lm_width=TOKEN_WIDTH, encoder_output="linear")
+        config = dataclasses.replace(preset.model, lm_width=TOKEN_WIDTH, encoder_output="linear", decoder_input="lm")
         self.kind, self.image_size = kind, config.image_size
         self.encoder, self.decoder = Encoder(config), Decoder(config)
         init_weights(self.encoder)
@@ -93,6 +94,9 @@ def train_peer(kind: str, folder: Path, run_dir: Path, preset: Preset) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 300 == 0:
+            print(f"[{run_dir.name}] step {step + 1} recon {float(loss):.4f} "
+                  f"{(time.perf_counter() - started) / (step + 1):.2f}s/step", file=sys.stderr, flush=True)
     train_seconds = time.perf_counter() - started
     return {**evaluate_peer(model, folder / "val", run_dir / "heldout.png"), "train_seconds": round(train_seconds, 1),
             "sec_per_step": round(train_seconds / steps, 3)}

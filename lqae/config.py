@@ -24,7 +24,7 @@ CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer imp
     "commitment": ("mse", "cosine"),
     "straight_through": ("identity", "rotation", "soft"),
     "search_space": ("embedding", "latent", "mapped", "pca"),
-    "decoder_input": ("lm", "lm_skip", "embeddings"),
+    "decoder_input": ("lm", "lm_skip", "lm_search", "embeddings", "search"),
     "decoder_head": ("linear", "conv"),
 }
 
@@ -133,7 +133,8 @@ class ModelConfig:
     latent_dim: int = 32  # width of the "latent" / "pca" search space
     codebook_weight: float = 1.0  # latent/mapped search only: pulls the mapped code towards the encoder output
     decoder_input: str = "lm"  # "lm_skip": the LM's last hidden state plus its input (the masked code embeddings);
-    # "embeddings": diagnostic, the decoder reads the code embeddings and skips the LM
+    # "lm_search": the LM's last hidden state plus a learned map of each code's search-space vector (none where
+    # masked); diagnostics that skip the LM: "embeddings" (the code embeddings), "search" (the search vectors only)
     decoder_head: str = "linear"  # "linear": each token's pixels from one linear map (the reference);
     # "conv": each token unpatchifies to decoder_head_channels feature maps, then 3x3 convs blend the patch seams
     decoder_head_channels: int = 32  # "conv" head: feature maps per pixel before the convolutions
@@ -172,6 +173,13 @@ class ModelConfig:
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
             if width % heads:
                 raise ConfigError(f"{name} width {width} is not divisible by its {heads} heads")
+
+    @property
+    def search_dim(self) -> int | None:
+        """Width of the search space (the codes' coordinates); None until lm_width is known."""
+        if self.search_space in ("pca", "latent"):
+            return self.latent_dim
+        return self.lm_width
 
     @property
     def grid_size(self) -> int:

@@ -167,8 +167,7 @@ class LQAE(nn.Module):
         lm_input = quant.quantized
         if mask.any():
             lm_input = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(lm_input.dtype), lm_input)
-        decoder_input, lm_hidden = self._decoder_input(lm_input)  # (B, L, D) each
-        reconstruction = self.decoder(decoder_input)
+        reconstruction, lm_hidden = self._decode_from(lm_input, quant.coordinates, mask)
         recon_loss = F.mse_loss(reconstruction.float(), images.float())
         mlm_loss = self._mlm_loss(lm_hidden, quant.token_ids, mask)
         cfg = self.config
@@ -198,7 +197,8 @@ class LQAE(nn.Module):
 
             raise TokenError(f"got {token_ids.shape[-1]} tokens, this model expects {self.config.num_tokens}")
         codes = self.codebook.codes_from_token_ids(token_ids)
-        return self.decoder(self._decoder_input(self.codebook.embeddings[codes])[0]).clamp(0, 1)
+        coordinates = self.codebook.search_code_matrix()[codes]
+        return self._decode_from(self.codebook.embeddings[codes], coordinates, None)[0].clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,16 +206,21 @@ class LQAE(nn.Module):
         return self.decode(self.encode(images))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _decoder_input(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(what the decoder reads, the LM's last hidden state or None) for the LM input (B, N, D).
-        The decoder reads the LM's last hidden state (the method); with "lm_skip" also the LM's input
-        added to it (masked positions carry the mask embedding, so nothing of a masked code leaks);
-        with "embeddings", a diagnostic that separates quantizer limits from LM-channel limits, the
-        code embeddings themselves."""
-        if self.config.decoder_input == "embeddings":
-            return embeddings, None
-        hidden = self.run_lm(embeddings).last_hidden_state
-        return (hidden + embeddings if self.config.decoder_input == "lm_skip" else hidden), hidden
+    def _decode_from(self, lm_input: torch.Tensor, coordinates: torch.Tensor, mask: torch.Tensor | None):
+        """(reconstruction (B, C, H, W), the LM's last hidden state or None) from the LM input
+        (B, L, D), the codes' search-space vectors (B, L, d) and the mask (B, L) or None.
+        The decoder reads the LM's last hidden state (the method); "lm_skip" adds the LM's input to
+        it and "lm_search" a learned map of each code's search-space vector (neither shows a masked
+        code: the LM input there is the mask embedding, the vector is zeroed). The diagnostics
+        "embeddings" and "search" skip the LM, to separate quantizer limits from LM-channel limits."""
+        mode = self.config.decoder_input
+        lm_hidden = None if mode in ("embeddings", "search") else self.run_lm(lm_input).last_hidden_state
+        hidden = {"lm": lm_hidden, "lm_search": lm_hidden, "embeddings": lm_input, "search": None}.get(mode)
+        if mode == "lm_skip":
+            hidden = lm_hidden + lm_input
+        if mode in ("lm_search", "search") and mask is not None and mask.any():
+            coordinates = coordinates.masked_fill(mask.unsqueeze(-1), 0.0)
+        return self.decoder(hidden, coordinates), lm_hidden
 
     def _sample_mask(self, shape, device, generator, scale: float = 1.0) -> torch.Tensor:
         """(B, L) bool, False at the G global tokens. A fixed per-token ratio, or with mask_ratio_min

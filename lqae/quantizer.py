@@ -91,6 +91,7 @@ class QuantizerOutput(NamedTuple):
     codebook_loss: torch.Tensor  # scalar: pulls the learned search map's code towards the encoder output (0 without one)
     encoder_norm: torch.Tensor  # scalar: mean L2 norm of the raw encoder output (shows norm drift)
     global_scores: torch.Tensor  # (B, G, V_g) cosine of each global token to its V_g candidate words ((B, 0, 0) without)
+    coordinates: torch.Tensor  # (B, L, d) the chosen codes' search-space vectors, straight-through to the queries
 
 
 class LanguageCodebook(nn.Module):
@@ -240,8 +241,10 @@ class LanguageCodebook(nn.Module):
             codebook_loss = F.mse_loss(mapped.float(), query.detach().float())
         usage_loss = self.usage_loss(query[:, g:], search_codes) if usage else z.new_zeros(())
         global_scores = self._global_scores(query[:, :g], search_codes) if g else z.new_zeros(z.shape[0], 0, 0)
+        coordinates = query + (search_codes[codes].to(query.dtype) - query).detach()
         return QuantizerOutput(
-            quantized, codes, self.code_to_token[codes], commitment, usage_loss, codebook_loss, encoder_norm, global_scores
+            quantized, codes, self.code_to_token[codes], commitment, usage_loss, codebook_loss, encoder_norm, global_scores,
+            coordinates,
         )
 
     def _output(self, z: torch.Tensor) -> torch.Tensor:
@@ -281,14 +284,21 @@ class LanguageCodebook(nn.Module):
     def search_vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries (B, N, d), codes (K, d)), both L2-normalised, in the space the search runs in."""
         if self.search_space == "latent":
-            return F.normalize(self.input_to_latent(z), dim=-1), F.normalize(self.code_to_latent(self.embeddings), dim=-1).detach()
+            return F.normalize(self.input_to_latent(z), dim=-1), self.search_code_matrix()
         if self.search_space == "pca":
             return self._pca(z), self.pca_codes
+        return F.normalize(z, dim=-1), self.search_code_matrix()
+
+    def search_code_matrix(self) -> torch.Tensor:
+        """(K, d) every code in the search space, L2-normalised, without gradient."""
+        if self.search_space == "latent":
+            return F.normalize(self.code_to_latent(self.embeddings), dim=-1).detach()
+        if self.search_space == "pca":
+            return self.pca_codes
         if self.search_space == "mapped":
             with torch.no_grad():
-                codes = F.normalize(self.code_map(self.embeddings), dim=-1)
-            return F.normalize(z, dim=-1), codes
-        return F.normalize(z, dim=-1), self.normalized
+                return F.normalize(self.code_map(self.embeddings), dim=-1)
+        return self.normalized
 
     def search_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Search-space vectors of the chosen codes, with gradient to the learned map."""

@@ -151,7 +151,11 @@ class Decoder(nn.Module):
             raise ValueError("config.lm_width is unset: the LQAE fills it in from its LM before building the decoder")
         self.patch_size, self.grid, self.global_tokens = config.patch_size, config.grid_size, config.global_tokens
         width = config.decoder_width
-        self.from_lm = nn.Linear(config.lm_width, width)
+        reads_lm = config.decoder_input != "search"
+        self.from_lm = nn.Linear(config.lm_width, width) if reads_lm else None
+        # "lm_search"/"search": each code's search-space vector, mapped in beside (or instead of) the LM's state
+        reads_codes = config.decoder_input in ("lm_search", "search")
+        self.from_codes = nn.Linear(config.search_dim, width) if reads_codes else None
         self.transformer = Transformer(
             config.num_tokens, width, config.decoder_depth, config.decoder_heads, config.mlp_ratio
         )
@@ -166,8 +170,13 @@ class Decoder(nn.Module):
             if conv else None
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x, _ = self.transformer(self.from_lm(hidden))  # (B, G + N, W)
+    def forward(self, hidden: torch.Tensor | None, coordinates: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: (B, L, D) what the decoder reads from the LM (None for the "search" diagnostic);
+        coordinates: (B, L, d) the codes' search-space vectors, for "lm_search" and "search"."""
+        x = self.from_lm(hidden) if self.from_lm is not None else 0
+        if self.from_codes is not None:
+            x = x + self.from_codes(coordinates)
+        x, _ = self.transformer(x)  # (B, G + N, W)
         return self.head(x[:, self.global_tokens :])
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:

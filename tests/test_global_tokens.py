@@ -221,3 +221,49 @@ def test_fewshot_and_show_with_a_global_model(tiny_lm_dir, image_folder, tmp_pat
     ])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["episodes"] == 5
+
+
+def test_llm_vocab_keeps_one_token_words_and_is_saved_with_the_weights(tiny_lm_dir, tmp_path, monkeypatch):
+    from lqae.fewshot.budget import load_tiktoken
+    from lqae.quantizer import select_token_ids
+
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir, llm_vocab="tiktoken:cl100k_base"))
+    encoding = load_tiktoken(None)
+    words = select_token_ids(model.tokenizer, len(model.tokenizer), "words")
+    expected = [i for i in words if len(encoding.encode(" " + model.tokenizer.decode([i]).strip())) == 1]
+    assert 0 < len(expected) < len(words)
+    assert model.codebook.code_to_token.tolist() == expected and model.config.codebook_size == len(expected)
+    ckpt.save_checkpoint(tmp_path / "run", model, tiny_train_config(), step=0)
+    assert "codebook.code_to_token" in load_file(tmp_path / "run" / "model.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a checkpoint must not need the LLM's tokenizer")
+
+    monkeypatch.setattr("lqae.vocab.single_token_words", refuse)
+    images = torch.rand(2, 3, 16, 16)
+    for loaded in (ckpt.load_model(tmp_path / "run"), ckpt.load_model(tmp_path / "run", encode_only=True)):
+        assert loaded.codebook.code_to_token.tolist() == expected
+        assert torch.equal(loaded.encode(images), model.eval().encode(images))
+
+
+def test_llm_vocab_names_its_tokenizer_like_llm(tiny_lm_dir):
+    from lqae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tiktoken:cl100k_base"):
+        LQAE(tiny_model_config(tiny_lm_dir, llm_vocab="cl100k_base"))
+
+
+def test_probe_pools_global_tokens_apart(tiny_lm_dir, image_folder):
+    from lqae.probe import ProbeConfig, run_probe
+    from lqae.probe.features import pool
+    from lqae.probe.layers import feature_dim
+
+    states = torch.arange(24, dtype=torch.float32).view(1, 4, 6)  # (B, L=4, D=6), 1 global token
+    assert torch.equal(pool(states, 1), torch.cat([states[:, 0], states[:, 1:].mean(1)], dim=1))
+    assert torch.equal(pool(states, 0), states.mean(1))
+    torch.manual_seed(0)
+    model = LQAE(global_config(tiny_lm_dir)).eval()
+    assert feature_dim(model, ["lm:0"]) == 2 * model.config.lm_width
+    report, _ = run_probe(model, image_folder, image_folder, ProbeConfig(layers="lm:0,lm:-1", epochs=2, baselines=()))
+    assert report.probe.feature_dim == 4 * model.config.lm_width
