@@ -4,12 +4,11 @@ greyscale, into tensors with the evaluation transform, and the augmented trainin
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -94,22 +93,35 @@ _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.D
 
 def is_readable_image(path: Path) -> bool:
     try:
-        with Image.open(path) as image:
+        with Image.open(_image_source(path)[1]) as image:
             image.verify()
         return True
     except _UNREADABLE:
         return False
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Open any image as RGB; a missing or corrupt file raises DataError.
-
-    16-bit greyscale is scaled to 8 bits (not clipped); transparency is composited on white."""
+def _image_source(path) -> tuple:
+    """(path, what PIL opens): a file, or the bytes of a tar shard's member (`lqae.shards.ShardMember`)."""
+    if hasattr(path, "open_bytes"):
+        return path, path.open_bytes()
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
+    return path, path
+
+
+def open_rgb(path: str | Path, draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None) -> Image.Image:
+    """Open any image as RGB; a missing or corrupt file raises DataError.
+
+    16-bit greyscale is scaled to 8 bits (not clipped); transparency is composited on white.
+    `draft(stored size)`, when given, may ask for a smaller decode: a JPEG is then decoded at the
+    largest DCT reduction (1/2, 1/4, 1/8) that stays at least that size (PIL's `Image.draft`)."""
+    path, source = _image_source(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            wanted = draft(image.size) if draft is not None else None
+            if wanted is not None and image.format == "JPEG":
+                image.draft(image.mode, wanted)
             image.load()
             return _to_rgb(image)
     except _UNREADABLE as exc:
@@ -150,24 +162,6 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def random_resized_crop(
-    image: Image.Image, size: int, rng: random.Random, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
-) -> Image.Image:
-    """RandomResizedCrop (Inception-style, bicubic), as torchvision implements it."""
-    width, height = image.size
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    return resize_center_crop(image, size)  # fallback, as torchvision's central crop
-
-
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """Evaluation-time load: (3, size, size) in [0, 1]."""
     return to_tensor(resize_center_crop(open_rgb(path), size))
@@ -180,9 +174,13 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     inside a folder are skipped with a warning, as `lqae train` does."""
     if not inputs:
         raise DataError("no images given: pass image files or folders")
+    from lqae.shards import is_shard_source, scan_shards
+
     paths: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
+        if is_shard_source(item):  # tar shards: their images, in stored order
+            paths.extend(scan_shards(item).paths)
+        elif item.is_dir():
             paths.extend(scan_image_folder(item).paths)
         elif not item.exists():
             raise DataError(f"image {item} does not exist")
@@ -215,21 +213,21 @@ class TrainDataset(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        """(3, size, size) uint8; the training loop makes floats of it on the device."""
+        from lqae.augment import augmented_crop, to_uint8_tensor
+
         index, seed = item
         rng = random.Random(seed)
         for _ in range(len(self.folder)):
             try:
-                image = open_rgb(self.folder.paths[index])
-                break
+                path = self.folder.paths[index]
+                if not self.augment:
+                    return to_uint8_tensor(resize_center_crop(open_rgb(path), self.size))
+                return augmented_crop(path, self.size, rng, self.crop_scale, self.hflip)
             except DataError as exc:  # unreadable since the scan: warn, use another image
                 log.warning("%s; using another image", exc)
                 index = rng.randrange(len(self.folder))
-        if not self.augment:
-            return to_tensor(resize_center_crop(image, self.size))
-        image = random_resized_crop(image, self.size, rng, self.crop_scale)
-        if self.hflip and rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+        raise DataError(f"no readable image left in {self.folder.root}")
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

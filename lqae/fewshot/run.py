@@ -120,14 +120,14 @@ class Sources:
 
     def pool(self, source: Path, role: str) -> TokenPool:
         """Support or query side: a token dataset, or an image folder with class sub-folders (encoded)."""
-        from lqae.data import scan_image_folder
+        from lqae.shards import scan_image_source
         from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset
 
         if is_token_dataset(source):
             return pool_from_dataset(read_token_dataset(source), f"--{role} {source}")
         if not Path(source).exists():
             raise DataError(f"--{role} {source} does not exist (give an image folder or a token dataset .safetensors)")
-        folder = scan_image_folder(source)
+        folder = scan_image_source(source)
         if not folder.classes:
             raise DataError(f"--{role} {source} has no class sub-folders; it needs one sub-folder per class (the folder name is the label)")
         model = self.model(f"--{role} {source}")

@@ -1,0 +1,65 @@
+"""Evaluation-transform images decoded in worker processes, batched in order, while the model runs.
+
+Workers send uint8 pixels (a quarter of float32's bytes) and the floats are made on the device, with
+the values `lqae.data.load_image` gives: the ids are the same as without workers. A file that turns
+unreadable is reported as one DataError in the main process, not as a worker's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from lqae.errors import DataError
+
+MAX_AUTO_WORKERS = 4
+
+
+def auto_workers(images: int, batch_size: int) -> int:
+    """Workers worth starting for `images` images: none for a single batch (start-up would cost more
+    than it saves), else one per spare core, up to MAX_AUTO_WORKERS."""
+    if images <= batch_size:
+        return 0
+    return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 1))
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor | str:
+        from lqae.augment import to_uint8_tensor
+        from lqae.data import open_rgb, resize_center_crop
+
+        try:
+            return to_uint8_tensor(resize_center_crop(open_rgb(self.paths[index]), self.size))  # (3, S, S)
+        except DataError as exc:
+            return str(exc)
+
+
+def _stack_or_error(items: list) -> torch.Tensor | str:
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)  # (b, 3, S, S) uint8
+
+
+def eval_batches(
+    paths: Sequence[Path], size: int, batch_size: int, device: torch.device | str, workers: int
+) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
+    """(paths, images (b, 3, size, size) in [0, 1] on `device`) per batch, in order, like
+    `lqae.data.image_batches`, decoded by `workers` processes (pinned memory on CUDA)."""
+    from lqae.augment import to_float
+
+    loader = torch.utils.data.DataLoader(
+        _EvalImages(paths, size), batch_size=batch_size, num_workers=workers, collate_fn=_stack_or_error,
+        pin_memory=str(device).startswith("cuda"),
+    )
+    for start, batch in zip(range(0, len(paths), batch_size), loader):
+        if isinstance(batch, str):
+            raise DataError(batch)
+        yield paths[start : start + batch_size], to_float(batch.to(device, non_blocking=True))
