@@ -52,14 +52,23 @@ def eval_batches(
     paths: Sequence[Path], size: int, batch_size: int, device: torch.device | str, workers: int
 ) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
     """(paths, images (b, 3, size, size) in [0, 1] on `device`) per batch, in order, like
-    `lqae.data.image_batches`, decoded by `workers` processes (pinned memory on CUDA)."""
+    `lqae.data.image_batches`, decoded by `workers` processes (pinned memory on CUDA). On CPU the
+    model's threads leave the workers their cores meanwhile (spinning threads on a busy core cost
+    more than they compute)."""
     from lqae.augment import to_float
 
+    on_cuda = str(device).startswith("cuda")
     loader = torch.utils.data.DataLoader(
         _EvalImages(paths, size), batch_size=batch_size, num_workers=workers, collate_fn=_stack_or_error,
-        pin_memory=str(device).startswith("cuda"),
+        pin_memory=on_cuda,
     )
-    for start, batch in zip(range(0, len(paths), batch_size), loader):
-        if isinstance(batch, str):
-            raise DataError(batch)
-        yield paths[start : start + batch_size], to_float(batch.to(device, non_blocking=True))
+    threads = torch.get_num_threads()
+    if not on_cuda:
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    try:
+        for start, batch in zip(range(0, len(paths), batch_size), loader):
+            if isinstance(batch, str):
+                raise DataError(batch)
+            yield paths[start : start + batch_size], to_float(batch.to(device, non_blocking=True))
+    finally:
+        torch.set_num_threads(threads)
