@@ -11,6 +11,7 @@ from typing import Callable
 
 from lqae.fewshot.backends.base import Backend
 from lqae.fewshot.budget import Dropped
+from lqae.fewshot.concurrency import check_concurrency, in_order
 from lqae.fewshot.episodes import TokenPool, check_episode_setup, letter_labels, sample_episode
 from lqae.fewshot.prompts import PromptImageText, Template
 from lqae.fewshot.results import ResultsFile
@@ -53,24 +54,30 @@ def evaluate_episodes(
     tokenizer,
     results: ResultsFile | None = None,
     on_result: EpisodeCallback | None = None,
+    concurrency: int = 1,
 ) -> EvalSummary:
     """Accuracy over `settings.episodes` N-way K-shot episodes (one query each); `tokenizer` is the
     LQAE's LM tokenizer, which turns token ids into the text the LLM reads. With `results`, episodes
-    already there are read back instead of run again."""
+    already there are read back instead of run again. With `concurrency` > 1 that many episodes are
+    answered at once (a server's backend); records are still written and reported in episode order."""
     settings = settings.for_backend(backend)
+    check_concurrency(concurrency, backend)
     shots = settings.shots or 1
     eligible = check_episode_setup(support, query, settings.ways, shots)
     text = PromptImageText(tokenizer, settings.image_text)
     done = results.load() if results else {}
+
+    def run(index: int) -> tuple[dict, float]:
+        return _run_episode(index, support, query, backend, template, settings, shots, text, eligible, results)
+
+    answered = in_order(run, [i for i in range(settings.episodes) if i not in done], concurrency)
     records, resumed, computed_seconds = [], 0, []
     for index in range(settings.episodes):
         record = done.get(index)
         if record is not None:
             resumed += 1
         else:
-            record, seconds = _run_episode(
-                index, support, query, backend, template, settings, shots, text, eligible, results
-            )
+            record, seconds = next(answered)
             computed_seconds.append(seconds)
             if results:
                 results.append(record)

@@ -9,6 +9,7 @@ from typing import Callable
 
 from lqae.errors import ConfigError, DataError
 from lqae.fewshot.backends import DEFAULT_LLM, Backend, BackendOptions, make_backend
+from lqae.fewshot.concurrency import check_concurrency
 from lqae.fewshot.episodes import TokenPool, pool_from_dataset
 from lqae.fewshot.evaluation import EpisodeCallback, EvalSummary, evaluate_episodes
 from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
@@ -38,6 +39,7 @@ class FewshotJob:
     retries: int = 4
     reuse_prefix: bool = True
     allow_foreign_tokens: bool = False  # token datasets of other weights than the model's / each other's
+    concurrency: int = 1  # episodes or queries answered at once (server backends); results are the same
 
 
 @dataclass
@@ -79,6 +81,7 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
     backend = make_backend(job.llm, options)
     _check_template(template, backend, job.settings)
     job.settings.for_backend(backend)  # refuse what cannot apply before any work
+    check_concurrency(job.concurrency, backend)
     # the data itself, not only its paths: another model, a retrained one or a re-encoded token
     # dataset at the same path must not resume from these results
     run = fingerprint(
@@ -91,11 +94,13 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
         results = ResultsFile(job.out, run, "episode") if job.out else None
         stage("evaluating")
         return evaluate_episodes(
-            support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result
+            support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result, job.concurrency
         )
     results = ResultsFile(job.out, run, "query") if job.out else None
     stage("classifying")
-    return label_queries(support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label)
+    return label_queries(
+        support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label, job.concurrency
+    )
 
 
 class Sources:
