@@ -18,7 +18,7 @@ architecture (RobertaConfig's defaults are roberta-base's shapes) with random we
 synthetic vocabulary of 50,265 word tokens; throughput does not depend on the weights' values.
 
 Usage: python bench/throughput.py [--preset tiny] [--device cpu] [--precision fp32|bf16] [--compile]
-       [--batch-size N] [--steps 10] [--warmup 3] [--peak-tflops 989] [--stand-in-lm]
+       [--batch-size N] [--steps 10] [--warmup 3] [--peak-tflops 989] [--stand-in-lm] [--threads N]
 Prints one JSON object on its last line.
 """
 
@@ -269,7 +269,10 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak at this precision")
     parser.add_argument("--stand-in-lm", action="store_true", help="random roberta-base-shaped LM (for base/paper)")
     parser.add_argument("--matmul-side", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import logging
 
     logging.getLogger("lqae").setLevel(logging.ERROR)  # MiniLM's missing MLM head only matters to quality
