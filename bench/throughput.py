@@ -99,9 +99,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` runs, after one untimed run."""
-    fn()
+def run_times(fn, device: str, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` runs of `fn`, the device synchronised around each."""
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -109,7 +108,13 @@ def timed(fn, device: str, repeats: int) -> float:
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of `fn` over `repeats` runs, after one untimed run."""
+    fn()
+    return statistics.median(run_times(fn, device, repeats))
 
 
 def matmul_flops_per_second(device: str, dtype: torch.dtype, side: int, repeats: int = 5) -> float:
@@ -206,18 +211,8 @@ def measure(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    compile_started = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    warmup_seconds = time.perf_counter() - compile_started
-    step_times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        step_times.append(time.perf_counter() - start)
+    warmup_seconds = sum(run_times(step, device, warmup))  # compilation, with --compile
+    step_times = run_times(step, device, steps)
     step_seconds = statistics.median(step_times)
     parts = part_timings(model, optimizer, images, autocast, device, breakdown_repeats)
     peak_memory = (

@@ -57,15 +57,20 @@ def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
             continue
         paths.append(path)
         labels.append(class_index[path.relative_to(root).parts[0]] if classes else -1)
-    if skipped:
-        named = ", ".join(str(p) for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), root, named)
+    warn_skipped(skipped, root)
     if not paths:
         raise DataError(
             f"no readable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}"
             + (f"; {len(skipped)} unreadable" if skipped else "") + ")"
         )
     return ImageFolder(root, paths, labels, classes, skipped)
+
+
+def warn_skipped(skipped: Sequence, where) -> None:
+    """One warning naming (up to five of) the unreadable images left out of `where`."""
+    if skipped:
+        named = ", ".join(str(p) for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), where, named)
 
 
 def _image_files(root: Path) -> list[Path]:

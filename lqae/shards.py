@@ -15,16 +15,14 @@ one or none has.
 from __future__ import annotations
 
 import io
-import logging
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lqae.data import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder
+from lqae.data import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
 from lqae.errors import DataError
 
-log = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".tar"
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -112,9 +110,7 @@ def scan_shards(source: str | Path, check: bool = True) -> ImageFolder:
                 continue
             members.append(member)
             labels_text.append(label)
-    if skipped:
-        named = ", ".join(str(m) for m in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), source, named)
+    warn_skipped(skipped, source)
     if not members:
         raise DataError(
             f"no readable images in the tar shards {source} (looked for KEY.{', KEY.'.join(_IMAGE_EXTS)}"

@@ -80,7 +80,8 @@ def _metadata(classes: list[str], paths: list[str], grid, model_config: dict, we
     return metadata
 
 
-def read_token_dataset(path: str | Path) -> TokenDataset:
+def read_token_dataset(path: str | Path, _shard_of: Path | None = None) -> TokenDataset:
+    """The token dataset at `path`: one file, or the shards an index names, joined in order."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -92,6 +93,8 @@ def read_token_dataset(path: str | Path) -> TokenDataset:
             if metadata.get("lqae_token_dataset") != FORMAT:
                 raise DataError(f"{path} is not an lqae token dataset (write one with `lqae encode DIR --out FILE`)")
             if "shards" in metadata:
+                if _shard_of is not None:
+                    raise DataError(f"{_shard_of} names {path} as a shard, but it is an index itself; re-encode it")
                 return _read_index(path, metadata)
             ids = handle.get_tensor("ids").long()
             labels = handle.get_tensor("labels").long()
@@ -130,8 +133,11 @@ def write_token_index(path: str | Path, shards: list[Path], rows: list[int], dat
 def _read_index(path: Path, metadata: dict) -> TokenDataset:
     try:
         names, rows = json.loads(metadata["shards"]), json.loads(metadata["rows"])
+        shared = (json.loads(metadata["classes"]), json.loads(metadata["grid"]), json.loads(metadata["model_config"]))
     except (KeyError, ValueError) as exc:
-        raise DataError(f"token dataset index {path} has corrupt metadata ({exc}); re-encode it") from exc
+        raise DataError(
+            f"token dataset index {path} has corrupt metadata ({type(exc).__name__}: {exc}); re-encode it"
+        ) from exc
     if not names or len(names) != len(rows):
         raise DataError(f"token dataset index {path} lists no shards; re-encode it")
     parts = []
@@ -139,12 +145,9 @@ def _read_index(path: Path, metadata: dict) -> TokenDataset:
         shard = path.parent / name
         if not shard.is_file():
             raise DataError(f"token dataset {path} indexes shard {shard}, which does not exist; re-encode it")
-        part = read_token_dataset(shard)
-        same = (part.classes, list(part.grid), part.model_config, part.weights) == (
-            json.loads(metadata["classes"]), json.loads(metadata["grid"]), json.loads(metadata["model_config"]),
-            metadata.get("weights"),
-        )
-        if len(part) != count or not same:
+        part = read_token_dataset(shard, _shard_of=path)
+        written = (part.classes, list(part.grid), part.model_config)
+        if len(part) != count or written != shared or part.weights != metadata.get("weights"):
             raise DataError(f"shard {shard} does not match its index {path} (another encode wrote it?); re-encode it")
         parts.append(part)
     first = parts[0]

@@ -115,3 +115,16 @@ def test_torchrun_two_processes_encode_shards_that_probe_and_fewshot_read(tiny_c
     assert fewshot.exit_code == 0, fewshot.output
     decoded = invoke("decode", "--from", index, "--index", 0, "-m", tiny_checkpoint, "--out", tmp_path / "zero.png")
     assert decoded.exit_code == 0, decoded.output
+
+
+def test_an_index_that_names_itself_or_lacks_metadata_is_one_clear_error(tmp_path):
+    from lqae.errors import DataError
+    from lqae.tokendata import write_token_index
+
+    index = tmp_path / "loop.safetensors"
+    write_token_index(index, [index], [1], {"lqae_token_dataset": "1", "classes": "[]", "grid": "[4, 4]", "model_config": "{}"})
+    with pytest.raises(DataError, match="is an index itself"):
+        read_token_dataset(index)
+    write_token_index(index, [tmp_path / "a.safetensors"], [1], {"lqae_token_dataset": "1"})
+    with pytest.raises(DataError, match="corrupt metadata"):
+        read_token_dataset(index)
