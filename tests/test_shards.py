@@ -101,6 +101,11 @@ def test_encode_reads_shards_with_the_folders_ids(folder_and_shards, tiny_checkp
     rows = [line.split("\t") for line in printed.stdout.splitlines()]
     assert [r[0] for r in rows] == from_shards.paths
     assert [list(map(int, r[1].split())) for r in rows] == from_folder.ids.tolist()
+    reports = [runner.invoke(app, ["eval", str(source), "-m", str(tiny_checkpoint), "--json"]) for source in (folder.root, shards)]
+    assert all(r.exit_code == 0 for r in reports), reports[1].output
+    from_folder_report, from_shards_report = (json.loads(r.stdout) for r in reports)
+    assert from_shards_report.pop("folder") == str(shards) and from_folder_report.pop("folder") == str(folder.root)
+    assert from_shards_report == from_folder_report  # PSNR, SSIM, codes: the same
 
 
 def test_training_on_shards_matches_training_on_the_folder(folder_and_shards, tiny_lm_dir, tmp_path):
