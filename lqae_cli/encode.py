@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,8 @@ def encode(
             )
         _write_dataset(inputs[0], out, model, batch_size, workers, device, timings, quiet, started)
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun, encode writes a token dataset in shards: pass --out FILE.safetensors")
     _print_tokens(inputs, model, token_format, grid, batch_size, workers, device, timings, quiet, started)
 
 

@@ -32,7 +32,8 @@ class EvalSummary:
     repeats: int
     chance: float
     mean_prompt_tokens: float
-    seconds_per_episode: float  # over the episodes computed in this run (resumed ones excluded)
+    seconds_per_episode: float  # wall time over the episodes computed in this run (resumed ones excluded;
+    # with --concurrency, several run at once, so each record's own "seconds" adds up to more)
     unanswered: int  # generate scoring: replies that start with no label
     resumed: int  # episodes read back from --out
     dropped: dict = field(default_factory=dict)  # budget cuts: episodes affected and totals
@@ -67,24 +68,25 @@ def evaluate_episodes(
     text = PromptImageText(tokenizer, settings.image_text)
     done = results.load() if results else {}
 
-    def run(index: int) -> tuple[dict, float]:
-        return _run_episode(index, support, query, backend, template, settings, shots, text, eligible, results)
+    def run(index: int) -> dict:
+        return _run_episode(index, support, query, backend, template, settings, shots, text, eligible, results)[0]
 
     answered = in_order(run, [i for i in range(settings.episodes) if i not in done], concurrency)
-    records, resumed, computed_seconds = [], 0, []
+    records, resumed, computed, started = [], 0, 0, time.perf_counter()
     for index in range(settings.episodes):
         record = done.get(index)
         if record is not None:
             resumed += 1
         else:
-            record, seconds = next(answered)
-            computed_seconds.append(seconds)
+            record = next(answered)
+            computed += 1
             if results:
                 results.append(record)
         records.append(record)
         if on_result:
             on_result(record, index + 1, settings.episodes)
-    return _summarize(records, settings, shots, resumed, computed_seconds)
+    seconds_per_episode = (time.perf_counter() - started) / computed if computed else 0.0
+    return _summarize(records, settings, shots, resumed, seconds_per_episode)
 
 
 def _run_episode(
@@ -122,7 +124,7 @@ def _run_episode(
 
 
 def _summarize(
-    records: list[dict], settings: FewshotSettings, shots: int, resumed: int, seconds: list[float]
+    records: list[dict], settings: FewshotSettings, shots: int, resumed: int, seconds_per_episode: float
 ) -> EvalSummary:
     total = len(records)
     correct = sum(1 for r in records if r["correct"])
@@ -140,7 +142,7 @@ def _summarize(
         accuracy=correct / total if total else 0.0, interval=wilson_interval(correct, total), episodes=total,
         correct=correct, ways=settings.ways, shots=shots, repeats=settings.repeats, chance=1 / settings.ways,
         mean_prompt_tokens=sum(r["prompt_tokens"] for r in records) / total if total else 0.0,
-        seconds_per_episode=sum(seconds) / len(seconds) if seconds else 0.0,
+        seconds_per_episode=seconds_per_episode,
         unanswered=sum(1 for r in records if r["predicted"] is None), resumed=resumed, dropped=dropped,
         settings=settings_dict, diagnostics=diagnose(records, settings.scoring == "loglik"),
     )
