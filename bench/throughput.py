@@ -4,7 +4,8 @@ memory, and where a step's time goes (encoder, search, LM, decoder, optimiser).
 
 - FLOPs per image: `torch.utils.flop_counter.FlopCounterMode` over one forward + backward of the
   real training step (the frozen LM's forward and its backward to the encoder included), divided
-  by the batch; per part from the counter's module breakdown.
+  by the batch; per part, each part's forward + backward counted alone, as the breakdown times it
+  (the counter's own module breakdown misplaces the encoder's backward, whose input needs no grad).
 - Step time: median of --steps timed steps (after --warmup) of the trainer's own step: autocast,
   forward with masking, backward, AdamW (`lqae.train`'s optimiser and autocast).
 - The breakdown times each part alone, forward + backward, on the same batch's real inputs
@@ -37,10 +38,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-PARTS = ("encoder", "search", "lm", "decoder")
-PART_MODULES = {"encoder": "encoder", "search": "codebook", "lm": "lm", "decoder": "decoder"}
-
 
 class StandInTokenizer:
     """What building an LQAE asks of a tokenizer, for a vocabulary of `size` BPE word tokens
@@ -124,30 +121,23 @@ def matmul_flops_per_second(device: str, dtype: torch.dtype, side: int, repeats:
     return 2 * side**3 / seconds
 
 
-def count_flops(model, images: torch.Tensor, autocast) -> tuple[float, dict[str, float]]:
-    """(total FLOPs, FLOPs per part) of one forward + backward of the training step."""
+def flops_of(fn) -> float:
+    """FLOPs that `fn` runs (forward and backward ops alike), by `FlopCounterMode`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    generator = torch.Generator(device=images.device).manual_seed(0)
     with counter:
-        with autocast:
-            out = model(images, generator=generator)
-        out.loss.backward()
-    model.zero_grad(set_to_none=True)
-    counts = counter.get_flop_counts()
-    root = next((k for k in counts if k not in ("Global",) and "." not in k), "LQAE")
-    parts = {part: float(sum(counts.get(f"{root}.{module}", {}).values())) for part, module in PART_MODULES.items()}
-    return float(counter.get_total_flops()), parts
+        fn()
+    return float(counter.get_total_flops())
 
 
-def part_timings(model, optimizer, images, autocast, device: str, repeats: int) -> dict[str, float]:
-    """Seconds per part, forward + backward alone, on the step's real inputs; and the optimiser step."""
+def part_steps(model, images: torch.Tensor, autocast) -> dict:
+    """One callable per part: its forward + backward alone, on the inputs it gets in the training
+    step (detached, so its backward stops there: the LM's backward is the gradient to its input)."""
     model.train()
     with torch.no_grad(), autocast:
         z = model.encoder(images).z
-        quant = model.codebook(z)
-        lm_input = quant.quantized
+        lm_input = model.codebook(z).quantized
         hidden = model._decoder_input(lm_input)
     z, lm_input, hidden = (t.detach().float() for t in (z, lm_input, hidden))
     usage = model.config.usage_weight > 0
@@ -175,11 +165,7 @@ def part_timings(model, optimizer, images, autocast, device: str, repeats: int) 
             out = model.decoder(given)
         torch.nn.functional.mse_loss(out.float(), images.float()).backward()
 
-    seconds = {name: timed(fn, device, repeats) for name, fn in
-               (("encoder", encoder), ("search", search), ("lm", lm), ("decoder", decoder))}
-    seconds["optimizer"] = timed(optimizer.step, device, repeats)  # on the gradients the parts left
-    optimizer.zero_grad(set_to_none=True)
-    return seconds
+    return {"encoder": encoder, "search": search, "lm": lm, "decoder": decoder}
 
 
 def measure(
@@ -199,7 +185,16 @@ def measure(
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(batch_size, model.config.channels, model.config.image_size, model.config.image_size,
                         device=device, generator=generator)
-    flops, part_flops = count_flops(model, images, autocast)
+    parts_alone = part_steps(model, images, autocast)
+    part_flops = {name: flops_of(fn) for name, fn in parts_alone.items()}
+
+    def forward_backward():
+        with autocast:
+            out = model(images, generator=torch.Generator(device=device).manual_seed(0))
+        out.loss.backward()
+
+    flops = flops_of(forward_backward)
+    model.zero_grad(set_to_none=True)
     if compile:
         model.encoder.compile()
         model.decoder.compile()
@@ -214,7 +209,9 @@ def measure(
     warmup_seconds = sum(run_times(step, device, warmup))  # compilation, with --compile
     step_times = run_times(step, device, steps)
     step_seconds = statistics.median(step_times)
-    parts = part_timings(model, optimizer, images, autocast, device, breakdown_repeats)
+    parts = {name: timed(fn, device, breakdown_repeats) for name, fn in part_steps(model, images, autocast).items()}
+    parts["optimizer"] = timed(optimizer.step, device, breakdown_repeats)  # on the gradients the parts left
+    optimizer.zero_grad(set_to_none=True)
     peak_memory = (
         torch.cuda.max_memory_allocated() if device.startswith("cuda")
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
