@@ -77,3 +77,17 @@ def test_training_batches_are_the_same_with_and_without_workers(image_folder):
     plain, parallel = batches(0), batches(2)
     assert plain[0].dtype == torch.uint8 and plain[0].shape == (4, 3, 16, 16)
     assert all(torch.equal(x, y) for x, y in zip(plain, parallel))
+
+
+def test_enlarged_crops_are_the_pixels_the_previous_augmentation_gave(image_folder):
+    """Images smaller than the output (the digits) train on exactly the crops they did before."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from loader import BeforeDataset  # the previous augmentation, kept in the loader bench
+
+    folder = scan_image_folder(image_folder)  # 20 to 28 px images
+    now, before = TrainDataset(folder, 32), BeforeDataset(folder, 32)
+    for item in [(i, 1000 + i) for i in range(len(folder))]:
+        assert torch.equal(now[item].float().div(255), before[item])
