@@ -39,18 +39,27 @@ def encode_images(
     batch_size: int = 64,
     timings: EncodeTimings | None = None,
     skip_unreadable: bool | Callable[[Path], bool] = False,
+    workers: int = 0,
 ) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
-    """Yield (paths, ids (b, L) long on CPU) per batch, in order. Memory holds one batch of pixels.
+    """Yield (paths, ids (b, L) long on CPU) per batch, in order. Memory holds one batch of pixels
+    (with `workers`, a few: each worker process decodes batches ahead while the model runs).
     Images that cannot be decoded raise DataError, or are left out (and named in a warning) as
     `skip_unreadable` says (see `data.image_batches`); the yielded paths are those encoded.
 
     Images of any size are resized (shorter side) and centre-cropped to the model's resolution,
-    as at evaluation. Deterministic: the same image and model give the same ids whatever the batch.
+    as at evaluation. Deterministic: the same image and model give the same ids whatever the batch
+    and however many workers.
     """
     model.eval()
     timings = timings if timings is not None else EncodeTimings()
     started = tick = time.perf_counter()
-    batches = image_batches(paths, model.config.image_size, batch_size, model.device, skip_unreadable)
+    size, device = model.config.image_size, model.device
+    if workers > 0:
+        from lqae.loading import eval_batches
+
+        batches = eval_batches(paths, size, batch_size, device, workers, skip_unreadable)
+    else:
+        batches = image_batches(paths, size, batch_size, device, skip_unreadable)
     for chunk, images in batches:  # (b, C, H, W)
         tock = time.perf_counter()
         ids = model.encode(images).cpu()  # (b, L)

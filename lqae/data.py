@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import warnings
@@ -60,14 +59,19 @@ def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
             continue
         paths.append(path)
         labels.append(class_index[path.relative_to(root).parts[0]] if classes else -1)
-    if skipped:
-        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), root, name_some(skipped))
+    warn_skipped(skipped, root)
     if not paths:
         raise DataError(
             f"no readable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}"
             + (f"; {len(skipped)} unreadable" if skipped else "") + ")"
         )
     return ImageFolder(root, paths, labels, classes, skipped)
+
+
+def warn_skipped(skipped: Sequence, where) -> None:
+    """One warning naming (up to five of) the unreadable images left out of `where`."""
+    if skipped:
+        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), where, name_some(skipped))
 
 
 def name_some(paths: Sequence[Path], shown: int = 5) -> str:
@@ -103,13 +107,15 @@ _WARNED_LARGE: set[str] = set()  # images already named in a "large image" warni
 def image_problem(path: Path) -> str | None:
     """Why `path` cannot be an image, from its header (None when it looks readable). A truncated
     file passes: only decoding finds that (see `image_batches`)."""
-    path = Path(path)
-    if not path.is_file():
-        return "not a regular file (a pipe or a device?)" if path.exists() else "it does not exist"
+    if not hasattr(path, "open_bytes"):  # a file, not a tar shard's member
+        path = Path(path)
+        if not path.is_file():
+            return "not a regular file (a pipe or a device?)" if path.exists() else "it does not exist"
+    _, source = _image_source(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_rgb names it once
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.verify()
         return None
     except Image.DecompressionBombError as exc:
@@ -126,18 +132,34 @@ def _too_large(exc: Exception) -> str:
     return f"too large to decode safely ({exc}); PIL refuses it as a possible decompression bomb"
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Open any image as RGB, upright as its EXIF orientation says (phone photos); a missing or
-    corrupt file raises DataError.
-
-    16-bit greyscale is scaled to 8 bits (not clipped); transparency is composited on white."""
+def _image_source(path) -> tuple:
+    """(path, what PIL opens): a file, or the bytes of a tar shard's member (`lqae.shards.ShardMember`).
+    DataError for a path that is missing or not a regular file (a pipe is never opened)."""
+    if hasattr(path, "open_bytes"):
+        return path, path.open_bytes()
     path = Path(path)
     if not path.is_file():
         if path.exists():
             raise DataError(f"{path} is not a regular file (a pipe or a device?): give an image file")
         raise DataError(f"image {path} does not exist")
+    return path, path
+
+
+def open_rgb(path: str | Path, draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None) -> Image.Image:
+    """Open any image as RGB, upright as its EXIF orientation says (phone photos); a missing or
+    corrupt file raises DataError.
+
+    16-bit greyscale is scaled to 8 bits (not clipped); transparency is composited on white.
+    `draft(upright stored size)`, when given, may ask for a smaller decode: a JPEG is then decoded
+    at the largest DCT reduction (1/2, 1/4, 1/8) that stays at least that size (PIL's `Image.draft`)."""
+    path, source = _image_source(path)
     try:
-        with _large_image_note(path), Image.open(path) as image:
+        with _large_image_note(path), Image.open(source) as image:
+            if draft is not None:
+                turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: a quarter turn
+                wanted = draft(image.size[::-1] if turned else image.size)
+                if wanted is not None and image.format == "JPEG":
+                    image.draft(image.mode, wanted[::-1] if turned else wanted)
             image.load()
             return _to_rgb(_upright(image))
     except Image.DecompressionBombError as exc:
@@ -203,24 +225,6 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def random_resized_crop(
-    image: Image.Image, size: int, rng: random.Random, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
-) -> Image.Image:
-    """RandomResizedCrop (Inception-style, bicubic), as torchvision implements it."""
-    width, height = image.size
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    return resize_center_crop(image, size)  # fallback, as torchvision's central crop
-
-
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """Evaluation-time load: (3, size, size) in [0, 1]."""
     return to_tensor(resize_center_crop(open_rgb(path), size))
@@ -233,9 +237,13 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     inside a folder are skipped with a warning, as `lqae train` does."""
     if not inputs:
         raise DataError("no images given: pass image files or folders")
+    from lqae.shards import is_shard_source, scan_shards
+
     paths: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
+        if is_shard_source(item):  # tar shards: their images, in stored order
+            paths.extend(scan_shards(item).paths)
+        elif item.is_dir():
             paths.extend(scan_image_folder(item).paths)
         elif not item.exists():
             raise DataError(f"image {item} does not exist")
@@ -297,26 +305,22 @@ class TrainDataset(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        """(3, size, size) uint8, or (views, 3, size, size); the training loop makes floats of it on the device."""
+        from lqae.augment import augmented_crop, to_uint8_tensor
+
         index, seed = item
         rng = random.Random(seed)
         for _ in range(len(self.folder)):
             try:
-                image = open_rgb(self.folder.paths[index])
-                break
+                path = self.folder.paths[index]
+                if not self.augment:
+                    return to_uint8_tensor(resize_center_crop(open_rgb(path), self.size))
+                crops = [augmented_crop(path, self.size, rng, self.crop_scale, self.hflip) for _ in range(self.views)]
+                return crops[0] if self.views == 1 else torch.stack(crops)
             except DataError as exc:  # unreadable since the scan: warn, use another image
                 log.warning("%s; using another image", exc)
                 index = rng.randrange(len(self.folder))
-        if not self.augment:
-            return to_tensor(resize_center_crop(image, self.size))
-        if self.views > 1:
-            return torch.stack([self._augmented(image, rng) for _ in range(self.views)])  # (views, 3, H, W)
-        return self._augmented(image, rng)
-
-    def _augmented(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image = random_resized_crop(image, self.size, rng, self.crop_scale)
-        if self.hflip and rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+        raise DataError(f"no readable image left in {self.folder.root}")
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -4,6 +4,11 @@ Layout: tensors `ids` (N, L) (uint16 when the LM vocabulary fits, else int32) an
 int32 (-1 = no class); metadata `lqae_token_dataset` (format version), `classes`, `paths`,
 `grid` (JSON), `model_config` (the ModelConfig of the model that wrote it, JSON) and `weights`
 (the fingerprint of the weights that wrote it; absent in files written before it was recorded).
+
+Sharded (written by `torchrun ... encode DIR --out FILE`): each rank writes its rows as a token
+dataset `STEM-00001-of-00004.safetensors` beside FILE, and FILE is the index: no tensors, metadata
+`shards` (file names, in row order), `rows` (per shard) and the shared fields above. Readers take
+the index for the one dataset the shards make.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ def _metadata(classes: list[str], paths: list[str], grid, model_config: dict, we
     return metadata
 
 
-def read_token_dataset(path: str | Path) -> TokenDataset:
+def read_token_dataset(path: str | Path, _shard_of: Path | None = None) -> TokenDataset:
+    """The token dataset at `path`: one file, or the shards an index names, joined in order."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -92,6 +98,10 @@ def read_token_dataset(path: str | Path) -> TokenDataset:
             metadata = handle.metadata() or {}
             if metadata.get("lqae_token_dataset") != FORMAT:
                 raise DataError(f"{path} is not an lqae token dataset (write one with `lqae encode DIR --out FILE`)")
+            if "shards" in metadata:
+                if _shard_of is not None:
+                    raise DataError(f"{_shard_of} names {path} as a shard, but it is an index itself; re-encode it")
+                return _read_index(path, metadata)
             ids = handle.get_tensor("ids").long()
             labels = handle.get_tensor("labels").long()
     except (SafetensorError, OSError) as exc:
@@ -107,6 +117,51 @@ def read_token_dataset(path: str | Path) -> TokenDataset:
     if not isinstance(dataset.model_config, dict) or len(dataset.paths) != len(ids) or len(labels) != len(ids):
         raise DataError(f"token dataset {path} has corrupt metadata (rows, labels and paths disagree); re-encode it")
     return dataset
+
+
+def shard_path(path: str | Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` writes its rows of the token dataset indexed at `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-{rank + 1:05d}-of-{world:05d}{path.suffix}")
+
+
+def write_token_index(path: str | Path, shards: list[Path], rows: list[int], dataset_fields: dict[str, str]) -> None:
+    """Write the index that makes `shards` (token datasets beside `path`, in row order) one dataset."""
+    from safetensors.torch import save
+
+    from lqae.io import atomic_write_bytes
+
+    metadata = {**dataset_fields, "shards": json.dumps([Path(s).name for s in shards]), "rows": json.dumps(rows)}
+    metadata.pop("paths", None)  # each shard holds its own
+    atomic_write_bytes(Path(path), save({}, metadata=metadata))
+
+
+def _read_index(path: Path, metadata: dict) -> TokenDataset:
+    try:
+        names, rows = json.loads(metadata["shards"]), json.loads(metadata["rows"])
+        shared = (json.loads(metadata["classes"]), json.loads(metadata["grid"]), json.loads(metadata["model_config"]))
+    except (KeyError, ValueError) as exc:
+        raise DataError(
+            f"token dataset index {path} has corrupt metadata ({type(exc).__name__}: {exc}); re-encode it"
+        ) from exc
+    if not names or len(names) != len(rows):
+        raise DataError(f"token dataset index {path} lists no shards; re-encode it")
+    parts = []
+    for name, count in zip(names, rows):
+        shard = path.parent / name
+        if not shard.is_file():
+            raise DataError(f"token dataset {path} indexes shard {shard}, which does not exist; re-encode it")
+        part = read_token_dataset(shard, _shard_of=path)
+        written = (part.classes, list(part.grid), part.model_config)
+        if len(part) != count or written != shared or part.weights != metadata.get("weights"):
+            raise DataError(f"shard {shard} does not match its index {path} (another encode wrote it?); re-encode it")
+        parts.append(part)
+    first = parts[0]
+    return TokenDataset(
+        ids=torch.cat([p.ids for p in parts]), labels=torch.cat([p.labels for p in parts]), classes=first.classes,
+        paths=[q for p in parts for q in p.paths], model_config=first.model_config, grid=first.grid,
+        weights=first.weights,
+    )
 
 
 def encode_folder(
@@ -305,36 +360,78 @@ def encode_folder_to_file(
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
     timings=None,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> TokenFileSummary:
     """Encode an `ImageFolder` straight into a token dataset file, streaming: memory holds one
-    batch of pixels and ids whatever the folder size. Images that cannot be decoded are left out
-    (and named in a warning). Nothing is left at `path` on error, and a file at `path` that is not
-    a token dataset is never replaced."""
+    batch of pixels and ids whatever the folder size (a few with `workers` decoding ahead). Images
+    that cannot be decoded are left out (and named in a warning). Nothing is left at `path` on
+    error, and a file at `path` that is not a token dataset is never replaced.
+
+    With `world` > 1 (one call per torchrun process), rank `rank` encodes its contiguous share of
+    the rows into `shard_path(path, rank, world)`; once every rank has succeeded, rank 0 writes the
+    index at `path`. The summary is of the whole dataset (on rank 0; of its share on the others)."""
     from lqae.codec import encode_images
     from lqae.config import to_dict
+    from lqae.distributed import any_rank, rank_share
 
     config = model.config
     grid = (config.grid_size, config.grid_size)
+    rows = rank_share(len(folder), rank, world)
+    target = shard_path(path, rank, world) if world > 1 else Path(path)
+    paths = [folder.paths[i] for i in rows]
+    classes, model_config, weights = list(folder.classes), to_dict(config), getattr(model, "weights_fingerprint", None)
+    if world > 1 and rank == 0:
+        check_overwritable(Path(path))  # the index will go there
     writer = TokenDatasetWriter(
-        path, list(folder.labels), config.num_tokens, list(folder.classes), [str(p) for p in folder.paths],
-        to_dict(config), grid, getattr(model, "weights_fingerprint", None),
+        target, [folder.labels[i] for i in rows], config.num_tokens, classes, [str(p) for p in paths], model_config,
+        grid, weights,
     )
-    row_of = {str(p): i for i, p in enumerate(folder.paths)}
-    with writer:
-        for chunk, ids in encode_images(model, folder.paths, batch_size, timings, skip_unreadable=True):
-            writer.write(ids, [row_of[str(p)] for p in chunk])
-            if progress:
-                progress(len(chunk))
-        unreadable = len(folder) - writer.written
-        if unreadable == len(folder):
-            raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
-        writer.skip_unwritten()
+    row_of = {str(p): i for i, p in enumerate(paths)}
+    failure = None
+    try:
+        with writer:
+            for chunk, ids in encode_images(model, paths, batch_size, timings, skip_unreadable=True, workers=workers):
+                writer.write(ids, [row_of[str(p)] for p in chunk])
+                if progress:
+                    progress(len(chunk))
+            if paths and writer.written == 0 and world == 1:
+                raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
+            writer.skip_unwritten()
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it before anyone goes on
+        failure = exc
+    if world > 1 and any_rank(failure is not None, str(model.device)) and failure is None:
+        raise DataError(f"another encoding process failed; {path} was not written (its error says why)")
+    if failure is not None:
+        raise failure
+    files, images = [target], writer.written
+    if world > 1:
+        files = [shard_path(path, r, world) for r in range(world)]
+        if rank == 0:
+            counts = [_rows_in(f) for f in files]
+            if not sum(counts):
+                raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
+            write_token_index(path, files, counts, _metadata(classes, [], grid, model_config, weights))
+            images = sum(counts)
+        files.append(Path(path))
+        any_rank(False, str(model.device))  # the index exists for every rank from here on
+    itemsize = torch.tensor([], dtype=writer.dtype).element_size()
     return TokenFileSummary(
-        path=str(path), images=writer.written, tokens_per_image=config.num_tokens, classes=list(folder.classes),
-        skipped=len(folder.skipped) + unreadable, id_dtype=str(writer.dtype).replace("torch.", ""),
-        id_bytes=writer.id_bytes, pixel_bytes=writer.written * config.channels * config.image_size**2,
-        file_bytes=Path(path).stat().st_size,
+        path=str(path), images=images, tokens_per_image=config.num_tokens, classes=classes,
+        skipped=len(folder.skipped) + (len(folder) if world > 1 and rank == 0 else len(paths)) - images,
+        id_dtype=str(writer.dtype).replace("torch.", ""), id_bytes=images * config.num_tokens * itemsize,
+        pixel_bytes=images * config.channels * config.image_size**2,
+        file_bytes=sum(f.stat().st_size for f in files if f.is_file()),
     )
+
+
+def _rows_in(path: Path) -> int:
+    """Rows of a token dataset file, read from its header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return int(handle.get_slice("ids").get_shape()[0])
 
 
 def select_rows(dataset: TokenDataset, index: list[int] | None) -> list[int]:

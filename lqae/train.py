@@ -7,7 +7,6 @@ through callbacks (the CLI draws a progress bar from them).
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -24,13 +23,16 @@ import torch.distributed as dist
 
 from lqae import checkpoint as ckpt
 from lqae.callbacks import TrainCallback, TrainInfo
+from lqae.augment import to_float
 from lqae.config import ModelConfig, TrainConfig, resumed_configs
-from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batches, scan_image_folder
+from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batches
+from lqae.distributed import any_rank, setup_distributed, teardown_distributed
 from lqae.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lqae.reconstruction import evaluate_reconstruction
 from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr_tensor, usage_from_counts
 from lqae.schedule import warmup_cosine
+from lqae.shards import scan_image_source
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def train(
 def _train(
     data_dir, run_dir: Path, model_config, train_config, val_dir, resume, device, callbacks, lock, asked
 ) -> TrainResult:
-    rank, world, device = _setup_distributed(device)
+    rank, world, device = setup_distributed(device)
     is_main = rank == 0
     callbacks = list(callbacks) if is_main else []
 
@@ -132,8 +134,8 @@ def _train(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out"
         )
 
-    folder = scan_image_folder(data_dir)
-    val_folder = scan_image_folder(val_dir) if val_dir else None
+    folder = scan_image_source(data_dir)  # an image folder or tar shards
+    val_folder = scan_image_source(val_dir) if val_dir else None
     steps = total_steps(train_config, len(folder))
     if start_step >= steps:
         raise ConfigError(f"checkpoint is already at step {start_step} of {steps}; pass a larger --steps to go on")
@@ -202,7 +204,7 @@ def _train(
                 group["lr"] = lr
             mask_scale = mask_scale_at(step, steps, train_config)
             started = time.perf_counter()
-            images = next(batches).to(device, non_blocking=True)
+            images = to_float(next(batches).to(device, non_blocking=True))  # (B, C, H, W) uint8 -> [0, 1]
             for micro, chunk in enumerate(images.split(micro_batch)):
                 generator = torch.Generator(device=device).manual_seed(
                     ((train_config.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
@@ -234,7 +236,7 @@ def _train(
             if is_main:
                 for cb in callbacks:
                     cb.on_step(step, result.last_metrics)
-            interrupted = _any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
+            interrupted = any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
             if step % train_config.save_every == 0 or step == steps or interrupted:
                 health.check(run_dir, train_config, steps, world)  # before a save: never non-finite weights
                 _save(run_dir, model, train_config, step, optimizer, is_main, world, distill)
@@ -243,7 +245,7 @@ def _train(
                     cb.on_checkpoint(step, run_dir)
             if interrupted:
                 del wrapped, batches, loader
-                _teardown_distributed(world)
+                teardown_distributed(world)
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step)
             # after the save: a failing validation pass loses no steps
             if is_main and (step % train_config.sample_every == 0 or step == steps):
@@ -261,7 +263,7 @@ def _train(
                     cb.on_validation(step, result.validation)
     result.step = step
     del wrapped, batches, loader  # DDP's reducer must go before its process group does
-    _teardown_distributed(world)
+    teardown_distributed(world)
     return result
 
 
@@ -505,23 +507,6 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
 
-# -- distributed ----------------------------------------------------------------------------------
-
-
-def _setup_distributed(device: str) -> tuple[int, int, str]:
-    """Read torchrun's environment; one process per device, gloo on CPU and NCCL on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
 def _wrap_ddp(model, device: str):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -531,16 +516,3 @@ def _wrap_ddp(model, device: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-
-def _any_rank(flag: bool, device: str) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value)
-    return bool(value.item() > 0)
-
-
-def _teardown_distributed(world: int) -> None:
-    if world > 1 and dist.is_initialized():
-        gc.collect()
-        dist.barrier()  # nobody tears down while another rank still talks
-        dist.destroy_process_group()

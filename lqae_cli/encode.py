@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ from lqae_cli.options import BatchSizeOption, DeviceOption, ModelOption, QuietOp
 
 @handle_errors
 def encode(
-    inputs: Optional[List[Path]] = typer.Argument(None, help="Image files and/or folders (searched recursively)."),
+    inputs: Optional[List[Path]] = typer.Argument(
+        None, help="Image files and/or folders (searched recursively), or WebDataset tar shards (a .tar, a folder of "
+        ".tar files, or shard-{000..009}.tar).",
+    ),
     model: ModelOption = None,
     token_format: TokenForm = typer.Option(
         TokenForm.text, "--format", "-f",
@@ -31,8 +35,9 @@ def encode(
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o",
-        help="Encode one folder into a token dataset FILE.safetensors (ids, labels from class sub-folders, paths, "
-        "model config) that `lqae probe` and `lqae fewshot` read instead of images.",
+        help="Encode one folder (or tar shards) into a token dataset FILE.safetensors (ids, labels from class "
+        "sub-folders or .cls members, paths, model config) that `lqae probe` and `lqae fewshot` read instead of "
+        "images. Under torchrun each process writes its share beside FILE, and FILE indexes them.",
     ),
     eval_dir: Optional[Path] = typer.Option(
         None, "--eval", hidden=True, help="Deprecated: use `lqae eval DIR` (reconstruction quality).",
@@ -40,6 +45,11 @@ def encode(
     grid_png: Optional[Path] = typer.Option(None, "--grid-png", hidden=True, help="With the deprecated --eval."),
     max_images: Optional[int] = typer.Option(None, min=1, hidden=True, help="With the deprecated --eval."),
     batch_size: BatchSizeOption = 64,
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=0,
+        help="Processes decoding images while the model runs (default: one per spare core, up to 4; none for a "
+        "single batch). 0: decode in the main process.",
+    ),
     device: DeviceOption = "auto",
     timings: bool = typer.Option(False, "--timings", help="Print where the time went, as JSON, to stderr."),
     quiet: QuietOption = False,
@@ -53,6 +63,7 @@ def encode(
 
     Example: lqae encode digit.png --model runs/digits --format tokens | lqae decode -m runs/digits --out back.png
     Folder to a token dataset: lqae encode data/digits/train -m runs/digits --out train.safetensors
+    Several processes: torchrun --nproc_per_node 4 -m lqae_cli encode /data/train -m runs/x --out train.safetensors
     (Reconstruction quality has its own command: lqae eval DIR.)
     """
     from lqae.errors import ConfigError
@@ -78,27 +89,38 @@ def encode(
     if out is not None:
         if grid:
             raise ConfigError("--grid prints tokens for a person; --out writes a token dataset: pass one of them")
-        if len(inputs) != 1 or not inputs[0].is_dir():
-            raise ConfigError("--out encodes one folder: pass exactly one folder (class sub-folders become labels)")
+        from lqae.shards import is_shard_source
+
+        if len(inputs) != 1 or not (inputs[0].is_dir() or is_shard_source(inputs[0])):
+            raise ConfigError(
+                "--out encodes one folder: pass exactly one folder (class sub-folders become labels) or one set of "
+                "tar shards"
+            )
         if out.suffix != ".safetensors":
             raise ConfigError(
                 f"--out {out} must end in .safetensors (probe and fewshot recognise token datasets by it)"
             )
-        _write_dataset(inputs[0], out, model, batch_size, device, timings, quiet, started)
+        _write_dataset(inputs[0], out, model, batch_size, workers, device, timings, quiet, started)
         return
-    _print_tokens(inputs, model, token_format, grid, batch_size, device, timings, quiet, started)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun, encode writes a token dataset in shards: pass --out FILE.safetensors")
+    _print_tokens(inputs, model, token_format, grid, batch_size, workers, device, timings, quiet, started)
 
 
-def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings, quiet, started) -> None:
+def _print_tokens(inputs, model, token_format, grid, batch_size, workers, device, timings, quiet, started) -> None:
     from lqae.codec import EncodeTimings, encode_images
     from lqae.data import collect_images, found_in_folders
+    from lqae.loading import auto_workers
+    from lqae.shards import is_shard_source
     from lqae.tokentext import TokenText
     from lqae_cli.options import load_run
     from lqae_cli.progress import Bars, wanted
 
     paths = collect_images(inputs)
+    workers = auto_workers(len(paths), batch_size) if workers is None else workers
     # several images: PATH<TAB>TEXT lines; jsonl carries the path inside each JSON object instead
-    with_paths = (len(inputs) > 1 or any(p.is_dir() for p in inputs)) and token_format is not TokenForm.jsonl
+    several = len(inputs) > 1 or any(p.is_dir() or is_shard_source(p) for p in inputs)
+    with_paths = several and token_format is not TokenForm.jsonl
     if with_paths and not grid:
         check_line_paths(paths, "use --format jsonl, which quotes the path inside each JSON object, or rename the file")
     net = load_run(model, device, encode_only=True)
@@ -108,7 +130,7 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, device, timings
     bar = wanted(quiet, len(paths)) and not sys.stdout.isatty()  # a person reading stdout sees it move
     with Bars(bar) as bars:
         advance = bars.counter("encode", len(paths))
-        for chunk, ids in encode_images(net, paths, batch_size, spent, found_in_folders(inputs)):
+        for chunk, ids in encode_images(net, paths, batch_size, spent, found_in_folders(inputs), workers):
             if grid:
                 for path, row in zip(chunk, ids.tolist()):
                     _print_grid(token_text, row, str(path) if with_paths else None, token_format)
@@ -154,19 +176,28 @@ def _print_grid(token_text, ids: list[int], title: str | None, token_format: Tok
     Console(file=sys.stdout, soft_wrap=False).print(table)
 
 
-def _write_dataset(folder_dir, out, model, batch_size, device, timings, quiet, started) -> None:
+def _write_dataset(folder_dir, out, model, batch_size, workers, device, timings, quiet, started) -> None:
     from lqae.codec import EncodeTimings
-    from lqae.data import scan_image_folder
+    from lqae.distributed import closing_process_group, rank_share, setup_distributed
+    from lqae.loading import auto_workers
+    from lqae.shards import scan_image_source
     from lqae.tokendata import encode_folder_to_file
-    from lqae_cli.options import load_run
+    from lqae_cli.options import load_run, resolve_device
     from lqae_cli.progress import Bars, wanted
 
-    folder = scan_image_folder(folder_dir)
-    net = load_run(model, device, encode_only=True)
-    loaded = time.perf_counter()
-    spent = EncodeTimings()
-    with Bars(wanted(quiet, len(folder))) as bars:
-        summary = encode_folder_to_file(net, folder, out, batch_size, bars.counter("encode", len(folder)), spent)
+    rank, world, device = setup_distributed(resolve_device(device))  # one process, or torchrun's
+    with closing_process_group(world):
+        folder = scan_image_source(folder_dir)
+        net = load_run(model, device, encode_only=True)
+        loaded = time.perf_counter()
+        spent = EncodeTimings()
+        share = len(rank_share(len(folder), rank, world))
+        workers = auto_workers(share, batch_size) if workers is None else workers
+        quiet = quiet or rank > 0  # one process reports
+        with Bars(wanted(quiet, share)) as bars:
+            summary = encode_folder_to_file(
+                net, folder, out, batch_size, bars.counter("encode", share), spent, workers, rank, world
+            )
     if not quiet:
         side = net.config.image_size
         labels = f"{len(summary.classes)} classes" if summary.classes else "no classes (flat folder)"
@@ -175,9 +206,10 @@ def _write_dataset(folder_dir, out, model, batch_size, device, timings, quiet, s
             f"ids {_size(summary.id_bytes)} ({summary.id_dtype}) vs {_size(summary.pixel_bytes)} of {side}x{side} RGB "
             f"pixels, {summary.compression:.0f}x smaller; "
             f"file {_size(summary.file_bytes)} with labels, paths and config"
-            + (f"; {summary.skipped} unreadable skipped" if summary.skipped else "") + "\n"
+            + (f"; {summary.skipped} unreadable skipped" if summary.skipped else "")
+            + (f"; {world} shards of one dataset, indexed by {summary.path}" if world > 1 else "") + "\n"
         )
-    if timings:
+    if timings and rank == 0:
         _print_timings(spent, started, loaded)
 
 

@@ -38,12 +38,12 @@ def evaluate(
 
 def report_quality(folder, model, grid_png, max_images, batch_size, device, as_json: bool, quiet: bool) -> None:
     """The whole of `lqae eval` (also behind the deprecated `lqae encode --eval`)."""
-    from lqae.data import scan_image_folder
+    from lqae.shards import scan_image_source
     from lqae.reconstruction import evaluate_folder
     from lqae_cli.options import load_run
     from lqae_cli.progress import Bars, wanted
 
-    images = scan_image_folder(folder)
+    images = scan_image_source(folder)
     total = min(len(images), max_images) if max_images else len(images)
     net = load_run(model, device)
     with Bars(wanted(quiet, total)) as bars:

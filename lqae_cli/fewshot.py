@@ -87,6 +87,10 @@ def fewshot(
     device: DeviceOption = "auto",
     timeout: float = typer.Option(60.0, help="Seconds per HTTP request (openai backend)."),
     retries: int = typer.Option(4, min=0, help="Retries with back-off on 429/5xx/unreachable (openai backend)."),
+    concurrency: int = typer.Option(
+        1, min=1, help="Requests in flight at once (openai backend): episodes or queries are answered in parallel; "
+        "results, their order and --out resume are the same as with 1.",
+    ),
     prefix_cache: bool = typer.Option(
         True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's key/values (local models)."
     ),
@@ -97,6 +101,7 @@ def fewshot(
 
     Example: lqae fewshot --support data/digits/train data/digits/val/seven/0044.png --model runs/digits
     Evaluate: lqae fewshot --support train/ --query val/ --model runs/digits --ways 5 --shots 1 --episodes 200 --seed 0
+    A server, 8 requests at a time: lqae fewshot ... --llm openai:MODEL --api-base http://localhost:8000/v1 --concurrency 8
     One query prints just its label; several print `path<TAB>label` lines. Templates: see prompts/README.md.
     """
     from lqae.fewshot.evaluation import EvalSummary
@@ -116,6 +121,7 @@ def fewshot(
         support=support, images=list(queries or []), query=query, model_dir=model, llm=llm, api_base=api_base,
         template=template, settings=settings, bpe_file=bpe_file, device=resolve_device(device), out=out,
         timeout=timeout, retries=retries, reuse_prefix=prefix_cache, allow_foreign_tokens=allow_foreign,
+        concurrency=concurrency,
     )
     with Bars(wanted(quiet)) as bars:
         result = run_fewshot(job, FewshotCallbacks(

@@ -23,7 +23,10 @@ TrackerName = choice_enum("TrackerName", TRACKERS)
 
 @handle_errors
 def train(
-    data_dir: Path = typer.Argument(..., help="Image folder: flat, or one sub-folder per class (png/jpg/webp/bmp)."),
+    data_dir: Path = typer.Argument(
+        ..., help="Image folder: flat, or one sub-folder per class (png/jpg/webp/bmp); or WebDataset tar shards "
+        "(a .tar, a folder of .tar files, or shard-{000..009}.tar).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoint, metrics.jsonl, samples/."),
     preset: Optional[PresetName] = typer.Option(
         None, help=f"Named configuration (see README; default {DEFAULT_PRESET}; --resume keeps the run's).",
@@ -39,7 +42,7 @@ def train(
     patch_size: Optional[int] = typer.Option(None, min=1, help="ViT patch side; must divide the image size."),
     vocab: Optional[Vocab] = typer.Option(None, help="Codebook: all non-special tokens, or whole words only."),
     mask_ratio: Optional[float] = typer.Option(None, help="Training mask probability per token."),
-    val: Optional[Path] = typer.Option(None, help="Held-out image folder for PSNR/SSIM/code-usage passes."),
+    val: Optional[Path] = typer.Option(None, help="Held-out image folder (or tar shards) for PSNR/SSIM/code-usage passes."),
     resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly where it stopped."),
     device: DeviceOption = "auto",
     precision: Optional[Precision] = typer.Option(
@@ -58,12 +61,13 @@ def train(
     ),
     quiet: QuietOption = False,
 ) -> None:
-    """Train an LQAE on an image folder.
+    """Train an LQAE on an image folder or WebDataset tar shards.
 
     Example: lqae train data/digits --out runs/digits --preset tiny --steps 300
     Any config field: lqae train data/digits --out runs/x --set encoder_output=linear --set mask_ratio_min=null
     Several GPUs: torchrun --nproc_per_node 4 -m lqae_cli train data/ --out runs/x --preset base
     (each process takes cuda:LOCAL_RANK).
+    Tar shards: lqae train /data/train-{000000..000146}.tar --out runs/x --preset base
     """
     from lqae.config import asked_fields, configure, to_dict
     from lqae.trackers import make_tracker

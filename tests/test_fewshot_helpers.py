@@ -8,6 +8,7 @@ import json
 import random
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -145,6 +146,11 @@ def fake_logprob(token: str) -> float:
     return -0.1 if token.strip() == "cat" else -1.0 - 0.01 * len(token)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 64  # many clients at once (--concurrency)
+    daemon_threads = True
+
+
 class StubServer:
     """An OpenAI-compatible server on 127.0.0.1 with scripted behaviour.
 
@@ -155,12 +161,19 @@ class StubServer:
     redirect_to: answer every request with a 302 to this base URL.
     """
 
-    def __init__(self, mode: str = "ok", fail_first=(), chat_reply="cat", redirect_to: str | None = None,
-                 huge_bytes: int = 0) -> None:
+    def __init__(
+        self, mode: str = "ok", fail_first=(), chat_reply: str = "cat", redirect_to: str | None = None,
+        huge_bytes: int = 0, latency: float = 0.0, fail_after: int | None = None,
+    ) -> None:
+        """latency: seconds each answer waits (a remote server); fail_after: answer HTTP 500 once that
+        many requests were answered. `most_in_flight` counts the requests served at once."""
         self.mode, self.fail_first, self.chat_reply, self.redirect_to = mode, list(fail_first), chat_reply, redirect_to
         self.huge_bytes, self.trickled, self.stop = huge_bytes, 0, False
+        self.latency, self.fail_after = latency, fail_after
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -168,17 +181,35 @@ class StubServer:
                 pass
 
             def do_POST(self):
+                with stub.lock:
+                    stub.in_flight += 1
+                    stub.most_in_flight = max(stub.most_in_flight, stub.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with stub.lock:
+                        stub.in_flight -= 1
+
+            def _answer(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, **body})
-                stub.headers.append(dict(self.headers))
+                with stub.lock:
+                    stub.requests.append({"path": self.path, **body})
+                    stub.headers.append(dict(self.headers))
+                    failing = stub.fail_after is not None and len(stub.requests) > stub.fail_after
+                if stub.latency:
+                    time.sleep(stub.latency)
+                if failing:
+                    self._send(500, {"error": {"message": "scripted outage"}})
+                    return
                 if stub.redirect_to:
                     self._send(302, {}, {"Location": stub.redirect_to + self.path.removeprefix("/v1")})
                     return
                 if stub.mode in ("echo-headers", "trickle", "huge"):
                     self._raw_reply()
                     return
-                if stub.fail_first:
-                    status = stub.fail_first.pop(0)
+                with stub.lock:
+                    status = stub.fail_first.pop(0) if stub.fail_first else None
+                if status is not None:
                     self._send(status, {"error": {"message": f"scripted {status}"}}, {"Retry-After": "0"})
                     return
                 if self.path.endswith("/chat/completions"):
@@ -226,7 +257,7 @@ class StubServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property

@@ -12,6 +12,7 @@ from typing import Callable
 
 from lqae.fewshot.backends.base import Backend
 from lqae.fewshot.budget import Dropped
+from lqae.fewshot.concurrency import check_concurrency, in_order
 from lqae.fewshot.episodes import TokenPool, check_episode_setup, letter_labels, sample_episode
 from lqae.fewshot.prompts import PromptImageText, Template
 from lqae.fewshot.results import ResultsFile
@@ -33,7 +34,8 @@ class EvalSummary:
     repeats: int
     chance: float
     mean_prompt_tokens: float
-    seconds_per_episode: float  # over the episodes computed in this run (resumed ones excluded)
+    seconds_per_episode: float  # wall time over the episodes computed in this run (resumed ones excluded;
+    # with --concurrency, several run at once, so each record's own "seconds" adds up to more)
     unanswered: int  # generate scoring: replies that start with no label
     resumed: int  # episodes read back from --out
     distinct_queries: int = 0  # query images among the episodes: the interval assumes one per episode
@@ -56,31 +58,38 @@ def evaluate_episodes(
     tokenizer,
     results: ResultsFile | None = None,
     on_result: EpisodeCallback | None = None,
+    concurrency: int = 1,
 ) -> EvalSummary:
     """Accuracy over `settings.episodes` N-way K-shot episodes (one query each); `tokenizer` is the
     LQAE's LM tokenizer, which turns token ids into the text the LLM reads. With `results`, episodes
-    already there are read back instead of run again."""
+    already there are read back instead of run again. With `concurrency` > 1 that many episodes are
+    answered at once (a server's backend); records are still written and reported in episode order."""
     settings = settings.for_backend(backend)
+    check_concurrency(concurrency, backend)
     shots = settings.shots or 1
     eligible = check_episode_setup(support, query, settings.ways, shots)
     text = PromptImageText(tokenizer, settings.image_text, support.global_tokens, settings.global_weight)
     done = results.load() if results else {}
-    records, resumed, computed_seconds = [], 0, []
+
+    def run(index: int) -> dict:
+        return _run_episode(index, support, query, backend, template, settings, shots, text, eligible, results)[0]
+
+    answered = in_order(run, [i for i in range(settings.episodes) if i not in done], concurrency)
+    records, resumed, computed, started = [], 0, 0, time.perf_counter()
     for index in range(settings.episodes):
         record = done.get(index)
         if record is not None:
             resumed += 1
         else:
-            record, seconds = _run_episode(
-                index, support, query, backend, template, settings, shots, text, eligible, results
-            )
-            computed_seconds.append(seconds)
+            record = next(answered)
+            computed += 1
             if results:
                 results.append(record)
         records.append(record)
         if on_result:
             on_result(record, index + 1, settings.episodes)
-    return _summarize(records, settings, shots, resumed, computed_seconds)
+    seconds_per_episode = (time.perf_counter() - started) / computed if computed else 0.0
+    return _summarize(records, settings, shots, resumed, seconds_per_episode)
 
 
 def _run_episode(
@@ -118,7 +127,7 @@ def _run_episode(
 
 
 def _summarize(
-    records: list[dict], settings: FewshotSettings, shots: int, resumed: int, seconds: list[float]
+    records: list[dict], settings: FewshotSettings, shots: int, resumed: int, seconds_per_episode: float
 ) -> EvalSummary:
     total = len(records)
     correct = sum(1 for r in records if r["correct"])
@@ -143,7 +152,7 @@ def _summarize(
         accuracy=correct / total if total else 0.0, interval=wilson_interval(correct, total), episodes=total,
         correct=correct, ways=settings.ways, shots=shots, repeats=settings.repeats, chance=1 / settings.ways,
         mean_prompt_tokens=sum(r["prompt_tokens"] for r in records) / total if total else 0.0,
-        seconds_per_episode=sum(seconds) / len(seconds) if seconds else 0.0,
+        seconds_per_episode=seconds_per_episode,
         unanswered=sum(1 for r in records if r["predicted"] is None), resumed=resumed, distinct_queries=distinct,
         dropped=dropped,
         settings=settings_dict, diagnostics=diagnose(records, settings.scoring == "loglik"),

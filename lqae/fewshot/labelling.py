@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from lqae.fewshot.backends.base import Backend
 from lqae.fewshot.budget import Dropped
+from lqae.fewshot.concurrency import check_concurrency, in_order
 from lqae.fewshot.episodes import TokenPool, letter_labels, open_label_names, labelling_supports
 from lqae.fewshot.prompts import PromptImageText, Template
 from lqae.fewshot.results import ResultsFile
@@ -62,13 +63,16 @@ def label_queries(
     tokenizer,
     results: ResultsFile | None = None,
     on_label: Callable[[QueryLabel], None] | None = None,
+    concurrency: int = 1,
 ) -> LabelRun:
     """Label every query image from one support set (`settings.shots` per class, all when None);
     `tokenizer` is the LQAE's LM tokenizer, which turns token ids into the text the LLM reads.
 
     The support set is fitted once against the longest query, so every query sees the same prompt
-    prefix (and a local model computes it once)."""
+    prefix (and a local model computes it once). With `concurrency` > 1 that many queries are
+    answered at once (a server's backend); records are still written and reported in query order."""
     settings = settings.for_backend(backend)
+    check_concurrency(concurrency, backend)
     chosen = labelling_supports(support, settings.shots, settings.seed)
     classes = [c for c in support.classes if any(support.class_name(i) == c for i in chosen)]
     if settings.labels == "open":
@@ -87,16 +91,20 @@ def label_queries(
     support_set = None
     if pending:
         shots = settings.shots or max(sum(1 for i in chosen if support.class_name(i) == c) for c in classes)
+        text = PromptImageText(tokenizer, settings.image_text, support.global_tokens, settings.global_weight)
         support_set = SupportSet(
-            backend, template, settings, PromptImageText(tokenizer, settings.image_text, support.global_tokens, settings.global_weight),
-            support, chosen, shown,
-            [position[support.class_name(i)] for i in chosen], queries.ids, shots,
+            backend, template, settings, text, support, chosen, shown, [position[support.class_name(i)] for i in chosen],
+            queries.ids, shots,
         )
+    first: dict[str, int] = {}  # a path given twice is answered once, at its first place
+    for i in pending:
+        first.setdefault(queries.paths[i], i)
+    answers = in_order(lambda index: support_set.answer([queries.ids[index]])[0], first.values(), concurrency)
     predictions = []
     for index, (path, content) in enumerate(keys):
         record = done.get((path, content))
         if record is None:
-            answer = support_set.answer([queries.ids[index]])[0]
+            answer = next(answers)
             record = answer.as_record(results.run if results else None, path, classes)
             record.update(label=answer.label(classes), content=content)
             if results:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from lqae.errors import ConfigError, DataError
 from lqae.fewshot.backends import DEFAULT_LLM, Backend, BackendOptions, make_backend
+from lqae.fewshot.concurrency import check_concurrency
 from lqae.fewshot.episodes import TokenPool, pool_from_dataset
 from lqae.fewshot.evaluation import EpisodeCallback, EvalSummary, evaluate_episodes
 from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
@@ -40,6 +41,7 @@ class FewshotJob:
     retries: int = 4
     reuse_prefix: bool = True
     allow_foreign_tokens: bool = False  # token datasets of other weights than the model's / each other's
+    concurrency: int = 1  # episodes or queries answered at once (server backends); results are the same
 
 
 @dataclass
@@ -83,6 +85,7 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
     backend = make_backend(job.llm, options)
     _check_template(template, backend, job.settings)
     job.settings.for_backend(backend)  # refuse what cannot apply before any work
+    check_concurrency(job.concurrency, backend)
     # the data itself, not only its paths: another model, a retrained one or a re-encoded token
     # dataset at the same path must not resume from these results
     run = fingerprint(
@@ -96,10 +99,13 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
         if job.query is not None:
             stage("evaluating")
             return evaluate_episodes(
-                support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result
+                support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_result,
+                job.concurrency,
             )
         stage("classifying")
-        return label_queries(support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label)
+        return label_queries(
+            support, queries, backend, template, job.settings, tokenizer, results, callbacks.on_label, job.concurrency
+        )
 
 
 class Sources:
@@ -124,14 +130,14 @@ class Sources:
 
     def pool(self, source: Path, role: str) -> TokenPool:
         """Support or query side: a token dataset, or an image folder with class sub-folders (encoded)."""
-        from lqae.data import scan_image_folder
+        from lqae.shards import scan_image_source
         from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset
 
         if is_token_dataset(source):
             return pool_from_dataset(read_token_dataset(source), f"--{role} {source}")
         if not Path(source).exists():
             raise DataError(f"--{role} {source} does not exist (give an image folder or a token dataset .safetensors)")
-        folder = scan_image_folder(source)
+        folder = scan_image_source(source)
         if not folder.classes:
             raise DataError(f"--{role} {source} has no class sub-folders; it needs one sub-folder per class (the folder name is the label)")
         model = self.model(f"--{role} {source}")

@@ -156,13 +156,15 @@ class SupportSet:
         """Each label's probability after the content-free queries, averaged (one short forward each
         on the cached prefix of a local model); remembered for the same support order."""
         key = tuple(supports)
-        if key not in self._priors:
+        prior = self._priors.get(key)  # one entry, replaced whole: safe when queries are answered in threads
+        if prior is None:
             fit = self.fit
             prompts = self._prompts_for_texts(supports, fit.repeats, fit.image_tokens, CONTENT_FREE)
             rows = self.backend.loglik(Request(prompts, self.labels))
             probabilities = [[math.exp(v) for v in _log_softmax(self._scores(row))] for row in rows]
-            self._priors = {key: [sum(column) / len(rows) for column in zip(*probabilities)]}
-        return self._priors[key]
+            prior = [sum(column) / len(rows) for column in zip(*probabilities)]
+            self._priors = {key: prior}
+        return prior
 
 
 def _log_softmax(values: Sequence[float]) -> list[float]:

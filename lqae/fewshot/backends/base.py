@@ -50,6 +50,7 @@ class Backend:
     chat_format: ChatFormatter | None = None  # renders chat messages to prompt text (local models)
     supports_chat_loglik = True  # chat templates can be scored by log-likelihood
     supports_constrained = False  # `constrained` is implemented
+    concurrent_requests = False  # loglik/generate may be called from several threads at once (--concurrency)
 
     @classmethod
     def from_llm(cls, target: str, options: BackendOptions) -> "Backend | None":

@@ -47,6 +47,7 @@ class OpenAIBackend(Backend):
     """A model behind an OpenAI-compatible API; tokens are counted with a tiktoken encoding."""
 
     supports_chat_loglik = False  # /v1/completions takes text; the server's chat template is out of reach
+    concurrent_requests = True  # each request is its own HTTP call; the server takes several at once
 
     def __init__(
         self,
