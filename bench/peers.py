@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lqae.augment import to_float
 from lqae.config import Preset
 from lqae.data import EpochBatchSampler, TrainDataset, image_batches, scan_image_folder
 from lqae.images import comparison_grid, save_png
@@ -88,7 +89,7 @@ def train_peer(kind: str, folder: Path, run_dir: Path, preset: Preset) -> dict:
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, train_config)
-        images = next(loader)
+        images = to_float(next(loader))  # (B, C, H, W) uint8 -> [0, 1], as the trainer does
         reconstruction, _, aux = model(images)
         loss = F.mse_loss(reconstruction, images) + aux
         loss.backward()

@@ -137,8 +137,9 @@ def part_steps(model, images: torch.Tensor, autocast) -> dict:
     model.train()
     with torch.no_grad(), autocast:
         z = model.encoder(images).z
-        lm_input = model.codebook(z).quantized
-        hidden = model._decoder_input(lm_input)
+        quant = model.codebook(z)
+        lm_input, coordinates = quant.quantized, quant.coordinates.detach().float()
+        hidden = model.run_lm(lm_input).last_hidden_state  # what the decoder reads (the LM's state)
     z, lm_input, hidden = (t.detach().float() for t in (z, lm_input, hidden))
     usage = model.config.usage_weight > 0
 
@@ -156,13 +157,13 @@ def part_steps(model, images: torch.Tensor, autocast) -> dict:
     def lm():
         given = lm_input.clone().requires_grad_(True)
         with autocast:
-            out = model._decoder_input(given)
+            out = model.run_lm(given).last_hidden_state
         out.float().pow(2).mean().backward()
 
     def decoder():
         given = hidden.clone().requires_grad_(True)
         with autocast:
-            out = model.decoder(given)
+            out = model.decoder(given, coordinates)
         torch.nn.functional.mse_loss(out.float(), images.float()).backward()
 
     return {"encoder": encoder, "search": search, "lm": lm, "decoder": decoder}
@@ -174,13 +175,13 @@ def measure(
     matmul_side: int | None = None, breakdown_repeats: int = 5,
 ) -> dict:
     from lqae.config import TrainConfig
-    from lqae.train import _autocast, _build_optimizer
+    from lqae.train import _autocast, build_optimizer
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     model, lm_weights = build_model(model_config, device, stand_in)
     model.train()
-    optimizer = _build_optimizer(model, TrainConfig(batch_size=batch_size))
+    optimizer = build_optimizer(model, TrainConfig(batch_size=batch_size))
     autocast = _autocast(precision, device) if precision == "bf16" else nullcontext()
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(batch_size, model.config.channels, model.config.image_size, model.config.image_size,

@@ -444,7 +444,11 @@ def _data_digest(found) -> str:
 
     digest = hashlib.sha256(json.dumps(list(found.classes)).encode())
     for path, label in zip(found.paths, found.labels):
-        digest.update(f"{Path(path).relative_to(found.root).as_posix()}\0{os.path.getsize(path)}\0{label}\n".encode())
+        if hasattr(path, "open_bytes"):  # a tar shard's member: its name and size inside the shard
+            where, size = f"{Path(path.shard).name}/{path.name}", path.size
+        else:
+            where, size = Path(path).relative_to(found.root).as_posix(), os.path.getsize(path)
+        digest.update(f"{where}\0{size}\0{label}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -21,11 +21,12 @@ QUERY = synthetic_pool(classes=("cat", "dog", "eel"), prefix="val", seed=1)
 
 
 def evaluate(server, path, episodes=12, concurrency=1, **backend):
-    return evaluate_episodes(
-        SUPPORT, QUERY, backend_for(server.url, **backend), load_template("completion"),
-        FewshotSettings(ways=2, shots=1, episodes=episodes, seed=0), WordTokenizer(),
-        ResultsFile(path, "run", "episode"), concurrency=concurrency,
-    )
+    with ResultsFile(path, "run", "episode") as results:  # closed (and unlocked) even when a request fails
+        return evaluate_episodes(
+            SUPPORT, QUERY, backend_for(server.url, **backend), load_template("completion"),
+            FewshotSettings(ways=2, shots=1, episodes=episodes, seed=0), WordTokenizer(), results,
+            concurrency=concurrency,
+        )
 
 
 def records(path):
@@ -63,14 +64,13 @@ def test_resume_and_a_failure_midway_stay_exact(tmp_path):
 
 def test_concurrent_labelling_keeps_query_order(tmp_path):
     queries = synthetic_pool(classes=("cat", "dog", "eel"), per_class=3, prefix="new", seed=2)
-    queries.paths[4] = queries.paths[1]  # a query given twice is answered once
+    queries.paths[4], queries.ids[4] = queries.paths[1], queries.ids[1]  # a query given twice is answered once
     runs = {}
     for concurrency in (1, 4):
-        with StubServer() as server:
+        with StubServer() as server, ResultsFile(tmp_path / f"labels{concurrency}.jsonl", "run", ("query", "content")) as out:
             runs[concurrency] = label_queries(
                 SUPPORT, queries, backend_for(server.url), load_template("completion"),
-                FewshotSettings(shots=1, episodes=1, seed=0), WordTokenizer(),
-                ResultsFile(tmp_path / f"labels{concurrency}.jsonl", "run", "query"), concurrency=concurrency,
+                FewshotSettings(shots=1, episodes=1, seed=0), WordTokenizer(), out, concurrency=concurrency,
             )
     assert [(p.path, p.label, p.scores) for p in runs[4].predictions] == [
         (p.path, p.label, p.scores) for p in runs[1].predictions

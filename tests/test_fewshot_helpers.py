@@ -184,9 +184,17 @@ class StubServer:
                 with stub.lock:
                     stub.in_flight += 1
                     stub.most_in_flight = max(stub.most_in_flight, stub.in_flight)
+                self.counted = True
                 try:
                     self._answer()
                 finally:
+                    self._answered()
+
+            def _answered(self):
+                """A request stops counting as in flight once its reply starts (the client may send
+                the next one before this handler's thread has finished)."""
+                if getattr(self, "counted", False):
+                    self.counted = False
                     with stub.lock:
                         stub.in_flight -= 1
 
@@ -229,6 +237,7 @@ class StubServer:
                     data = b"x" * stub.huge_bytes
                 else:
                     data = json.dumps({"choices": []}).encode() + b" " * 200
+                self._answered()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html" if stub.mode == "echo-headers" else "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -249,6 +258,7 @@ class StubServer:
 
             def _send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
+                self._answered()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

@@ -96,9 +96,9 @@ def label_queries(
             backend, template, settings, text, support, chosen, shown, [position[support.class_name(i)] for i in chosen],
             queries.ids, shots,
         )
-    first: dict[str, int] = {}  # a path given twice is answered once, at its first place
+    first: dict[tuple, int] = {}  # a query given twice (same path, same tokens) is answered once, at its first place
     for i in pending:
-        first.setdefault(queries.paths[i], i)
+        first.setdefault(keys[i], i)
     answers = in_order(lambda index: support_set.answer([queries.ids[index]])[0], first.values(), concurrency)
     predictions = []
     for index, (path, content) in enumerate(keys):
