@@ -102,9 +102,8 @@ class LQAE(nn.Module):
         if not for_loading:
             init_weights(self.encoder)
             init_weights(self.decoder)
-        if self.encoder.standardize is not None:
-            codes = self.codebook.embeddings
-            self.encoder.standardize.set_target(codes.mean(0), codes.std(0))
+        codes = self.codebook.embeddings
+        self.encoder.set_output_target(codes.mean(0), codes.std(0))
 
     @property
     def device(self) -> torch.device:

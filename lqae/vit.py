@@ -121,7 +121,11 @@ class Encoder(nn.Module):
             config.num_tokens, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
         )
         self.to_lm = nn.Linear(width, config.lm_width)
-        self.standardize = Standardize(config.lm_width) if config.encoder_output == "standardize" else None
+        self.global_tokens = config.global_tokens
+        standardize = config.encoder_output == "standardize"
+        self.standardize = Standardize(config.lm_width) if standardize else None  # the patch tokens'
+        # the global tokens' own statistics: they must not move the patches' (nor the patches theirs)
+        self.standardize_global = Standardize(config.lm_width) if standardize and config.global_tokens else None
         self.global_queries = None
         if config.global_tokens:
             self.global_queries = nn.Parameter(torch.zeros(1, config.global_tokens, width))
@@ -132,9 +136,30 @@ class Encoder(nn.Module):
         if self.global_queries is not None:
             x = torch.cat([self.global_queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, G + N, W)
         x, hidden = self.transformer(x)
-        projected = self.to_lm(x)  # (B, N, D)
-        z = self.standardize(projected) if self.standardize is not None else projected
+        projected = self.to_lm(x)  # (B, G + N, D)
+        z = projected
+        if self.standardize is not None:
+            g = self.global_tokens
+            z = self.standardize(projected[:, g:])
+            if g:
+                z = torch.cat([self.standardize_global(projected[:, :g]), z], dim=1)
         return EncoderOutput(z, projected, hidden)
+
+    def set_output_target(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The statistics the standardised output is mapped onto (the codebook's)."""
+        for module in (self.standardize, self.standardize_global):
+            if module is not None:
+                module.set_target(mean, std)
+
+    @torch.no_grad()
+    def calibrate_output(self, images) -> None:
+        """Running statistics of the output standardisation(s) measured on batches of images (an
+        iterable of (B, C, H, W)), e.g. for a freshly initialised encoder used as a baseline."""
+        projected = [self(batch).projected for batch in images]
+        g = self.global_tokens
+        self.standardize.calibrate(p[:, g:] for p in projected)
+        if self.standardize_global is not None:
+            self.standardize_global.calibrate(p[:, :g] for p in projected)
 
 
 class Decoder(nn.Module):

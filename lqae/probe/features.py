@@ -29,13 +29,12 @@ def random_encoder(model, seed: int, calibration: ProbeSplit | None = None, batc
     encoder = encoder.to(model.device).eval()
     if encoder.standardize is not None:
         trained = model.encoder.standardize
-        encoder.standardize.set_target(trained.target_mean, trained.target_std)
+        encoder.set_output_target(trained.target_mean, trained.target_std)
         if calibration is not None:
             batches = image_batches(
                 calibration.paths[:CALIBRATION_IMAGES], model.config.image_size, batch_size, model.device
             )
-            with torch.no_grad():
-                encoder.standardize.calibrate(encoder(images).projected for _, images in batches)
+            encoder.calibrate_output(images for _, images in batches)
     return encoder
 
 
