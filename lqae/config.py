@@ -23,7 +23,7 @@ CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer imp
     "encoder_output": ("linear", "unit", "standardize"),
     "commitment": ("mse", "cosine"),
     "straight_through": ("identity", "rotation", "soft"),
-    "search_space": ("embedding", "latent", "mapped", "pca"),
+    "search_space": ("embedding", "latent", "mapped", "pca", "uniform"),
     "decoder_input": ("lm", "lm_skip", "lm_search", "embeddings", "search"),
     "decoder_head": ("linear", "conv"),
 }
@@ -129,7 +129,8 @@ class ModelConfig:
     soft_top_k: int = 32  # "soft": the gradient flows through a softmax over this many nearest codes
     soft_temperature: float = 0.05  # "soft": softmax temperature over their cosine similarities
     search_space: str = "embedding"  # "latent": two learned maps (official quantizer_latent_dim); "mapped": SimVQ;
-    # "pca": the codebook's top latent_dim principal directions (a dense, fixed search space)
+    # "pca": the codebook's top latent_dim principal directions (a dense, fixed search space);
+    # "uniform": those coordinates through the normal CDF into the unit cube, nearest by Euclidean distance
     latent_dim: int = 32  # width of the "latent" / "pca" search space
     codebook_weight: float = 1.0  # latent/mapped search only: pulls the mapped code towards the encoder output
     decoder_input: str = "lm"  # "lm_skip": the LM's last hidden state plus its input (the masked code embeddings);
@@ -177,7 +178,7 @@ class ModelConfig:
     @property
     def search_dim(self) -> int | None:
         """Width of the search space (the codes' coordinates); None until lm_width is known."""
-        if self.search_space in ("pca", "latent"):
+        if self.search_space in ("pca", "latent", "uniform"):
             return self.latent_dim
         return self.lm_width
 

@@ -196,7 +196,7 @@ class LQAE(nn.Module):
 
             raise TokenError(f"got {token_ids.shape[-1]} tokens, this model expects {self.config.num_tokens}")
         codes = self.codebook.codes_from_token_ids(token_ids)
-        coordinates = self.codebook.search_code_matrix()[codes]
+        coordinates = self.codebook.code_coordinates(codes)
         return self._decode_from(self.codebook.embeddings[codes], coordinates, None)[0].clamp(0, 1)
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
@@ -176,7 +177,7 @@ class LanguageCodebook(nn.Module):
         elif search_space == "mapped":
             self.code_map = nn.Linear(width, width, bias=False)
             nn.init.eye_(self.code_map.weight)
-        elif search_space == "pca":
+        elif search_space in ("pca", "uniform"):
             if fit_search_space:
                 mean = embeddings.mean(0)
                 directions = principal_directions(embeddings - mean, latent_dim)  # (d, D)
@@ -184,6 +185,9 @@ class LanguageCodebook(nn.Module):
                 mean, directions = embeddings.new_zeros(width), embeddings.new_zeros(latent_dim, width)
             self.register_buffer("pca_mean", mean)  # (D,) persistent: saved with the checkpoint
             self.register_buffer("pca_directions", directions)  # (d, D)
+            if search_space == "uniform":
+                scale = ((embeddings - mean) @ directions.T).std(0) if fit_search_space else embeddings.new_ones(latent_dim)
+                self.register_buffer("uniform_scale", scale)  # (d,) persistent
             self.register_buffer("pca_codes", self._pca(embeddings), persistent=False)  # (K, d) unit rows
         self.global_tokens = global_tokens
         if global_tokens:
@@ -194,7 +198,10 @@ class LanguageCodebook(nn.Module):
                     f"has {len(ids)}; lower global_vocab_size"
                 )
             if fit_search_space:
-                spread = farthest_points(self.search_vectors(embeddings)[1], count)  # (count,) code indices
+                rows = self.search_vectors(embeddings)[1]
+                if search_space == "uniform":  # spread by Euclidean distance in the cube: sim = -|a - b|^2 / 2 + ...
+                    rows = self.code_coordinates(torch.arange(len(ids)))
+                spread = farthest_points(rows, count, euclidean=search_space == "uniform")  # (count,) code indices
                 chosen = spread.view(global_vocab_size, global_tokens).T.contiguous()  # round-robin: each set spread
             else:
                 chosen = torch.zeros(global_tokens, global_vocab_size, dtype=torch.long)
@@ -202,12 +209,31 @@ class LanguageCodebook(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict, assign)
-        if self.search_space == "pca":  # the saved projection wins over the one computed at init
+        if self.search_space in ("pca", "uniform"):  # the saved projection wins over the one computed at init
             self.pca_codes = self._pca(self.embeddings)
         return result
 
     def _pca(self, vectors: torch.Tensor) -> torch.Tensor:
-        return F.normalize((vectors.float() - self.pca_mean) @ self.pca_directions.T, dim=-1)
+        """"pca": unit rows (d) on the sphere of the top principal directions. "uniform": the codes
+        as augmented rows [2u, -|u|^2] (d + 1) of their coordinates u in the unit cube, so that the
+        dot product with a query's [u_z, 1] is -|u_z - u|^2 up to a constant per query: the largest
+        dot product is the nearest code in Euclidean distance, and a softmax over dot products is
+        one over negative squared distances."""
+        projected = (vectors.float() - self.pca_mean) @ self.pca_directions.T  # (..., d)
+        if self.search_space == "pca":
+            return F.normalize(projected, dim=-1)
+        cube = self._cube(projected)
+        return torch.cat([2 * cube, -cube.pow(2).sum(-1, keepdim=True)], dim=-1)
+
+    def _cube(self, projected: torch.Tensor) -> torch.Tensor:
+        """Principal coordinates (..., d) -> the unit cube, each through the normal CDF of its
+        standardised value: the codebook fills the cube about evenly (as FSQ's grid fills its box)."""
+        return 0.5 * (1 + torch.erf(projected / (self.uniform_scale * math.sqrt(2))))
+
+    def _query_coordinates(self, z: torch.Tensor) -> torch.Tensor:
+        """"uniform" queries: [u_z, 1] (..., d + 1), u_z in the unit cube."""
+        cube = self._cube((z.float() - self.pca_mean) @ self.pca_directions.T)
+        return torch.cat([cube, torch.ones_like(cube[..., :1])], dim=-1)
 
     @property
     def size(self) -> int:
@@ -241,7 +267,8 @@ class LanguageCodebook(nn.Module):
             codebook_loss = F.mse_loss(mapped.float(), query.detach().float())
         usage_loss = self.usage_loss(query[:, g:], search_codes) if usage else z.new_zeros(())
         global_scores = self._global_scores(query[:, :g], search_codes) if g else z.new_zeros(z.shape[0], 0, 0)
-        coordinates = query + (search_codes[codes].to(query.dtype) - query).detach()
+        coordinates = self._plain(query)
+        coordinates = coordinates + (self.code_coordinates(codes).to(query.dtype) - coordinates).detach()
         return QuantizerOutput(
             quantized, codes, self.code_to_token[codes], commitment, usage_loss, codebook_loss, encoder_norm, global_scores,
             coordinates,
@@ -287,13 +314,24 @@ class LanguageCodebook(nn.Module):
             return F.normalize(self.input_to_latent(z), dim=-1), self.search_code_matrix()
         if self.search_space == "pca":
             return self._pca(z), self.pca_codes
+        if self.search_space == "uniform":
+            return self._query_coordinates(z), self.pca_codes
         return F.normalize(z, dim=-1), self.search_code_matrix()
+
+    def _plain(self, query: torch.Tensor) -> torch.Tensor:
+        """A query's coordinates in the search space (the augmentation of "uniform" dropped)."""
+        return query[..., :-1] if self.search_space == "uniform" else query
+
+    def code_coordinates(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., d) the search-space coordinates of code indices (the cube's for "uniform")."""
+        rows = self.search_code_matrix()[codes]
+        return rows[..., :-1] / 2 if self.search_space == "uniform" else rows
 
     def search_code_matrix(self) -> torch.Tensor:
         """(K, d) every code in the search space, L2-normalised, without gradient."""
         if self.search_space == "latent":
             return F.normalize(self.code_to_latent(self.embeddings), dim=-1).detach()
-        if self.search_space == "pca":
+        if self.search_space in ("pca", "uniform"):
             return self.pca_codes
         if self.search_space == "mapped":
             with torch.no_grad():
@@ -356,17 +394,22 @@ def rotate_onto(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out + (target - out).detach()  # exact forward value despite float rounding
 
 
-def farthest_points(unit_rows: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` row indices of (K, d) unit rows spread by farthest-point sampling on cosine: start at
-    the row nearest the mean direction, then repeatedly take the row least similar to all taken so
-    far. Deterministic. Returns (count,) long."""
-    rows = unit_rows.float()
+def farthest_points(rows: torch.Tensor, count: int, euclidean: bool = False) -> torch.Tensor:
+    """`count` row indices of (K, d) rows spread by farthest-point sampling: start at the row
+    nearest the mean, then repeatedly take the row least similar to all taken so far (similarity:
+    cosine of unit rows, or negative squared distance). Deterministic. Returns (count,) long."""
+    rows = rows.float()
+
+    def similarity(row: torch.Tensor) -> torch.Tensor:
+        return -(rows - row).pow(2).sum(-1) if euclidean else rows @ row
+
     chosen = torch.empty(count, dtype=torch.long)
-    chosen[0] = int((rows @ F.normalize(rows.mean(0), dim=0)).argmax())
-    nearest = rows @ rows[chosen[0]]  # (K,) similarity to the nearest chosen row
+    centre = rows.mean(0) if euclidean else F.normalize(rows.mean(0), dim=0)
+    chosen[0] = int(similarity(centre).argmax())
+    nearest = similarity(rows[chosen[0]])  # (K,) similarity to the nearest chosen row
     for i in range(1, count):
         chosen[i] = int(nearest.argmin())
-        nearest = torch.maximum(nearest, rows @ rows[chosen[i]])
+        nearest = torch.maximum(nearest, similarity(rows[chosen[i]]))
     return chosen
 
 

@@ -186,3 +186,24 @@ def test_mixture_gradient_equals_the_explicit_mixture():
     assert torch.equal(out, torch.zeros(2, 3, 6))
     out.backward(grad)
     assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+def test_uniform_search_is_euclidean_nearest_in_the_unit_cube(tiny_lm_dir):
+    import torch
+
+    from conftest import tiny_model_config
+    from lqae.model import LQAE
+
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(tiny_lm_dir, search_space="uniform", latent_dim=4, encoder_output="standardize"))
+    codebook = model.codebook
+    cube = codebook.code_coordinates(torch.arange(codebook.size))  # (K, 4)
+    assert cube.min() > 0 and cube.max() < 1  # inside the unit cube
+    assert (cube.mean(0) - 0.5).abs().max() < 0.15  # about evenly filled: centred on each axis
+    z = torch.randn(2, 16, model.config.lm_width)
+    out = codebook.eval()(z)
+    query = codebook._cube((z - codebook.pca_mean) @ codebook.pca_directions.T)  # (2, 16, 4)
+    expected = torch.cdist(query.flatten(0, 1), cube).argmin(-1).view(2, 16)
+    assert torch.equal(out.codes, expected)
+    assert torch.allclose(out.coordinates, cube[expected], atol=1e-6)
+    model.train()(torch.rand(2, 3, 16, 16)).loss.backward()  # soft straight-through and usage run
