@@ -80,6 +80,11 @@ def name_some(paths: Sequence[Path], shown: int = 5) -> str:
     return named + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
+def log_skipped(skipped: Sequence, reason) -> None:
+    """One warning naming (up to five of) the images left out of a batch because they would not decode."""
+    log.warning("skipped %d unreadable image(s): %s (%s)", len(skipped), name_some(skipped), reason)
+
+
 def _image_files(root: Path) -> list[Path]:
     """Image files under `root`, sorted, following symlinked folders (each real folder once, so a
     link back up the tree cannot loop)."""
@@ -285,7 +290,7 @@ def image_batches(
                 skipped.append(path)
                 reason = exc
         if skipped:
-            log.warning("skipped %d unreadable image(s): %s (%s)", len(skipped), name_some(skipped), reason)
+            log_skipped(skipped, reason)
         if chunk:
             yield chunk, torch.stack(images).to(device)
 
