@@ -29,6 +29,7 @@ from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batche
 from lqae.distributed import any_rank, setup_distributed, teardown_distributed
 from lqae.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lqae.reconstruction import evaluate_reconstruction
+from lqae.run_folder import DATA_FILE, METRICS_FILE, SAMPLES_DIR
 from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr_tensor, usage_from_counts
 from lqae.schedule import warmup_cosine
@@ -36,9 +37,6 @@ from lqae.shards import scan_image_source
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-DATA_FILE = "data.json"
-SAMPLES_DIR = "samples"
 DISTILL_PREFIX = "distill."  # the self-distillation state's tensors in train_state.safetensors
 
 

@@ -38,6 +38,19 @@ def test_not_a_checkpoint(tmp_path):
         ckpt.load_model(tmp_path / "empty")
 
 
+def test_a_checkpoint_of_another_format_is_refused_and_one_without_the_key_loads(tiny_model, tmp_path):
+    ckpt.save_checkpoint(tmp_path / "run", tiny_model, step=3)
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    assert config["format"] == ckpt.CHECKPOINT_FORMAT
+    path.write_text(json.dumps({**config, "format": "lqae-checkpoint-2"}))
+    with pytest.raises(CheckpointError, match="format 'lqae-checkpoint-2'.*upgrade lqae"):
+        ckpt.read_config(tmp_path / "run")
+    del config["format"]  # written before the key was
+    path.write_text(json.dumps(config))
+    assert ckpt.read_config(tmp_path / "run")[2] == 3
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tiny_model, tmp_path):
     run = tmp_path / "run"
     ckpt.save_checkpoint(run, tiny_model, step=1)

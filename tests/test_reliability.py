@@ -618,7 +618,7 @@ def test_template_errors_say_what_is_wrong(tmp_path):
 def test_a_hub_revision_that_is_a_path_never_reaches_the_hub(monkeypatch):
     import huggingface_hub
 
-    from lqae.hub import resolve_run
+    from lqae.run_folder import resolve_run
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("reached the hub"))
     with pytest.raises(CheckpointError, match="not a branch, tag or commit name"):
