@@ -1,6 +1,6 @@
 """Image files -> token ids and token ids -> PNG files, in batches so memory stays bounded.
 
-Used by `lqae encode` / `lqae decode`; the token dataset file format lives in `lqae.tokendata`.
+Used by `lqae encode` / `lqae decode`; the token dataset file format lives in `lqae.tokendata.format`.
 """
 
 from __future__ import annotations

@@ -99,15 +99,28 @@ def _decode_dataset(
     source: Path, index, model, out: Path, batch_size: int, device: str, quiet: bool, allow_foreign: bool
 ) -> None:
     from lqae.codec import image_name, output_paths
-    from lqae.tokendata import check_compatible, read_token_dataset, select_rows
+    from lqae.provenance import check_compatible
+    from lqae.tokendata import read_token_dataset
     from lqae_cli.options import load_run
 
     dataset = read_token_dataset(source)
-    positions = select_rows(dataset, index)
+    positions = _select_rows(len(dataset), index)
     net = load_run(model, device)
     check_compatible(dataset, net, source, allow_foreign)
     paths = output_paths(out, [image_name(i, dataset.paths[i]) for i in positions])
     _write(net, dataset.ids[positions], paths, out, batch_size, quiet)
+
+
+def _select_rows(rows: int, index: Optional[List[int]]) -> list[int]:
+    """Entries picked by `--index` (all when none), in the order given, each once; range-checked."""
+    from lqae.errors import DataError
+
+    if not index:
+        return list(range(rows))
+    for i in index:
+        if not 0 <= i < rows:
+            raise DataError(f"index {i} is out of range: the token dataset holds {rows} entries (0..{rows - 1})")
+    return list(dict.fromkeys(index))
 
 
 def _write(net, ids, paths: list[Path], out: Path, batch_size: int, quiet: bool) -> None:

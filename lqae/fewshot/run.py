@@ -148,7 +148,8 @@ class Sources:
         """Query images to label, in the order given: image files, folders of images (recursive), or
         token datasets (every row). Unreadable images inside folders are skipped and named."""
         from lqae.data import IMAGE_EXTENSIONS, collect_images, found_in_folders
-        from lqae.tokendata import check_same_weights, is_token_dataset, read_token_dataset
+        from lqae.provenance import check_same_weights
+        from lqae.tokendata import is_token_dataset, read_token_dataset
 
         queries: list[tuple[str, list[int] | None]] = []  # (name, ids); ids None until the image is encoded
         lm_name, files, written_by, global_tokens = None, [], [], 0
@@ -204,7 +205,7 @@ class Sources:
 
 
 def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -> None:
-    from lqae.tokendata import check_same_weights
+    from lqae.provenance import check_same_weights
 
     if queries.lm_name and support.lm_name and queries.lm_name != support.lm_name:
         raise DataError(

@@ -128,7 +128,7 @@ def run_probe(
 
 def _check_token_source(model, split: ProbeSplit, role: str, allow_foreign: bool) -> None:
     """Token ids only mean something to the LM and the weights that wrote them."""
-    from lqae.tokendata import check_ids_fit, check_same_weights
+    from lqae.provenance import check_ids_fit, check_same_weights
 
     fix = "re-encode it with this model or pass the image folder"
     source = f"{role} {split.source}"
