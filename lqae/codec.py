@@ -129,7 +129,7 @@ def image_name(index: int, source: str | None) -> str:
 def picture_tokens(model, path: Path, out: Path) -> list[int]:
     """Encode one image, decode its tokens, and write `images.token_picture` of it to `out` (the image
     beside its reconstruction, each patch's word over its patch, the global words above). Returns the ids."""
-    from lqae.data import load_image
+    from lqae.imagefiles import load_image
     from lqae.images import token_picture
 
     model.eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lqae.data import to_pil
+from lqae.imagefiles import to_pil
 from lqae.io import atomic_write_bytes
 
 

@@ -1,7 +1,7 @@
 """Evaluation-transform images decoded in worker processes, batched in order, while the model runs.
 
 Workers send uint8 pixels (a quarter of float32's bytes) and the floats are made on the device, with
-the values `lqae.data.load_image` gives: the ids are the same as without workers. A file that turns
+the values `lqae.imagefiles.load_image` gives: the ids are the same as without workers. A file that turns
 unreadable is reported as one DataError in the main process, not as a worker's traceback.
 """
 
@@ -35,7 +35,7 @@ class _EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor | str:
         from lqae.augment import to_uint8_tensor
-        from lqae.data import open_rgb, resize_center_crop
+        from lqae.imagefiles import open_rgb, resize_center_crop
 
         try:
             return to_uint8_tensor(resize_center_crop(open_rgb(self.paths[index]), self.size))  # (3, S, S)

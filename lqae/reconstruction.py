@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from lqae.data import ImageFolder, image_batches
+from lqae.data import image_batches
+from lqae.imagefiles import ImageFolder
 from lqae.errors import DataError
 from lqae.metrics import psnr, ssim, usage_from_counts
 
@@ -95,7 +96,7 @@ def evaluate_folder(
     """Reconstruction report on an image folder (a path or a scanned `ImageFolder`); with `grid_path`,
     also a PNG there of `shown` originals, spread over the folder (so over its classes), above their
     reconstructions."""
-    from lqae.data import scan_image_folder
+    from lqae.imagefiles import scan_image_folder
     from lqae.images import comparison_grid, save_png
 
     folder = root if isinstance(root, ImageFolder) else scan_image_folder(root)

@@ -20,7 +20,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lqae.data import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
+from lqae.imagefiles import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
 from lqae.errors import DataError
 
 
@@ -31,7 +31,7 @@ _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 @dataclass(frozen=True)
 class ShardMember:
-    """One image inside a tar shard; `lqae.data.open_rgb` and friends open it like a file."""
+    """One image inside a tar shard; `lqae.imagefiles.open_rgb` and friends open it like a file."""
 
     shard: str  # path of the .tar
     name: str  # member name inside it
@@ -72,7 +72,7 @@ def is_shard_source(path: str | Path) -> bool:
 
 
 def scan_image_source(path: str | Path, check: bool = True) -> ImageFolder:
-    """An image folder (`lqae.data.scan_image_folder`) or tar shards, as one `ImageFolder` whose
+    """An image folder (`lqae.imagefiles.scan_image_folder`) or tar shards, as one `ImageFolder` whose
     paths are files or `ShardMember`s, in order: shard by shard, members as stored."""
     if not is_shard_source(path):
         return scan_image_folder(path, check)

@@ -147,7 +147,8 @@ class Sources:
     def images(self, paths: list[Path]) -> TokenPool:
         """Query images to label, in the order given: image files, folders of images (recursive), or
         token datasets (every row). Unreadable images inside folders are skipped and named."""
-        from lqae.data import IMAGE_EXTENSIONS, collect_images, found_in_folders
+        from lqae.data import collect_images, found_in_folders
+        from lqae.imagefiles import IMAGE_EXTENSIONS
         from lqae.provenance import check_same_weights
         from lqae.tokendata import is_token_dataset, read_token_dataset
 

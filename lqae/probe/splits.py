@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lqae.data import IMAGE_EXTENSIONS, scan_image_folder
+from lqae.imagefiles import IMAGE_EXTENSIONS, scan_image_folder
 from lqae.errors import DataError
 
 
