@@ -33,7 +33,8 @@ def main() -> None:
     from lqae.fewshot.backends import DEFAULT_LLM, BackendOptions, make_backend
     from lqae.fewshot.episodes import sample_episode
     from lqae.fewshot.evaluation import evaluate_episodes
-    from lqae.fewshot.prompts import PromptImageText, load_template
+    from lqae.fewshot.prompts import load_template
+    from lqae.fewshot.image_text import PromptImageText
     from lqae.fewshot.run import Sources
     from lqae.fewshot.settings import FewshotSettings
 

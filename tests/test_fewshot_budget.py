@@ -9,7 +9,7 @@ import pytest
 from lqae.fewshot.backends import Backend
 from lqae.fewshot.backends.openai import OpenAIBackend
 from lqae.fewshot.budget import BudgetError, fit_prompt, load_tiktoken, read_bpe_file, shot_drop_order
-from lqae.fewshot.prompts import PromptImageText
+from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.prompts import load_template
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet

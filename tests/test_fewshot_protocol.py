@@ -10,7 +10,7 @@ import pytest
 from lqae.errors import ConfigError
 from lqae.fewshot.backends import OverlapBackend, Request
 from lqae.fewshot.backends.hf import HFBackend
-from lqae.fewshot.prompts import PromptImageText
+from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template, render
 from lqae.fewshot.results import ResultsFile
@@ -193,7 +193,7 @@ def test_settings_that_do_not_fit_together_are_refused():
 
 
 def test_frequent_image_text_lists_distinct_tokens_most_frequent_first(tmp_path):
-    from lqae.fewshot.prompts import frequent_first
+    from lqae.fewshot.image_text import frequent_first
 
     assert frequent_first([7, 3, 3, 9, 7, 3]) == [3, 7, 9]
     assert frequent_first([5, 6, 7]) == [5, 6, 7]

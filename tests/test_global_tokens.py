@@ -168,7 +168,7 @@ class Words:
 
 def test_prompt_text_modes_put_global_words_first():
     from lqae.errors import ConfigError
-    from lqae.fewshot.prompts import PromptImageText
+    from lqae.fewshot.image_text import PromptImageText
 
     ids = [7, 8, 1, 2, 2, 3, 3, 3]  # two global words, then patches
     assert PromptImageText(Words(), "sequence", 2)(ids) == "w7 w8 w1 w2 w2 w3 w3 w3"

@@ -2,7 +2,7 @@
 
 Modules, one job each:
 - `settings`: FewshotSettings, the allowed values and the protocol's defaults (no torch);
-- `episodes`: token pools, the images' prompt text (PromptImageText), episode sampling;
+- `episodes`: token pools, episode sampling; `image_text`: an image's prompt text (PromptImageText);
 - `prompts`: templates rendered into prompts; `budget`: fitting a prompt into the context window;
 - `backends`: the LLMs (`hf`, `openai`) and the `overlap` baseline behind one interface;
 - `support`: a support set fitted once, answering queries (scoring, generation, calibration);
@@ -25,7 +25,8 @@ _LAZY = {  # submodule -> the public names it provides
     "lqae.fewshot.labelling": ("QueryLabel", "LabelRun", "label_queries"),
     "lqae.fewshot.results": ("ResultsFile",),
     "lqae.fewshot.episodes": ("TokenPool", "sample_episode"),
-    "lqae.fewshot.prompts": ("Template", "Prompt", "PromptImageText", "list_templates", "load_template", "render"),
+    "lqae.fewshot.prompts": ("Template", "Prompt", "list_templates", "load_template", "render"),
+    "lqae.fewshot.image_text": ("PromptImageText",),
     "lqae.fewshot.budget": ("BudgetError", "fit_prompt", "load_tiktoken"),
     "lqae.fewshot.backends": (
         "Backend", "OverlapBackend", "HFBackend", "OpenAIBackend", "make_backend", "DEFAULT_LLM",
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     from lqae.fewshot.episodes import TokenPool, sample_episode
     from lqae.fewshot.evaluation import EvalSummary, evaluate_episodes, wilson_interval
     from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
-    from lqae.fewshot.prompts import Prompt, PromptImageText, Template, list_templates, load_template, render
+    from lqae.fewshot.prompts import Prompt, Template, list_templates, load_template, render
+    from lqae.fewshot.image_text import PromptImageText
     from lqae.fewshot.results import ResultsFile
     from lqae.fewshot.run import FewshotCallbacks, FewshotJob, run_fewshot
     from lqae.fewshot.settings import FewshotSettings
