@@ -13,11 +13,9 @@ torch and transformers load only with the modules that need them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lqae.lazy import lazy_exports
 
-_LAZY = {  # submodule -> the public names it provides
+_LAZY = {  # submodule -> the public names it provides: the one list of this package's names
     "lqae.fewshot.run": ("FewshotJob", "FewshotCallbacks", "run_fewshot"),
     "lqae.fewshot.settings": ("FewshotSettings",),
     "lqae.fewshot.support": ("SupportSet",),
@@ -34,18 +32,3 @@ _LAZY = {  # submodule -> the public names it provides
 }
 
 __all__, __getattr__ = lazy_exports(__name__, _LAZY)
-
-if TYPE_CHECKING:
-    from lqae.fewshot.backends import (
-        DEFAULT_LLM, Backend, HFBackend, OpenAIBackend, OverlapBackend, make_backend,
-    )
-    from lqae.fewshot.budget import BudgetError, fit_prompt, load_tiktoken
-    from lqae.fewshot.episodes import TokenPool, sample_episode
-    from lqae.fewshot.evaluation import EvalSummary, evaluate_episodes, wilson_interval
-    from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
-    from lqae.fewshot.prompts import Prompt, Template, list_templates, load_template, render
-    from lqae.fewshot.image_text import PromptImageText
-    from lqae.fewshot.results import ResultsFile
-    from lqae.fewshot.run import FewshotCallbacks, FewshotJob, run_fewshot
-    from lqae.fewshot.settings import FewshotSettings
-    from lqae.fewshot.support import SupportSet
