@@ -20,9 +20,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lqae.imagefiles import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
 from lqae.errors import DataError
-
+from lqae.imagefiles import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
+from lqae.io import temp_beside
 
 SHARD_SUFFIX = ".tar"
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -180,8 +180,6 @@ def write_shards(folder: ImageFolder, out_dir: str | Path, per_shard: int = 1000
     """Write an image folder as tar shards (`PREFIX-000000.tar`, ...), in folder order: `KEY.EXT`
     (the file's own bytes) and, for class folders, `KEY.cls` (the class index). The inverse of
     `scan_shards` for files: the same images, in the same order, with the same labels."""
-    from lqae.io import temp_beside
-
     out_dir = Path(out_dir)
     written = []
     for number, start in enumerate(range(0, len(folder), per_shard)):
