@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_train_config, write_tiny_lm
+from conftest import tiny_model_config, tiny_train_config, write_tiny_lm
 from lqae import checkpoint as ckpt
 from lqae.errors import CheckpointError
+from lqae.model import LQAE
 
 
 def test_save_load_round_trip(tiny_model, tmp_path):
@@ -139,9 +140,6 @@ def test_optimizer_state_round_trip(tiny_model):
 
 
 def test_learned_search_map_round_trips(tiny_lm_dir, tmp_path):
-    from conftest import tiny_model_config
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     model = LQAE(tiny_model_config(tiny_lm_dir, search_space="latent", latent_dim=8))
     with torch.no_grad():

@@ -11,21 +11,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lqae.tokendata import read_token_dataset, shard_path
+import lqae.data
+from conftest import write_class_images
+from lqae.checkpoint import load_model
+from lqae.errors import DataError
+from lqae.shards import scan_image_source
+from lqae.tokendata import encode_folder_to_file, read_token_dataset, shard_path, write_token_index
+from lqae_cli.app import app
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def invoke(*args):
-    from lqae_cli.app import app
-
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
 def many_images(tmp_path):
-    from conftest import write_class_images
-
     return write_class_images(tmp_path / "many", classes=("red", "blue", "green"), per_class=7)
 
 
@@ -48,8 +50,6 @@ def test_an_image_unreadable_in_a_worker_is_skipped_and_named_in_one_line(
 ):
     """Inside a folder, an image that fails only when a worker decodes it is skipped and named, as
     without workers (the README's "Reliability"); never a worker's traceback."""
-    import lqae.data
-
     scan = lqae.data.scan_image_folder
     broken = []
 
@@ -74,10 +74,6 @@ def test_an_image_unreadable_in_a_worker_is_skipped_and_named_in_one_line(
 def test_ranks_write_shards_and_an_index_that_reads_as_one_dataset(tiny_checkpoint, many_images, tmp_path, monkeypatch):
     """The ranks' work, one after the other in this process (the collectives answered locally):
     the index joins the shards into the single-process dataset, and decode reads it."""
-    from lqae.checkpoint import load_model
-    from lqae.shards import scan_image_source
-    from lqae.tokendata import encode_folder_to_file
-
     monkeypatch.setattr("lqae.distributed.any_rank", lambda flag, device: flag)
     model, folder = load_model(tiny_checkpoint, encode_only=True), scan_image_source(many_images)
     single = tmp_path / "single.safetensors"
@@ -126,9 +122,6 @@ def test_torchrun_two_processes_encode_shards_that_probe_and_fewshot_read(tiny_c
 
 
 def test_an_index_that_names_itself_or_lacks_metadata_is_one_clear_error(tmp_path):
-    from lqae.errors import DataError
-    from lqae.tokendata import write_token_index
-
     index = tmp_path / "loop.safetensors"
     write_token_index(index, [index], [1], {"lqae_token_dataset": "1", "classes": "[]", "grid": "[4, 4]", "model_config": "{}"})
     with pytest.raises(DataError, match="is an index itself"):
