@@ -35,6 +35,7 @@ demo: $(STAMP) data/digits
 	$(BIN)/lqae fewshot --support data/digits/train data/digits/val/seven/0044.png --model $(DEMO_RUN) --llm overlap
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP)

@@ -31,6 +31,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lqae.checkpoint import load_model, save_checkpoint
+from lqae.config import get_preset
+from lqae.data import load_image, scan_image_folder
+from lqae.model import LQAE
+from lqae.tokendata import read_token_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 10
 
@@ -84,9 +90,6 @@ def peak_rss_kib(*args: str) -> int:
 def forward_alone(run: Path, folder: Path, batch_size: int) -> tuple[float, list[list[int]]]:
     """model.encode on the same images, pre-loaded as tensors: (seconds, ids). Same batches as the CLI
     and, like it, a freshly loaded model whose first batch pays the one-time kernel set-up."""
-    from lqae.checkpoint import load_model
-    from lqae.data import load_image, scan_image_folder
-
     model = load_model(run)
     paths = scan_image_folder(folder).paths
     images = torch.stack([load_image(p, model.config.image_size) for p in paths])
@@ -116,10 +119,6 @@ def main() -> None:
 
 
 def measure(args, work: Path) -> dict:
-    from lqae.checkpoint import save_checkpoint
-    from lqae.config import get_preset
-    from lqae.model import LQAE
-
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     config = get_preset("tiny").model
@@ -153,7 +152,6 @@ def measure(args, work: Path) -> dict:
     big_started = time.perf_counter()
     rss_big = peak_rss_kib("encode", str(big), "-m", str(run), "-o", str(work / "big.safetensors"), *batch)
     big_wall = time.perf_counter() - big_started
-    from lqae.tokendata import read_token_dataset
 
     big_rows = len(read_token_dataset(work / "big.safetensors"))
     pixel_bytes = args.big_images * 3 * config.image_size**2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -33,6 +34,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loader import write_photos  # noqa: E402
+
+from lqae.checkpoint import save_checkpoint  # noqa: E402
+from lqae.config import get_preset  # noqa: E402
+from lqae.model import LQAE  # noqa: E402
+from lqae.tokendata import read_token_dataset  # noqa: E402
 
 
 def encode(folder: Path, run: Path, out: Path, workers: int, batch_size: int, device: str) -> tuple[float, dict]:
@@ -60,13 +66,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
-
-    from lqae.checkpoint import save_checkpoint
-    from lqae.config import get_preset
-    from lqae.model import LQAE
-    from lqae.tokendata import read_token_dataset
-
-    import logging
 
     logging.getLogger("lqae").setLevel(logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="lqae-bench-encode-workers-"))

@@ -14,6 +14,16 @@ import json
 import time
 from dataclasses import replace
 
+import torch
+
+from lqae.fewshot.backends import DEFAULT_LLM, BackendOptions, make_backend
+from lqae.fewshot.episodes import sample_episode
+from lqae.fewshot.evaluation import evaluate_episodes
+from lqae.fewshot.image_text import PromptImageText
+from lqae.fewshot.prompts import load_template
+from lqae.fewshot.run import Sources
+from lqae.fewshot.settings import FewshotSettings
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,15 +37,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-
-    import torch
-
-    from lqae.fewshot.backends import DEFAULT_LLM, BackendOptions, make_backend
-    from lqae.fewshot.episodes import sample_episode
-    from lqae.fewshot.evaluation import evaluate_episodes
-    from lqae.fewshot.prompts import PromptImageText, load_template
-    from lqae.fewshot.run import Sources
-    from lqae.fewshot.settings import FewshotSettings
 
     sources = Sources(args.model, args.device, lambda message: None)
     support, query = sources.pool(args.support, "support"), sources.pool(args.query, "query")

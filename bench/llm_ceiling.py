@@ -23,14 +23,20 @@ import random
 import sys
 import time
 
+from lqae.fewshot.backends import BackendOptions, make_backend
+from lqae.fewshot.episodes import TokenPool
+from lqae.fewshot.evaluation import evaluate_episodes
+from lqae.fewshot.prompts import load_template
+from lqae.fewshot.settings import FewshotSettings
+from lqae.lm import load_tokenizer
+from lqae.quantizer import select_token_ids
+
 LABELS = ("cat", "dog", "horse", "bird", "fish", "frog", "sheep", "bear", "lion", "mouse")
 IMAGES_PER_CLASS = 20  # support pool and query pool each
 
 
 def synthetic_pools(word_ids: list[int], level: float, ways: int, tokens: int, shuffled: bool, seed: int):
     """(support pool, query pool) of `ways` classes at one consistency level; deterministic."""
-    from lqae.fewshot.episodes import TokenPool
-
     rng = random.Random(f"llm-ceiling:{seed}")  # the same signatures at every level
     signatures = [rng.sample(word_ids, tokens) for _ in range(ways)]
     rng = random.Random(f"llm-ceiling:{seed}:{level}:{shuffled}")
@@ -73,13 +79,6 @@ def main() -> None:
     levels = [float(x) for x in args.levels.split(",") if x.strip()]
     if any(not 0 <= level <= 1 for level in levels):
         raise SystemExit("--levels must lie in [0, 1]")
-
-    from lqae.fewshot.backends import BackendOptions, make_backend
-    from lqae.fewshot.evaluation import evaluate_episodes
-    from lqae.fewshot.prompts import load_template
-    from lqae.fewshot.settings import FewshotSettings
-    from lqae.lm import load_tokenizer
-    from lqae.quantizer import select_token_ids
 
     tokenizer = load_tokenizer(args.lm)
     word_ids = select_token_ids(tokenizer, len(tokenizer), "words")

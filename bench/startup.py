@@ -24,6 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+from lqae.checkpoint import save_checkpoint
+from lqae.config import get_preset
+from lqae.model import LQAE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,14 +45,6 @@ def timed(command: list[str], env: dict) -> tuple[float, str]:
 
 
 def prepare(work: Path) -> tuple[Path, Path, Path]:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from lqae.checkpoint import save_checkpoint
-    from lqae.config import get_preset
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     preset = get_preset("tiny")
     run = work / "run"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -38,6 +39,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from lqae.config import PRESETS, TrainConfig, get_preset  # noqa: E402
+from lqae.errors import LMNotFoundError  # noqa: E402
+from lqae.lm import FrozenLM  # noqa: E402
+from lqae.model import LQAE  # noqa: E402
+from lqae.train import _autocast, build_optimizer  # noqa: E402
 
 class StandInTokenizer:
     """What building an LQAE asks of a tokenizer, for a vocabulary of `size` BPE word tokens
@@ -69,8 +78,6 @@ def stand_in_roberta():
     """roberta-base's architecture with random weights, frozen, as `lqae.lm.load_frozen_lm` returns it."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from lqae.lm import FrozenLM
-
     config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, pad_token_id=1, type_vocab_size=1)
     model = RobertaForMaskedLM(config).eval().requires_grad_(False)
     return FrozenLM(model.roberta, model.lm_head, StandInTokenizer(config.vocab_size), position_offset=2)
@@ -78,9 +85,6 @@ def stand_in_roberta():
 
 def build_model(model_config, device: str, stand_in: bool):
     """(model, which LM weights) for the config; the stand-in when asked, or when the LM is not here."""
-    from lqae.errors import LMNotFoundError
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     if not stand_in:
         try:
@@ -123,8 +127,6 @@ def matmul_flops_per_second(device: str, dtype: torch.dtype, side: int, repeats:
 
 def flops_of(fn) -> float:
     """FLOPs that `fn` runs (forward and backward ops alike), by `FlopCounterMode`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -174,9 +176,6 @@ def measure(
     steps: int = 10, warmup: int = 3, peak_tflops: float | None = None, stand_in: bool = False,
     matmul_side: int | None = None, breakdown_repeats: int = 5,
 ) -> dict:
-    from lqae.config import TrainConfig
-    from lqae.train import _autocast, build_optimizer
-
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     model, lm_weights = build_model(model_config, device, stand_in)
@@ -249,8 +248,6 @@ def measure(
 
 
 def main() -> None:
-    from lqae.config import PRESETS, get_preset
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
     parser.add_argument("--device", default="cpu")
@@ -266,7 +263,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import logging
 
     logging.getLogger("lqae").setLevel(logging.ERROR)  # MiniLM's missing MLM head only matters to quality
     preset = get_preset(args.preset)

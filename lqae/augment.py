@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lqae.imagefiles import open_rgb, resize_center_crop
+
 DRAFT_FACTORS = (8, 4, 2)  # JPEG DCT scales PIL can decode at, largest first
 
 
@@ -53,8 +55,6 @@ def augmented_crop(
 ) -> torch.Tensor:
     """A random resized crop (bicubic) of the image at `path`, flipped with probability 1/2:
     (3, size, size) uint8. Raises DataError for an unreadable file."""
-    from lqae.data import open_rgb
-
     plan: dict = {}
 
     def draft(stored: tuple[int, int]) -> tuple[int, int] | None:
@@ -73,8 +73,6 @@ def augmented_crop(
 
 
 def _resized_crop(image, plan: dict, size: int) -> torch.Tensor:
-    from lqae.data import resize_center_crop
-
     if plan["box"] is None:  # no crop drawn: the evaluation crop, as torchvision falls back
         return to_uint8_tensor(resize_center_crop(image, size))
     left, top, w, h = _box_in(image.size, plan)
@@ -104,5 +102,5 @@ def to_uint8_tensor(image) -> torch.Tensor:
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [0, 1], as `lqae.data.to_tensor` gives them (the same values)."""
+    """uint8 pixels -> float in [0, 1], as `lqae.imagefiles.to_tensor` gives them (the same values)."""
     return images.float().div_(255)

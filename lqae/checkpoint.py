@@ -27,21 +27,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lqae.config import ModelConfig, TrainConfig, from_dict, to_dict
 from lqae.errors import CheckpointError, ConfigError
 from lqae.io import fsync_dir, give_default_mode, writing
+from lqae.lm import FrozenLM
+from lqae.model import LQAE
+from lqae.run_folder import CONFIG_FILE, JOURNAL_DIR, LOCK_FILE, MODEL_FILE, TRAIN_STATE_FILE, resolve_run
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): no protection, as before
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TRAIN_STATE_FILE = "train_state.safetensors"
-_JOURNAL = ".saving"
-_COMPLETE = "COMPLETE"
-LOCK_FILE = ".lock"
+_COMPLETE = "COMPLETE"  # the journal's marker: every file written and recorded
+CHECKPOINT_FORMAT = "lqae-checkpoint-1"  # config.json's `format`; absent in checkpoints written before it
 
 
 class RunLock:
@@ -52,10 +56,10 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.handle = None
 
-    def acquire(self, blocking_error: bool = True) -> bool:
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): no protection, as before
+    def acquire(self, raise_if_held: bool = True) -> bool:
+        """Take the lock; True when taken (or when the OS has no flock). When another process holds
+        it: CheckpointError naming its pid, or False with `raise_if_held=False`."""
+        if fcntl is None:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = _open_lock_file(self.path)
@@ -65,7 +69,7 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            if blocking_error:
+            if raise_if_held:
                 raise CheckpointError(
                     f"{self.path.parent} is being trained by process {holder}; wait for it to finish, stop it, "
                     "or choose another --out"
@@ -130,7 +134,7 @@ def save_checkpoint(
             f"refusing to save non-finite weights at step {step} ({len(broken)} of {len(weights)} tensors hold "
             f"NaN or inf, e.g. {broken[0]}); {run_dir} keeps its previous checkpoint"
         )
-    journal = run_dir / _JOURNAL
+    journal = run_dir / JOURNAL_DIR
     shutil.rmtree(journal, ignore_errors=True)
     with writing(run_dir, "its previous checkpoint is kept"):
         try:
@@ -144,11 +148,11 @@ def save_checkpoint(
 def _write_journal(journal: Path, model, weights, train_config, step, train_state, train_meta) -> None:
     """Every file of the checkpoint into the journal, fsynced, then the COMPLETE marker that records them."""
     journal.mkdir(parents=True)
-    config = {"model": to_dict(model.config), "step": step, "format": "lqae-checkpoint-1"}
+    config = {"model": to_dict(model.config), "step": step, "format": CHECKPOINT_FORMAT}
     if train_config is not None:
         config["train"] = to_dict(train_config)
     (journal / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(weights, journal / WEIGHTS_FILE, metadata={"step": str(step), "fingerprint": weights_fingerprint(weights)})
+    save_file(weights, journal / MODEL_FILE, metadata={"step": str(step), "fingerprint": weights_fingerprint(weights)})
     if train_state is not None:
         meta = {"step": str(step), "meta": json.dumps(train_meta or {}, sort_keys=True)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in train_state.items()}
@@ -194,7 +198,7 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-_SAVED_FILES = (TRAIN_STATE_FILE, WEIGHTS_FILE, CONFIG_FILE)  # the order of the moves: config.json last
+_SAVED_FILES = (TRAIN_STATE_FILE, MODEL_FILE, CONFIG_FILE)  # the order of the moves: config.json last
 
 
 def _pending_moves(run_dir: Path, journal: Path) -> list[str] | None:
@@ -224,7 +228,7 @@ def roll_forward(run_dir: Path) -> None:
     """Finish an interrupted save whose files all check out, from wherever its moves stopped;
     discard any other journal. Only the lock holder calls this (the trainer, or a reader that took
     the free lock)."""
-    journal = run_dir / _JOURNAL
+    journal = run_dir / JOURNAL_DIR
     if not journal.is_dir():
         return
     if not (journal / _COMPLETE).exists():
@@ -246,11 +250,11 @@ def roll_forward(run_dir: Path) -> None:
 def recover(run_dir: Path) -> None:
     """Roll a journal left by a dead trainer forward (or discard it), but only when no process holds
     the run folder's lock: a live trainer's journal is its own business."""
-    if not (Path(run_dir) / _JOURNAL).is_dir():
+    if not (Path(run_dir) / JOURNAL_DIR).is_dir():
         return
     lock = RunLock(run_dir)
     try:
-        if not lock.acquire(blocking_error=False):
+        if not lock.acquire(raise_if_held=False):
             return
     except OSError:  # a read-only run folder: read what is there
         return
@@ -262,16 +266,14 @@ def recover(run_dir: Path) -> None:
 
 def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
     """Read config.json of a checkpoint folder (or hub id): (model config, train config or None, step)."""
-    from lqae.hub import resolve_run
-
     run_dir = resolve_run(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist; train one with `lqae train`")
     recover(run_dir)
     path = run_dir / CONFIG_FILE
-    if not path.is_file() or not (run_dir / WEIGHTS_FILE).is_file():
+    if not path.is_file() or not (run_dir / MODEL_FILE).is_file():
         raise CheckpointError(
-            f"{run_dir} is not an lqae checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} (train one with `lqae train`)"
+            f"{run_dir} is not an lqae checkpoint: expected {CONFIG_FILE} and {MODEL_FILE} (train one with `lqae train`)"
         )
     try:
         data = json.loads(path.read_text())
@@ -279,22 +281,23 @@ def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
         train_config = from_dict(TrainConfig, data["train"]) if "train" in data else None
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path} is not a valid lqae config: {exc}") from exc
+    written = data.get("format", CHECKPOINT_FORMAT)
+    if written != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is checkpoint format {written!r}; this lqae reads {CHECKPOINT_FORMAT!r}: upgrade lqae to load it"
+        )
     return model_config, train_config, int(data.get("step", 0))
 
 
 def load_model(
     run_dir: Path, device: str | torch.device = "cpu", lm_name: str | None = None, encode_only: bool = False
-) -> "LQAE":
+) -> LQAE:
     """Rebuild an LQAE from a checkpoint folder, or a hub id `org/name[@revision]` that is not a local
     folder; the frozen LM comes from its name (or `lm_name`).
 
     `encode_only`: the LM's layers are not loaded, only its embedding matrix and tokenizer, read
     from its files without transformers where they allow it (seconds faster; `encode` gives the
     same ids). Decoding or LM features then raise CheckpointError."""
-    from lqae.hub import resolve_run
-    from lqae.lm import FrozenLM
-    from lqae.model import LQAE
-
     model_config, weights, fingerprint = _consistent_read(resolve_run(run_dir))
     if lm_name is not None:
         model_config.lm_name = lm_name
@@ -320,11 +323,11 @@ def _consistent_read(run_dir: Path, attempts: int = 20, pause: float = 0.25):
     until both name the same step."""
     for attempt in range(attempts):
         model_config, _, step = read_config(run_dir)
-        weights, metadata = _load_tensors_with_metadata(run_dir / WEIGHTS_FILE)
+        weights, metadata = _load_tensors_with_metadata(run_dir / MODEL_FILE)
         weights_step = metadata.get("step")
         weights_step = int(weights_step) if weights_step is not None and str(weights_step).isdigit() else None
         if weights_step is None or weights_step == step:
-            return model_config, weights, verified_fingerprint(run_dir / WEIGHTS_FILE, weights, metadata)
+            return model_config, weights, verified_fingerprint(run_dir / MODEL_FILE, weights, metadata)
         time.sleep(pause)
     raise CheckpointError(
         f"{run_dir}: config.json is at step {step} but model.safetensors at step {weights_step}; "
@@ -338,8 +341,6 @@ def _load_tensors_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], di
 
 def weights_metadata(path: Path) -> dict[str, str]:
     """The header metadata of a safetensors file (`step`, `fingerprint`), without reading tensors."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             return handle.metadata() or {}
@@ -349,7 +350,7 @@ def weights_metadata(path: Path) -> dict[str, str]:
 
 def load_trainable_from(run_dir: Path) -> dict[str, torch.Tensor]:
     """The trainable weights of a checkpoint folder, verified (see `verified_fingerprint`)."""
-    path = Path(run_dir) / WEIGHTS_FILE
+    path = Path(run_dir) / MODEL_FILE
     weights, metadata = _load_tensors_with_metadata(path)
     verified_fingerprint(path, weights, metadata)
     return weights
@@ -381,8 +382,6 @@ def load_train_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     if not path.is_file():
         raise CheckpointError(f"{path} not found: this checkpoint cannot be resumed (no training state saved)")
     tensors = _load_tensors(path)
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     return tensors, json.loads(metadata.get("meta", "{}")), int(metadata.get("step", 0))

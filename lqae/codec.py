@@ -1,6 +1,6 @@
 """Image files -> token ids and token ids -> PNG files, in batches so memory stays bounded.
 
-Used by `lqae encode` / `lqae decode`; the token dataset file format lives in `lqae.tokendata`.
+Used by `lqae encode` / `lqae decode`; the token dataset file format lives in `lqae.tokendata.format`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import torch
 
 from lqae.data import image_batches
 from lqae.errors import DataError, TokenError
+from lqae.imagefiles import load_image
+from lqae.images import save_png, token_picture
+from lqae.loading import eval_batches
 
 
 @dataclass
@@ -55,8 +58,6 @@ def encode_images(
     started = tick = time.perf_counter()
     size, device = model.config.image_size, model.device
     if workers > 0:
-        from lqae.loading import eval_batches
-
         batches = eval_batches(paths, size, batch_size, device, workers, skip_unreadable)
     else:
         batches = image_batches(paths, size, batch_size, device, skip_unreadable)
@@ -84,8 +85,6 @@ def decode_to_pngs(
     Every row is checked against the codebook before the first file is written, so bad ids
     leave nothing behind.
     """
-    from lqae.images import save_png
-
     if ids.ndim != 2 or ids.shape[0] != len(out_paths):
         raise ValueError(f"ids {tuple(ids.shape)} do not match {len(out_paths)} output paths")
     model.codebook.codes_from_token_ids(ids)  # raises TokenError for any id outside the codebook
@@ -129,9 +128,6 @@ def image_name(index: int, source: str | None) -> str:
 def picture_tokens(model, path: Path, out: Path) -> list[int]:
     """Encode one image, decode its tokens, and write `images.token_picture` of it to `out` (the image
     beside its reconstruction, each patch's word over its patch, the global words above). Returns the ids."""
-    from lqae.data import load_image
-    from lqae.images import token_picture
-
     model.eval()
     image = load_image(path, model.config.image_size)[None].to(model.device)  # (1, C, H, W)
     ids = model.encode(image)  # (1, L)

@@ -1,233 +1,31 @@
-"""Reading images: folders (flat or one sub-folder per class) and files of any size, RGB or
-greyscale, into tensors with the evaluation transform, and the augmented training stream."""
+"""The image streams: the images a user names, evaluation batches, and the augmented training set
+and its sampler. Reading one image file or folder is `lqae.imagefiles` (its names are importable
+from here too)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import random
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lqae.augment import augmented_crop, to_uint8_tensor
 from lqae.errors import DataError
+from lqae.imagefiles import (  # the names `lqae.data` had before imagefiles was split out of it
+    IMAGE_EXTENSIONS, ImageFolder, image_problem, is_readable_image, load_image, name_some, open_rgb,
+    resize_center_crop, scan_image_folder, to_pil, to_tensor, warn_skipped,
+)
+from lqae.shards import is_shard_source, scan_shards
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-@dataclass
-class ImageFolder:
-    """Image paths with integer labels; `classes` is empty for a flat folder."""
-
-    root: Path
-    paths: list[Path]
-    labels: list[int]
-    classes: list[str]
-    skipped: list[Path] = field(default_factory=list)  # unreadable files left out
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:
-    """List images under `root` (recursively). Class = first-level sub-folder, if any.
-
-    With `check`, each file's header is opened so corrupt files are skipped (with a warning) up front.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"image folder {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder")
-    files = _image_files(root)
-    class_dirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    flat = [p for p in files if len(p.relative_to(root).parts) == 1]
-    classes = class_dirs if class_dirs and not flat else []
-    class_index = {name: i for i, name in enumerate(classes)}
-    paths, labels, skipped = [], [], []
-    for path in files:
-        if check and not is_readable_image(path):
-            skipped.append(path)
-            continue
-        paths.append(path)
-        labels.append(class_index[path.relative_to(root).parts[0]] if classes else -1)
-    warn_skipped(skipped, root)
-    if not paths:
-        raise DataError(
-            f"no readable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}"
-            + (f"; {len(skipped)} unreadable" if skipped else "") + ")"
-        )
-    return ImageFolder(root, paths, labels, classes, skipped)
-
-
-def warn_skipped(skipped: Sequence, where) -> None:
-    """One warning naming (up to five of) the unreadable images left out of `where`."""
-    if skipped:
-        log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped), where, name_some(skipped))
-
-
-def name_some(paths: Sequence[Path], shown: int = 5) -> str:
-    """`a.png, b.png and 3 more`: the first few of a list of files, for a warning."""
-    named = ", ".join(str(p) for p in paths[:shown])
-    return named + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
-
-
-def _image_files(root: Path) -> list[Path]:
-    """Image files under `root`, sorted, following symlinked folders (each real folder once, so a
-    link back up the tree cannot loop)."""
-    seen: set[str] = set()
-    files: list[Path] = []
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders.sort()
-        for name in names:
-            path = Path(folder) / name
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                files.append(path)
-    return sorted(files)
-
-
-# What opening a bad file can raise: corrupt data, truncation, and PIL's decompression-bomb guard.
-_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-_WARNED_LARGE: set[str] = set()  # images already named in a "large image" warning (once per process)
-
-
-def image_problem(path: Path) -> str | None:
-    """Why `path` cannot be an image, from its header (None when it looks readable). A truncated
-    file passes: only decoding finds that (see `image_batches`)."""
-    if not hasattr(path, "open_bytes"):  # a file, not a tar shard's member
-        path = Path(path)
-        if not path.is_file():
-            return "not a regular file (a pipe or a device?)" if path.exists() else "it does not exist"
-    _, source = _image_source(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_rgb names it once
-            with Image.open(source) as image:
-                image.verify()
-        return None
-    except Image.DecompressionBombError as exc:
-        return _too_large(exc)
-    except _UNREADABLE:
-        return "corrupt or not an image file"
-
-
-def is_readable_image(path: Path) -> bool:
-    return image_problem(path) is None
-
-
-def _too_large(exc: Exception) -> str:
-    return f"too large to decode safely ({exc}); PIL refuses it as a possible decompression bomb"
-
-
-def _image_source(path) -> tuple:
-    """(path, what PIL opens): a file, or the bytes of a tar shard's member (`lqae.shards.ShardMember`).
-    DataError for a path that is missing or not a regular file (a pipe is never opened)."""
-    if hasattr(path, "open_bytes"):
-        return path, path.open_bytes()
-    path = Path(path)
-    if not path.is_file():
-        if path.exists():
-            raise DataError(f"{path} is not a regular file (a pipe or a device?): give an image file")
-        raise DataError(f"image {path} does not exist")
-    return path, path
-
-
-def open_rgb(path: str | Path, draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None) -> Image.Image:
-    """Open any image as RGB, upright as its EXIF orientation says (phone photos); a missing or
-    corrupt file raises DataError.
-
-    16-bit greyscale is scaled to 8 bits (not clipped); transparency is composited on white.
-    `draft(upright stored size)`, when given, may ask for a smaller decode: a JPEG is then decoded
-    at the largest DCT reduction (1/2, 1/4, 1/8) that stays at least that size (PIL's `Image.draft`)."""
-    path, source = _image_source(path)
-    try:
-        with _large_image_note(path), Image.open(source) as image:
-            if draft is not None:
-                turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: a quarter turn
-                wanted = draft(image.size[::-1] if turned else image.size)
-                if wanted is not None and image.format == "JPEG":
-                    image.draft(image.mode, wanted[::-1] if turned else wanted)
-            image.load()
-            return _to_rgb(_upright(image))
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"cannot read image {path}: {_too_large(exc)}") from exc
-    except _UNREADABLE as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from exc
-
-
-@contextlib.contextmanager
-def _large_image_note(path: Path):
-    """PIL warns through `warnings` about images past its pixel guard (raw `file:line:` lines on
-    stderr); name the image once in a logged warning instead."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
-        yield
-    for warning in caught:
-        if issubclass(warning.category, Image.DecompressionBombWarning):
-            if str(path) not in _WARNED_LARGE:
-                _WARNED_LARGE.add(str(path))
-                log.warning("%s is a very large image (%s); decoding it takes much memory", path, warning.message)
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """The image as it is meant to be seen: rotated/flipped by its EXIF orientation tag (2-8)."""
-    if image.getexif().get(0x0112, 1) in range(2, 9):  # 0x0112: Orientation
-        return ImageOps.exif_transpose(image)
-    return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [0, 1] (no mean/std normalisation, as in the reference)."""
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> PIL RGB."""
-    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Evaluation transform: shorter side to `size` (bicubic), then a centred square crop."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Evaluation-time load: (3, size, size) in [0, 1]."""
-    return to_tensor(resize_center_crop(open_rgb(path), size))
+__all__ = [
+    "IMAGE_EXTENSIONS", "EpochBatchSampler", "ImageFolder", "TrainDataset", "collect_images", "found_in_folders",
+    "image_batches", "image_problem", "is_readable_image", "load_image", "log_skipped", "name_some", "open_rgb",
+    "resize_center_crop", "scan_image_folder", "to_pil", "to_tensor", "warn_skipped",
+]
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -237,8 +35,6 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     inside a folder are skipped with a warning, as `lqae train` does."""
     if not inputs:
         raise DataError("no images given: pass image files or folders")
-    from lqae.shards import is_shard_source, scan_shards
-
     paths: list[Path] = []
     for item in map(Path, inputs):
         if is_shard_source(item):  # tar shards: their images, in stored order
@@ -253,6 +49,11 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
                 raise DataError(f"cannot read image {item}: {problem}")
             paths.append(item)
     return paths
+
+
+def log_skipped(skipped: Sequence, reason) -> None:
+    """One warning naming (up to five of) the images left out of a batch because they would not decode."""
+    log.warning("skipped %d unreadable image(s): %s (%s)", len(skipped), name_some(skipped), reason)
 
 
 def found_in_folders(inputs: Sequence[str | Path]) -> Callable[[Path], bool]:
@@ -311,8 +112,6 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         """(3, size, size) uint8, or (views, 3, size, size); the training loop makes floats of it on the device."""
-        from lqae.augment import augmented_crop, to_uint8_tensor
-
         index, seed = item
         rng = random.Random(seed)
         for _ in range(len(self.folder)):

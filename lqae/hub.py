@@ -1,71 +1,22 @@
-"""Models on the Hugging Face hub: load a checkpoint by id, write its model card, push it.
+"""Models on the Hugging Face hub: a checkpoint's model card, and pushing it.
 
-A model repo holds exactly what inference needs: config.json, model.safetensors and README.md (the
-card); never train_state.safetensors. `resolve_run` turns `org/name` or `org/name@revision` into a
-local folder through huggingface_hub's cache (HF_HUB_OFFLINE and HF_HUB_CACHE apply as for any
-model); a local folder of the same spelling always wins.
+A model repo holds exactly what inference needs (`run_folder.HUB_FILES`: config.json,
+model.safetensors and README.md, the card); never train_state.safetensors. Loading by hub id is
+`run_folder.resolve_run`.
 """
 
 from __future__ import annotations
 
-import re
+import base64
+import json
 from pathlib import Path
 
-from lqae.errors import CheckpointError
-
-CARD_FILE = "README.md"
-HUB_FILES = ("config.json", "model.safetensors", CARD_FILE)
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@]*))?$")
-# a branch, tag or commit: slash-separated parts of word characters, dots and dashes, none of them
-# empty, `.` or `..`, none starting with a dot (git's own rules forbid the rest); never a path outside
-_REVISION = re.compile(r"^(?!.*\.\.)(?!\.)(?!.*/\.)[\w.-]+(?:/[\w.-]+)*$")
-
-
-def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """("org/name", revision or None) for a hub id, else None. A revision that is not a plain
-    branch, tag or commit name (`@../../x`) raises CheckpointError: it never reaches the hub client."""
-    match = _HUB_ID.match(str(text))
-    if not match or str(text).endswith((".safetensors", ".json")):
-        return None
-    revision = match.group("revision")
-    if revision is not None and not _REVISION.match(revision):
-        raise CheckpointError(
-            f"{text}: {revision!r} is not a branch, tag or commit name (letters, digits, '_', '-', '.' and '/', "
-            "no '..' and no part starting with a dot)"
-        )
-    return match.group("repo"), revision
-
-
-def resolve_run(run: str | Path) -> Path:
-    """A checkpoint folder: `run` itself when it exists locally, else the hub snapshot of that id."""
-    local = Path(run).expanduser()
-    if local.exists():
-        return local
-    parsed = parse_hub_id(str(run))
-    if parsed is None:
-        return local  # the caller reports the missing folder
-    repo_id, revision = parsed
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError
-    except ImportError:  # huggingface_hub comes with transformers; without it there is no hub
-        return local
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES)))
-    except HFValidationError as exc:
-        raise CheckpointError(f"{run} is neither a local checkpoint folder nor a valid hub id ({_short(exc)})") from exc
-    except Exception as exc:  # not found, gated, offline without a cached copy, network down
-        raise CheckpointError(
-            f"checkpoint {run} is not a local folder and could not be fetched from the Hugging Face hub "
-            f"({type(exc).__name__}: {_short(exc)}); check the id and revision, your network, or HF_HUB_OFFLINE"
-        ) from exc
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"hub repo {repo_id} has no lqae checkpoint (config.json and model.safetensors)")
-    return folder
-
-
-def _short(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:200]
+from lqae.checkpoint import read_config, weights_metadata
+from lqae.errors import CheckpointError, ConfigError
+from lqae.io import atomic_write_bytes
+from lqae.run_folder import (
+    CARD_FILE, CONFIG_FILE, DATA_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, parse_hub_id, short,
+)
 
 
 # -- model card ----------------------------------------------------------------------------------
@@ -79,11 +30,6 @@ def model_card(run_dir: str | Path, repo_id: str | None = None, license: str = D
     """README.md for a checkpoint folder: YAML metadata (library, tags, the frozen LM as base model,
     license), how to use it, the training data and steps, the recipe, held-out figures from
     metrics.jsonl and the latest sample grid."""
-    import json
-
-    from lqae.checkpoint import read_config
-    from lqae.train import DATA_FILE, METRICS_FILE, SAMPLES_DIR
-
     run_dir = Path(run_dir)
     model, train, step = read_config(run_dir)
     name = repo_id or run_dir.resolve().name
@@ -141,8 +87,6 @@ _INLINE_LIMIT = 256 * 1024  # bytes of PNG written into the card itself
 def _inline_image(path: Path) -> str:
     """The PNG as a data URI, so the card carries its picture without another uploaded file (a push
     sends only config, weights and card); a large grid is named instead."""
-    import base64
-
     data = path.read_bytes()
     if len(data) > _INLINE_LIMIT:
         return f"(the grid is {len(data) // 1024} KB: see the file in the training run)"
@@ -150,16 +94,12 @@ def _inline_image(path: Path) -> str:
 
 
 def write_card(run_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE) -> Path:
-    from lqae.io import atomic_write_bytes
-
     path = Path(run_dir) / CARD_FILE
     atomic_write_bytes(path, model_card(run_dir, repo_id, license).encode("utf-8"))
     return path
 
 
 def _read_json(path: Path):
-    import json
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -167,8 +107,6 @@ def _read_json(path: Path):
 
 
 def _last_validation(path: Path) -> dict | None:
-    import json
-
     last = None
     try:
         with open(path, encoding="utf-8") as handle:
@@ -191,19 +129,16 @@ def push(
     """Upload config.json, model.safetensors and the model card (RUN_DIR/README.md when `lqae card`
     wrote one, else a fresh one) to `repo_id` in one commit; never optimiser state. Returns the
     commit URL. The token comes from huggingface_hub (HF_TOKEN or `hf auth login`)."""
-    from lqae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config, weights_metadata
-    from lqae.errors import ConfigError
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist")
     if parse_hub_id(repo_id) is None or "@" in repo_id:
         raise ConfigError(f"{repo_id!r} is not a hub repo id: write it as org/name (the branch goes in --revision)")
     _, _, step = read_config(run_dir)
-    written = weights_metadata(run_dir / WEIGHTS_FILE).get("step")
+    written = weights_metadata(run_dir / MODEL_FILE).get("step")
     if written is not None and str(written) != str(step):
         raise CheckpointError(
-            f"{run_dir / WEIGHTS_FILE} is at step {written} but config.json at step {step}: a trainer is writing "
+            f"{run_dir / MODEL_FILE} is at step {written} but {CONFIG_FILE} at step {step}: a trainer is writing "
             "this run; push again when it has saved"
         )
     card = run_dir / CARD_FILE
@@ -217,7 +152,7 @@ def push(
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [
             CommitOperationAdd(CONFIG_FILE, str(run_dir / CONFIG_FILE)),
-            CommitOperationAdd(WEIGHTS_FILE, str(run_dir / WEIGHTS_FILE)),
+            CommitOperationAdd(MODEL_FILE, str(run_dir / MODEL_FILE)),
             CommitOperationAdd(CARD_FILE, card_bytes),
         ]
         info = api.create_commit(
@@ -227,6 +162,6 @@ def push(
         hint = ""
         if "401" in str(exc) or "403" in str(exc) or "token" in str(exc).lower():
             hint = "; log in with `hf auth login` or set HF_TOKEN to a token with write access"
-        raise CheckpointError(f"cannot push to {repo_id} ({type(exc).__name__}: {_short(exc)}){hint}") from exc
+        raise CheckpointError(f"cannot push to {repo_id} ({type(exc).__name__}: {short(exc)}){hint}") from exc
     return str(getattr(info, "commit_url", "") or f"{repo_id}")
 

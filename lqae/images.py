@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-from lqae.data import to_pil
+from lqae.imagefiles import to_pil
 from lqae.io import atomic_write_bytes
 
 
@@ -30,10 +32,6 @@ def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, colu
 
 def save_png(image: torch.Tensor, path: Path, upscale: int = 1) -> None:
     """Save (C, H, W) in [0, 1] as PNG atomically; `upscale` enlarges small images (nearest)."""
-    import io
-
-    from PIL import Image
-
     picture = to_pil(image)
     if upscale > 1:
         picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
@@ -49,10 +47,6 @@ def token_picture(
     """Write a PNG for a person: the image (left) beside its reconstruction (right), each `cell`
     pixels per patch, with each patch's word over its patch of both, and the global words above.
     image, reconstruction: (C, H, W) in [0, 1]; words: the grid x grid patch tokens in row order."""
-    import io
-
-    from PIL import Image, ImageDraw, ImageFont
-
     side, gap = cell * grid, cell // 4
     header = cell // 2 if global_words else 0
     font = ImageFont.load_default(size=max(10, cell // 7))

@@ -1,7 +1,7 @@
 """Evaluation-transform images decoded in worker processes, batched in order, while the model runs.
 
 Workers send uint8 pixels (a quarter of float32's bytes) and the floats are made on the device, with
-the values `lqae.data.load_image` gives: the ids are the same as without workers. A file that turns
+the values `lqae.imagefiles.load_image` gives: the ids are the same as without workers. A file that turns
 unreadable is reported as one DataError in the main process, not as a worker's traceback.
 """
 
@@ -13,7 +13,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from lqae.augment import to_float, to_uint8_tensor
+from lqae.data import log_skipped
 from lqae.errors import DataError
+from lqae.imagefiles import open_rgb, resize_center_crop
 
 MAX_AUTO_WORKERS = 4
 
@@ -34,9 +37,6 @@ class _EvalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor | str:
-        from lqae.augment import to_uint8_tensor
-        from lqae.data import open_rgb, resize_center_crop
-
         try:
             return to_uint8_tensor(resize_center_crop(open_rgb(self.paths[index]), self.size))  # (3, S, S)
         except DataError as exc:
@@ -58,9 +58,6 @@ def eval_batches(
     `lqae.data.image_batches` (`skip_unreadable` as there), decoded by `workers` processes (pinned
     memory on CUDA). On CPU the model's threads leave the workers their cores meanwhile (spinning
     threads on a busy core cost more than they compute)."""
-    from lqae.augment import to_float
-    from lqae.data import log_skipped
-
     on_cuda = str(device).startswith("cuda")
     loader = torch.utils.data.DataLoader(
         _EvalImages(paths, size), batch_size=batch_size, num_workers=workers, collate_fn=_stack_or_errors,

@@ -40,11 +40,6 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, window: int = 7, si
     return float(value.mean())
 
 
-def code_usage(codes: torch.Tensor, codebook_size: int) -> tuple[int, float]:
-    """(unique codes used, perplexity of the code histogram) for any tensor of code indices."""
-    return usage_from_counts(torch.bincount(codes.flatten().cpu(), minlength=codebook_size))
-
-
 def usage_from_counts(counts: torch.Tensor) -> tuple[int, float]:
     """(unique codes used, perplexity) from a histogram of code counts."""
     counts = counts.float()

@@ -8,9 +8,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from lqae.data import ImageFolder, image_batches
+from lqae.data import image_batches
 from lqae.errors import DataError
+from lqae.imagefiles import ImageFolder, scan_image_folder
+from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts
+from lqae.tokentext import TokenText
 
 
 @dataclass
@@ -39,8 +42,6 @@ def evaluate_reconstruction(
 ) -> tuple[ReconstructionReport, torch.Tensor, torch.Tensor]:
     """Encode and decode (no masking) every image (unreadable ones are skipped and named); returns
     the report and the originals and reconstructions at positions `shown` (default the first 16), for a grid."""
-    from lqae.tokentext import TokenText
-
     model.eval()
     paths = folder.paths[:max_images] if max_images else folder.paths
     size = model.config.image_size
@@ -95,9 +96,6 @@ def evaluate_folder(
     """Reconstruction report on an image folder (a path or a scanned `ImageFolder`); with `grid_path`,
     also a PNG there of `shown` originals, spread over the folder (so over its classes), above their
     reconstructions."""
-    from lqae.data import scan_image_folder
-    from lqae.images import comparison_grid, save_png
-
     folder = root if isinstance(root, ImageFolder) else scan_image_folder(root)
     total = min(len(folder), max_images) if max_images else len(folder)
     count = min(shown, total)

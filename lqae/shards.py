@@ -20,9 +20,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lqae.data import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
 from lqae.errors import DataError
-
+from lqae.imagefiles import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
+from lqae.io import temp_beside
 
 SHARD_SUFFIX = ".tar"
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -31,7 +31,7 @@ _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 @dataclass(frozen=True)
 class ShardMember:
-    """One image inside a tar shard; `lqae.data.open_rgb` and friends open it like a file."""
+    """One image inside a tar shard; `lqae.imagefiles.open_rgb` and friends open it like a file."""
 
     shard: str  # path of the .tar
     name: str  # member name inside it
@@ -72,7 +72,7 @@ def is_shard_source(path: str | Path) -> bool:
 
 
 def scan_image_source(path: str | Path, check: bool = True) -> ImageFolder:
-    """An image folder (`lqae.data.scan_image_folder`) or tar shards, as one `ImageFolder` whose
+    """An image folder (`lqae.imagefiles.scan_image_folder`) or tar shards, as one `ImageFolder` whose
     paths are files or `ShardMember`s, in order: shard by shard, members as stored."""
     if not is_shard_source(path):
         return scan_image_folder(path, check)
@@ -180,8 +180,6 @@ def write_shards(folder: ImageFolder, out_dir: str | Path, per_shard: int = 1000
     """Write an image folder as tar shards (`PREFIX-000000.tar`, ...), in folder order: `KEY.EXT`
     (the file's own bytes) and, for class folders, `KEY.cls` (the class index). The inverse of
     `scan_shards` for files: the same images, in the same order, with the same labels."""
-    from lqae.io import temp_beside
-
     out_dir = Path(out_dir)
     written = []
     for number, start in enumerate(range(0, len(folder), per_shard)):

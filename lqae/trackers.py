@@ -98,8 +98,8 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(key, value, step)
 
     def image(self, step: int, path: Path) -> None:
-        import numpy as np
-        from PIL import Image
+        import numpy as np  # noqa: PLC0415 - lqae_cli imports this module for `--help` (TRACKERS)
+        from PIL import Image  # noqa: PLC0415 - as numpy
 
         with Image.open(path) as picture:
             self.writer.add_image("samples", np.asarray(picture.convert("RGB")), step, dataformats="HWC")

@@ -7,11 +7,13 @@ through callbacks (the CLI draws a progress bar from them).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,25 +22,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from lqae import checkpoint as ckpt
 from lqae.callbacks import TrainCallback, TrainInfo
 from lqae.augment import to_float
-from lqae.config import ModelConfig, TrainConfig, resumed_configs
+from lqae.config import ModelConfig, TrainConfig, resumed_configs, write_json
 from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batches
+from lqae.distill import SelfDistillation
 from lqae.distributed import any_rank, setup_distributed, teardown_distributed
 from lqae.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lqae.reconstruction import evaluate_reconstruction
+from lqae.run_folder import DATA_FILE, METRICS_FILE, SAMPLES_DIR
 from lqae.images import comparison_grid, save_png
+from lqae.io import writing
 from lqae.metrics import psnr_tensor, usage_from_counts
+from lqae.model import LQAE
 from lqae.schedule import warmup_cosine
 from lqae.shards import scan_image_source
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-DATA_FILE = "data.json"
-SAMPLES_DIR = "samples"
 DISTILL_PREFIX = "distill."  # the self-distillation state's tensors in train_state.safetensors
 
 
@@ -147,7 +151,6 @@ def _train(
         )
 
     torch.manual_seed(train_config.seed)
-    from lqae.model import LQAE
 
     model = LQAE(model_config).to(device)
     if train_tensors is not None:
@@ -363,8 +366,6 @@ class _SignalFlag:
 
     @contextlib.contextmanager
     def installed(self):
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -393,7 +394,6 @@ def _self_distillation(model, train_tensors: dict[str, torch.Tensor] | None):
     config = model.config
     if not config.global_tokens or config.invariance_weight <= 0:
         return None
-    from lqae.distill import SelfDistillation
 
     distill = SelfDistillation(model)
     if train_tensors is not None:
@@ -418,8 +418,6 @@ def _write_data_record(run_dir: Path, folder, val_folder, resume: bool) -> None:
     """RUN_DIR/data.json: which images trained the model (the model card reports them). A resumed
     run must train on the data the record names (else a DataError); a changed --val is recorded,
     with a warning."""
-    from lqae.config import write_json
-
     def describe(found) -> dict:
         return {"folder": str(found.root), "name": Path(found.root).resolve().name, "images": len(found),
                 "classes": list(found.classes), "skipped": len(found.skipped), "digest": _data_digest(found)}
@@ -440,8 +438,6 @@ def _write_data_record(run_dir: Path, folder, val_folder, resume: bool) -> None:
 def _data_digest(found) -> str:
     """A short id of an image folder's content as training sees it: classes, and each image's path
     inside the folder and size (moving the folder keeps it; adding, removing or replacing an image does not)."""
-    import hashlib
-
     digest = hashlib.sha256(json.dumps(list(found.classes)).encode())
     for path, label in zip(found.paths, found.labels):
         if hasattr(path, "open_bytes"):  # a tar shard's member: its name and size inside the shard
@@ -504,16 +500,12 @@ def _num_workers(requested: int, device: str) -> int:
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One JSON object per line; a NaN or infinite value is written as null (bare NaN is not JSON)."""
-    from lqae.io import writing
-
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with writing(path, "the lines before are kept"), open(path, "a") as handle:
         handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _wrap_ddp(model, device: str):
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [torch.device(device).index] if device.startswith("cuda") else None
     # The codebook buffers are identical on every rank: no need to broadcast them each step.
     # (Newer torch renames the flag; the old name still works and exists on every supported version.)

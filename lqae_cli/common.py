@@ -11,6 +11,8 @@ from typing import Callable
 
 import typer
 
+from lqae.errors import DataError, LQAEError
+
 DEBUG_ENV = "LQAE_DEBUG"
 
 
@@ -40,8 +42,6 @@ def handle_errors(func: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the one place every failure becomes one line
             if os.environ.get(DEBUG_ENV) == "1":
                 traceback.print_exc()
-            from lqae.errors import LQAEError
-
             if isinstance(exc, LQAEError):
                 error_line(str(exc))
                 raise typer.Exit(exc.exit_code)
@@ -81,8 +81,6 @@ def setup_logging() -> None:
 def check_line_paths(paths, instead: str) -> None:
     """PATH<TAB>VALUE lines cannot carry a file name holding a tab or a line break: refuse before
     anything is printed, naming the file and the safe alternative."""
-    from lqae.errors import DataError
-
     for path in paths:
         text = str(path)
         if any(c in text for c in "\t\n\r"):

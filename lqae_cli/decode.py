@@ -8,8 +8,12 @@ from typing import List, Optional
 
 import typer
 
+from lqae.errors import ConfigError, DataError, TokenError
+from lqae.provenance import check_compatible
+from lqae.tokentext import TokenText
 from lqae_cli.common import handle_errors
-from lqae_cli.options import AllowForeignOption, DeviceOption, ModelOption, QuietOption
+from lqae_cli.options import AllowForeignOption, DeviceOption, ModelOption, QuietOption, load_run
+from lqae_cli.progress import Bars, wanted
 
 
 @handle_errors
@@ -47,8 +51,6 @@ def decode(
     Example: lqae encode digit.png -m runs/digits --format tokens | lqae decode -m runs/digits --out back.png
     From a token dataset: lqae decode --from train.safetensors --index 0 --index 5 -m runs/digits --out decoded/
     """
-    from lqae.errors import ConfigError
-
     if out is None:
         raise ConfigError("no --out given: name the PNG to write (or a folder for several images)")
     if ids and text:
@@ -68,8 +70,6 @@ MAX_INPUT_CHARS = 256 << 20  # what stdin may hold: each line is checked against
 
 
 def _read_input(tokens: Optional[List[str]]) -> str:
-    from lqae.errors import TokenError
-
     if tokens and tokens != ["-"]:
         return " ".join(tokens)
     if not tokens and sys.stdin.isatty():
@@ -86,8 +86,6 @@ def _decode_text(raw: str, form: str, model, out: Path, batch_size: int, device:
     import torch
 
     from lqae.codec import image_name, output_paths
-    from lqae.tokentext import TokenText
-    from lqae_cli.options import load_run
 
     net = load_run(model, device)
     lines = TokenText.for_model(net).parse_lines(raw, form)
@@ -99,21 +97,29 @@ def _decode_dataset(
     source: Path, index, model, out: Path, batch_size: int, device: str, quiet: bool, allow_foreign: bool
 ) -> None:
     from lqae.codec import image_name, output_paths
-    from lqae.tokendata import check_compatible, read_token_dataset, select_rows
-    from lqae_cli.options import load_run
+    from lqae.tokendata import read_token_dataset
 
     dataset = read_token_dataset(source)
-    positions = select_rows(dataset, index)
+    positions = _select_rows(len(dataset), index)
     net = load_run(model, device)
     check_compatible(dataset, net, source, allow_foreign)
     paths = output_paths(out, [image_name(i, dataset.paths[i]) for i in positions])
     _write(net, dataset.ids[positions], paths, out, batch_size, quiet)
 
 
+def _select_rows(rows: int, index: Optional[List[int]]) -> list[int]:
+    """Entries picked by `--index` (all when none), in the order given, each once; range-checked."""
+    if not index:
+        return list(range(rows))
+    for i in index:
+        if not 0 <= i < rows:
+            raise DataError(f"index {i} is out of range: the token dataset holds {rows} entries (0..{rows - 1})")
+    return list(dict.fromkeys(index))
+
+
 def _write(net, ids, paths: list[Path], out: Path, batch_size: int, quiet: bool) -> None:
     """Decode (N, L) ids to their PNGs with a progress bar, then one summary line on stderr."""
     from lqae.codec import decode_to_pngs
-    from lqae_cli.progress import Bars, wanted
 
     with Bars(wanted(quiet, len(paths))) as bars:
         decode_to_pngs(net, ids, paths, batch_size, bars.counter("decode", len(paths)))

@@ -11,9 +11,12 @@ from typing import List, Optional
 
 import typer
 
-from lqae.tokentext import TokenForm
+from lqae.errors import ConfigError
+from lqae.tokentext import TokenForm, TokenText
 from lqae_cli.common import check_line_paths, handle_errors
-from lqae_cli.options import BatchSizeOption, DeviceOption, ModelOption, QuietOption
+from lqae_cli.eval import report_quality
+from lqae_cli.options import BatchSizeOption, DeviceOption, ModelOption, QuietOption, load_run, resolve_device
+from lqae_cli.progress import Bars, wanted
 
 
 @handle_errors
@@ -66,8 +69,6 @@ def encode(
     Several processes: torchrun --nproc_per_node 4 -m lqae_cli encode /data/train -m runs/x --out train.safetensors
     (Reconstruction quality has its own command: lqae eval DIR.)
     """
-    from lqae.errors import ConfigError
-
     started = time.perf_counter()
     inputs = inputs or []
     if eval_dir is not None:
@@ -112,9 +113,6 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, workers, device
     from lqae.data import collect_images, found_in_folders
     from lqae.loading import auto_workers
     from lqae.shards import is_shard_source
-    from lqae.tokentext import TokenText
-    from lqae_cli.options import load_run
-    from lqae_cli.progress import Bars, wanted
 
     paths = collect_images(inputs)
     workers = auto_workers(len(paths), batch_size) if workers is None else workers
@@ -149,8 +147,6 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, workers, device
 def _show(image: Path, picture: Path, model, token_format, device, quiet) -> None:
     from lqae.codec import picture_tokens
     from lqae.data import collect_images
-    from lqae.tokentext import TokenText
-    from lqae_cli.options import load_run
 
     collect_images([image])  # a missing or corrupt image: one error line before the model loads
     net = load_run(model, device)  # the decoder too: the picture shows the reconstruction
@@ -182,8 +178,6 @@ def _write_dataset(folder_dir, out, model, batch_size, workers, device, timings,
     from lqae.loading import auto_workers
     from lqae.shards import scan_image_source
     from lqae.tokendata import encode_folder_to_file
-    from lqae_cli.options import load_run, resolve_device
-    from lqae_cli.progress import Bars, wanted
 
     rank, world, device = setup_distributed(resolve_device(device))  # one process, or torchrun's
     with closing_process_group(world):
@@ -214,8 +208,6 @@ def _write_dataset(folder_dir, out, model, batch_size, workers, device, timings,
 
 
 def _deprecated_eval(eval_dir, model, token_format, grid_png, max_images, batch_size, device, timings, quiet, started) -> None:
-    from lqae_cli.eval import report_quality
-
     sys.stderr.write(f"warning: `lqae encode --eval` is deprecated; use `lqae eval {eval_dir}`\n")
     as_json = token_format is TokenForm.jsonl
     report_quality(eval_dir, model, grid_png, max_images, batch_size, device, as_json, quiet)

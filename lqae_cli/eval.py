@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from lqae_cli.common import handle_errors
-from lqae_cli.options import BatchSizeOption, DeviceOption, JsonOption, ModelOption, QuietOption
+from lqae_cli.options import BatchSizeOption, DeviceOption, JsonOption, ModelOption, QuietOption, load_run
+from lqae_cli.progress import Bars, wanted
 
 
 @handle_errors
@@ -40,8 +41,6 @@ def report_quality(folder, model, grid_png, max_images, batch_size, device, as_j
     """The whole of `lqae eval` (also behind the deprecated `lqae encode --eval`)."""
     from lqae.shards import scan_image_source
     from lqae.reconstruction import evaluate_folder
-    from lqae_cli.options import load_run
-    from lqae_cli.progress import Bars, wanted
 
     images = scan_image_source(folder)
     total = min(len(images), max_images) if max_images else len(images)

@@ -12,10 +12,12 @@ import typer
 
 from lqae.fewshot.backends import DEFAULT_LLM
 from lqae.fewshot.settings import (
-    DEFAULT_EPISODES, DEFAULT_GLOBAL_WEIGHT, DEFAULT_WAYS, EVALUATION_SHOTS, IMAGE_TEXTS, LABEL_MODES, LABELLING_SHOTS, ORDERS, SCORING,
+    DEFAULT_EPISODES, DEFAULT_GLOBAL_WEIGHT, DEFAULT_WAYS, EVALUATION_SHOTS, IMAGE_TEXTS, LABELLING_SHOTS, LABEL_MODES,
+    ORDERS, SCORING, FewshotSettings,
 )
 from lqae_cli.common import check_line_paths, handle_errors
-from lqae_cli.options import AllowForeignOption, DeviceOption, JsonOption, ModelOption, choice_enum
+from lqae_cli.options import AllowForeignOption, DeviceOption, JsonOption, ModelOption, choice_enum, resolve_device
+from lqae_cli.progress import Bars, wanted
 
 Scoring = choice_enum("Scoring", SCORING)
 Order = choice_enum("Order", ORDERS)
@@ -106,9 +108,6 @@ def fewshot(
     """
     from lqae.fewshot.evaluation import EvalSummary
     from lqae.fewshot.run import FewshotCallbacks, FewshotJob, run_fewshot
-    from lqae.fewshot.settings import FewshotSettings
-    from lqae_cli.options import resolve_device
-    from lqae_cli.progress import Bars, wanted
 
     settings = FewshotSettings.with_defaults(
         query is not None, ways=ways, shots=shots, episodes=episodes, seed=seed, repeats=repeats,

@@ -9,6 +9,8 @@ from typing import Annotated, Iterable, Optional
 
 import typer
 
+from lqae.errors import ConfigError
+
 MODEL_ENV = "LQAE_MODEL"
 
 ModelOption = Annotated[
@@ -41,8 +43,6 @@ def resolve_device(name: str) -> str:
     """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
     import torch
 
-    from lqae.errors import ConfigError
-
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -56,7 +56,6 @@ def load_run(model: Optional[Path], device: str, encode_only: bool = False, lm: 
     """The model of a checkpoint folder or hub id (--model, else $LQAE_MODEL), in eval mode on `device`;
     `encode_only` skips the LM's layers (see `checkpoint.load_model`), `lm` replaces its LM name."""
     from lqae.checkpoint import load_model
-    from lqae.errors import ConfigError
 
     if model is None:
         raise ConfigError(f"no model given: pass --model RUN_DIR (a folder written by `lqae train`) or set {MODEL_ENV}")

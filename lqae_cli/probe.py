@@ -8,7 +8,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from lqae.probe.config import BASELINES
+from lqae.errors import ConfigError
+from lqae.probe.config import BASELINES, ProbeConfig
 from lqae_cli.common import check_line_paths, handle_errors
 from lqae_cli.options import (
     AllowForeignOption, BatchSizeOption, DeviceOption, JsonOption, ModelOption, QuietOption, choice_enum, load_run,
@@ -64,8 +65,6 @@ def probe(
     Example: lqae probe data/digits/train --val data/digits/val --model runs/digits --save runs/digits/probe
     Apply a saved probe: lqae probe --apply runs/digits/probe --model runs/digits img1.png img2.png
     """
-    from lqae.errors import ConfigError
-
     if apply is not None:
         if not inputs:
             raise ConfigError("--apply needs images or folders to classify: lqae probe --apply DIR IMG...")
@@ -78,7 +77,8 @@ def probe(
     if model is None:
         raise ConfigError("--model is required (or set LQAE_MODEL): the checkpoint folder written by `lqae train`")
 
-    from lqae.probe import ProbeConfig, run_probe, save_probe
+    from lqae.probe.run import run_probe
+    from lqae.probe.saved import save_probe
 
     config = ProbeConfig(
         layers=layers, baselines=_baseline_names(baseline), epochs=epochs, batch_size=head_batch_size, lr=lr,
@@ -98,8 +98,7 @@ def probe(
 
 
 def _apply(folder, images, model, lm, device, batch_size, as_json, quiet) -> None:
-    from lqae.errors import ConfigError
-    from lqae.probe import apply_probe, load_probe
+    from lqae.probe.saved import apply_probe, load_probe
 
     loaded_probe = load_probe(folder)
     model = model or (Path(loaded_probe.model) if loaded_probe.model else None)

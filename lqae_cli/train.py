@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 
 from lqae.callbacks import TrainCallback, TrainInfo
-from lqae.config import PRECISIONS, PRESETS, VOCAB_CHOICES
-from lqae.trackers import TRACKERS
-from lqae_cli.common import handle_errors
+from lqae.config import PRECISIONS, PRESETS, VOCAB_CHOICES, asked_fields, configure, to_dict
+from lqae.trackers import TRACKERS, make_tracker
+from lqae_cli.common import error_line, handle_errors
 from lqae_cli.options import DeviceOption, QuietOption, choice_enum, resolve_device
+from lqae_cli.progress import Bars, wanted
 
 
 PresetName = choice_enum("PresetName", PRESETS)
@@ -69,8 +70,6 @@ def train(
     (each process takes cuda:LOCAL_RANK).
     Tar shards: lqae train /data/train-{000000..000146}.tar --out runs/x --preset base
     """
-    from lqae.config import asked_fields, configure, to_dict
-    from lqae.trackers import make_tracker
     from lqae.train import TrainingInterrupted, train as run_training
 
     options = dict(
@@ -91,8 +90,6 @@ def train(
                 device=resolve_device(device), callbacks=[display] + ([logger] if logger else []), asked=asked,
             )
     except TrainingInterrupted as exc:
-        from lqae_cli.common import error_line
-
         error_line(str(exc))
         raise typer.Exit(128 + int(exc.signum))
     finally:
@@ -106,8 +103,6 @@ class TrainDisplay(TrainCallback):
     terminal), validation lines and a summary; nothing with --quiet."""
 
     def __init__(self, quiet: bool) -> None:
-        from lqae_cli.progress import Bars, wanted
-
         self.quiet = quiet
         self.bars = Bars(wanted(quiet), transient=False)
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from test_fewshot_helpers import one_thread
+
+from lqae.checkpoint import save_checkpoint
+from lqae.config import ModelConfig, TrainConfig
+from lqae.model import LQAE
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +33,6 @@ def tiny_vocab() -> list[str]:
 
 def write_tiny_lm(folder: Path, with_mlm_head: bool = True, hidden: int = 32) -> Path:
     """A 2-layer BERT and its WordPiece tokenizer, saved like any HF model folder."""
-    import torch
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordPiece
     from transformers import BertConfig, BertForMaskedLM, BertModel, PreTrainedTokenizerFast
@@ -63,8 +68,6 @@ def tiny_lm_no_head_dir(tmp_path_factory) -> Path:
 
 
 def tiny_model_config(lm_dir: Path, **overrides):
-    from lqae.config import ModelConfig
-
     fields = dict(
         image_size=16, patch_size=4, encoder_width=32, encoder_depth=1, encoder_heads=2,
         decoder_width=32, decoder_depth=1, decoder_heads=2, lm_name=str(lm_dir), vocab="words",
@@ -74,8 +77,6 @@ def tiny_model_config(lm_dir: Path, **overrides):
 
 
 def tiny_train_config(**overrides):
-    from lqae.config import TrainConfig
-
     fields = dict(
         batch_size=8, steps=4, base_lr=1e-3, num_workers=0, log_every=1, sample_every=2, save_every=2,
         val_every=2, seed=0,
@@ -86,21 +87,12 @@ def tiny_train_config(**overrides):
 
 @pytest.fixture
 def tiny_model(tiny_lm_dir):
-    import torch
-
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     return LQAE(tiny_model_config(tiny_lm_dir)).eval()
 
 
 def save_tiny_checkpoint(tiny_lm_dir: Path, run: Path, seed: int) -> Path:
     """An untrained tiny LQAE, initialised from `seed`, saved as a checkpoint folder."""
-    import torch
-
-    from lqae.checkpoint import save_checkpoint
-    from lqae.model import LQAE
-
     torch.manual_seed(seed)
     save_checkpoint(run, LQAE(tiny_model_config(tiny_lm_dir)), tiny_train_config(), step=0)
     return run
@@ -146,7 +138,5 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def single_thread():
     """torch on one thread for a test module (tiny models, busy machines); see test_fewshot_helpers.one_thread."""
-    from test_fewshot_helpers import one_thread
-
     with one_thread():
         yield

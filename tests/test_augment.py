@@ -4,6 +4,8 @@ draft decoding only where the crop keeps every output pixel's detail, close to P
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from PIL import Image
 
 from lqae.augment import _box_in, augmented_crop, draft_factor, random_crop_box
 from lqae.data import EpochBatchSampler, TrainDataset, open_rgb, scan_image_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from loader import BeforeDataset  # noqa: E402 (the previous augmentation, kept in the loader bench)
 
 
 @pytest.fixture
@@ -81,12 +86,6 @@ def test_training_batches_are_the_same_with_and_without_workers(image_folder):
 
 def test_enlarged_crops_are_the_pixels_the_previous_augmentation_gave(image_folder):
     """Images smaller than the output (the digits) train on exactly the crops they did before."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from loader import BeforeDataset  # the previous augmentation, kept in the loader bench
-
     folder = scan_image_folder(image_folder)  # 20 to 28 px images
     now, before = TrainDataset(folder, 32), BeforeDataset(folder, 32)
     for item in [(i, 1000 + i) for i in range(len(folder))]:

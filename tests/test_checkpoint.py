@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_train_config, write_tiny_lm
+from conftest import tiny_model_config, tiny_train_config, write_tiny_lm
 from lqae import checkpoint as ckpt
 from lqae.errors import CheckpointError
+from lqae.model import LQAE
 
 
 def test_save_load_round_trip(tiny_model, tmp_path):
@@ -36,6 +37,19 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not an lqae checkpoint"):
         ckpt.load_model(tmp_path / "empty")
+
+
+def test_a_checkpoint_of_another_format_is_refused_and_one_without_the_key_loads(tiny_model, tmp_path):
+    ckpt.save_checkpoint(tmp_path / "run", tiny_model, step=3)
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    assert config["format"] == ckpt.CHECKPOINT_FORMAT
+    path.write_text(json.dumps({**config, "format": "lqae-checkpoint-2"}))
+    with pytest.raises(CheckpointError, match="format 'lqae-checkpoint-2'.*upgrade lqae"):
+        ckpt.read_config(tmp_path / "run")
+    del config["format"]  # written before the key was
+    path.write_text(json.dumps(config))
+    assert ckpt.read_config(tmp_path / "run")[2] == 3
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tiny_model, tmp_path):
@@ -126,9 +140,6 @@ def test_optimizer_state_round_trip(tiny_model):
 
 
 def test_learned_search_map_round_trips(tiny_lm_dir, tmp_path):
-    from conftest import tiny_model_config
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     model = LQAE(tiny_model_config(tiny_lm_dir, search_space="latent", latent_dim=8))
     with torch.no_grad():

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -5,6 +6,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from lqae.checkpoint import RunLock, read_config
 from lqae_cli.app import app
 
 COMMANDS = ["train", "encode", "decode", "eval", "probe", "fewshot", "card", "push"]
@@ -65,7 +67,6 @@ def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
     assert (tmp_path / "run" / "model.safetensors").exists() and first.stdout == ""
     again = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "2", *common)
     assert_one_clean_error(again, "--resume")
-    from lqae.checkpoint import RunLock, read_config
 
     with RunLock(tmp_path / "run"):  # another trainer holds the folder
         second = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "3", "--resume", *common)
@@ -81,7 +82,6 @@ def test_train_set_overrides_any_config_field(tmp_path, tiny_lm_dir, image_folde
     result = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "1", *common,
                      "--set", "encoder_output=unit", "--set", "mask_ratio_min=0.1", "--set", "weight_decay=0.5")
     assert result.returncode == 0, result.stderr
-    from lqae.checkpoint import read_config
 
     model, train, _ = read_config(tmp_path / "run")
     assert (model.encoder_output, model.mask_ratio_min, train.weight_decay) == ("unit", 0.1, 0.5)
@@ -111,10 +111,8 @@ def test_ddp_two_processes_on_cpu_gloo(tmp_path, tiny_lm_dir, image_folder):
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
 
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2]  # one writer, not two
-    from lqae.checkpoint import read_config
 
     assert read_config(tmp_path / "run")[2] == 2

@@ -8,17 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import tiny_model_config, tiny_train_config
+from lqae.checkpoint import load_model
+from lqae.codec import encode_images
+from lqae.data import scan_image_folder
+from lqae.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from throughput import measure  # noqa: E402
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_bf16_training_on_cuda_with_workers_and_pinned_memory(tiny_lm_dir, image_folder, tmp_path):
-    from safetensors.torch import load_file
-
-    from lqae.train import train
-
     config = tiny_train_config(steps=3, precision="bf16", num_workers=2, batch_size=4)
     result = train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir), config, device="cuda")
     assert result.step == 3 and torch.isfinite(torch.tensor(result.last_metrics["loss"]))
@@ -26,10 +30,6 @@ def test_bf16_training_on_cuda_with_workers_and_pinned_memory(tiny_lm_dir, image
 
 
 def test_encoding_on_cuda_with_workers_gives_the_ids_without(tiny_checkpoint, image_folder):
-    from lqae.checkpoint import load_model
-    from lqae.codec import encode_images
-    from lqae.data import scan_image_folder
-
     paths = scan_image_folder(image_folder).paths
     gpu = load_model(tiny_checkpoint, "cuda", encode_only=True)
     by_workers = {w: torch.cat([ids for _, ids in encode_images(gpu, paths, 4, workers=w)]) for w in (0, 2)}
@@ -39,9 +39,6 @@ def test_encoding_on_cuda_with_workers_gives_the_ids_without(tiny_checkpoint, im
 
 
 def test_throughput_bench_on_cuda_reports_mfu(tiny_lm_dir):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from throughput import measure
-
     result = measure(tiny_model_config(tiny_lm_dir), 8, "cuda", "bf16", steps=2, warmup=1, peak_tflops=100.0,
                      matmul_side=1024, breakdown_repeats=1)
     assert result["mfu"] > 0 and result["peak_memory_gb"] > 0 and result["images_per_s"] > 0

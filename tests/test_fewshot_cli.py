@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from lqae.checkpoint import load_model
+from lqae.data import scan_image_folder
+from lqae.tokendata import encode_folder, write_token_dataset
 from lqae_cli.app import app
 from test_fewshot_helpers import one_thread, write_tiny_gpt2
 
@@ -126,10 +129,6 @@ def test_protocol_options_that_need_an_llm_are_refused_for_overlap(image_folder,
 
 
 def test_token_datasets_need_no_model(image_folder, tiny_checkpoint, tmp_path):
-    from lqae.checkpoint import load_model
-    from lqae.data import scan_image_folder
-    from lqae.tokendata import encode_folder, write_token_dataset
-
     tokens = tmp_path / "tokens.safetensors"
     write_token_dataset(tokens, encode_folder(load_model(tiny_checkpoint), scan_image_folder(image_folder)))
     result = invoke("--support", tokens, "--query", tokens, "--llm", "overlap", "--ways", 2, "--episodes", 8, "--json")

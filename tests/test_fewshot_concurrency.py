@@ -8,13 +8,16 @@ import json
 import pytest
 
 from lqae.errors import ConfigError, LLMError
+from lqae.fewshot.backends.overlap import OverlapBackend
 from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.labelling import label_queries
 from lqae.fewshot.prompts import load_template
 from lqae.fewshot.results import ResultsFile
 from lqae.fewshot.settings import FewshotSettings
+from lqae_cli.app import app
 from test_fewshot_helpers import StubServer, WordTokenizer, synthetic_pool
 from test_fewshot_openai import backend_for
+from typer.testing import CliRunner
 
 SUPPORT = synthetic_pool(classes=("cat", "dog", "eel"))
 QUERY = synthetic_pool(classes=("cat", "dog", "eel"), prefix="val", seed=1)
@@ -79,18 +82,12 @@ def test_concurrent_labelling_keeps_query_order(tmp_path):
 
 
 def test_concurrency_is_refused_where_requests_cannot_run_in_parallel():
-    from lqae.fewshot.backends.overlap import OverlapBackend
-
     with pytest.raises(ConfigError, match="--concurrency 2 needs a backend .* overlap answers one at a time"):
         evaluate_episodes(SUPPORT, QUERY, OverlapBackend(), load_template("completion"),
                           FewshotSettings(ways=2, shots=1, episodes=2, calibrate=False), WordTokenizer(), concurrency=2)
 
 
 def test_cli_concurrency_for_a_local_backend_is_one_error_line(image_folder, tiny_checkpoint):
-    from typer.testing import CliRunner
-
-    from lqae_cli.app import app
-
     result = CliRunner().invoke(app, ["fewshot", "--support", str(image_folder), str(image_folder / "red" / "red_001.png"),
                                       "-m", str(tiny_checkpoint), "--llm", "overlap", "--concurrency", "3"])
     assert result.exit_code == 1 and result.stderr.strip().splitlines() == [

@@ -12,6 +12,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import torch
+
+from lqae.fewshot.episodes import TokenPool
+
 WORDS = ["templar", "pal", "citadel", "baba", "manuel", "monastery", "codex", "pagoda", "operators", "referred"]
 LABELS = ["cat", "dog", "hippopotamus", "zebra"]
 
@@ -19,8 +23,6 @@ LABELS = ["cat", "dog", "hippopotamus", "zebra"]
 @contextlib.contextmanager
 def one_thread():
     """Tiny models run far faster on one thread, above all on a busy machine (no OpenMP spinning)."""
-    import torch
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -40,7 +42,6 @@ def tiny_corpus() -> list[str]:
 
 def build_tiny_gpt2(seed: int = 0, chat_template: str | None = None):
     """(model, tokenizer): GPT-2 with 2 layers of width 32 and a 400-token byte-level BPE."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -80,8 +81,6 @@ def bias_towards(model, tokenizer, label: str, steps: int = 40) -> None:
 def teach_answers(model, tokenizer, batch, steps: int) -> None:
     """Fine-tune on `steps` batches of `batch()` texts ending `... Output: LABEL\n###`, with the loss on
     the label only; the model is left in eval mode."""
-    import torch
-
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
@@ -114,8 +113,6 @@ def write_tiny_gpt2(folder: Path, label: str | None = "dog") -> Path:
 def synthetic_pool(classes=("a", "b", "c", "d", "e"), per_class: int = 8, length: int = 16, informative: bool = True,
                    seed: int = 0, prefix: str = "img"):
     """A TokenPool whose class c images draw most tokens from a range of their own (or all at random)."""
-    from lqae.fewshot.episodes import TokenPool
-
     rng = random.Random(seed)
     ids, labels, paths = [], [], []
     for c, name in enumerate(classes):
@@ -228,8 +225,6 @@ class StubServer:
                     self._send(404, {"error": {"message": "no such endpoint"}})
 
             def _raw_reply(self):
-                import time
-
                 if stub.mode == "echo-headers":  # the key starts near character 100 of the body
                     data = ("<p>" + "." * 77 + " Authorization: " + self.headers.get("Authorization", "") + "; Host: "
                             + self.headers.get("Host", "") + "</p>").encode()

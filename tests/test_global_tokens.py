@@ -9,11 +9,28 @@ from collections import Counter
 import pytest
 import torch
 from conftest import tiny_model_config, tiny_train_config
+from PIL import Image
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from lqae import checkpoint as ckpt
+from lqae.data import scan_image_folder
+from lqae.distill import SelfDistillation
+from lqae.errors import ConfigError, TokenError
+from lqae.fewshot.backends.base import Request
+from lqae.fewshot.backends.overlap import OverlapBackend
+from lqae.fewshot.budget import load_tiktoken
+from lqae.fewshot.episodes import pool_from_dataset
+from lqae.fewshot.image_text import PromptImageText
 from lqae.model import LQAE
+from lqae.probe import ProbeConfig, run_probe
+from lqae.probe.features import pool
+from lqae.probe.layers import feature_dim
+from lqae.quantizer import farthest_points, select_token_ids
+from lqae.tokendata import encode_folder_to_file, read_token_dataset
+from lqae.tokentext import TokenText
 from lqae.train import train
+from lqae_cli.app import app
 
 G, WORDS = 2, 8
 
@@ -46,8 +63,6 @@ def test_global_words_come_first_and_from_their_own_sets(global_model):
 
 
 def test_farthest_points_spread_the_sets():
-    from lqae.quantizer import farthest_points
-
     torch.manual_seed(0)
     rows = torch.nn.functional.normalize(torch.randn(500, 8), dim=-1)
     chosen = farthest_points(rows, 20)
@@ -67,8 +82,6 @@ def test_the_mask_never_hides_a_global_token(tiny_lm_dir):
 
 
 def test_invariance_loss_needs_a_second_view_and_trains_the_student(tiny_lm_dir):
-    from lqae.distill import SelfDistillation
-
     torch.manual_seed(0)
     model = LQAE(global_config(tiny_lm_dir)).train()
     distill = SelfDistillation(model).train()
@@ -83,8 +96,6 @@ def test_invariance_loss_needs_a_second_view_and_trains_the_student(tiny_lm_dir)
 
 
 def test_teacher_follows_the_student_by_ema(tiny_lm_dir):
-    from lqae.distill import SelfDistillation
-
     torch.manual_seed(0)
     model = LQAE(global_config(tiny_lm_dir))
     distill = SelfDistillation(model)
@@ -96,8 +107,6 @@ def test_teacher_follows_the_student_by_ema(tiny_lm_dir):
 
 
 def test_a_sharper_match_to_the_teacher_costs_less(tiny_lm_dir):
-    from lqae.distill import SelfDistillation
-
     model = LQAE(global_config(tiny_lm_dir))
     distill = SelfDistillation(model).eval()  # eval: the centre stays put
     teacher = torch.zeros(3, G, WORDS)
@@ -140,12 +149,6 @@ def test_models_without_global_tokens_are_unchanged(tiny_lm_dir, tiny_checkpoint
 
 
 def test_token_text_and_datasets_know_the_global_tokens(tiny_lm_dir, image_folder, tmp_path):
-    from lqae.data import scan_image_folder
-    from lqae.errors import TokenError
-    from lqae.fewshot.episodes import pool_from_dataset
-    from lqae.tokendata import encode_folder_to_file, read_token_dataset
-    from lqae.tokentext import TokenText
-
     torch.manual_seed(0)
     model = LQAE(global_config(tiny_lm_dir)).eval()
     text = TokenText.for_model(model)
@@ -167,9 +170,6 @@ class Words:
 
 
 def test_prompt_text_modes_put_global_words_first():
-    from lqae.errors import ConfigError
-    from lqae.fewshot.prompts import PromptImageText
-
     ids = [7, 8, 1, 2, 2, 3, 3, 3]  # two global words, then patches
     assert PromptImageText(Words(), "sequence", 2)(ids) == "w7 w8 w1 w2 w2 w3 w3 w3"
     assert PromptImageText(Words(), "frequent", 2)(ids) == "w7 w8 w3 w2 w1"
@@ -184,9 +184,6 @@ def test_prompt_text_modes_put_global_words_first():
 
 
 def test_overlap_weighs_a_shared_global_word():
-    from lqae.fewshot.backends.base import Request
-    from lqae.fewshot.backends.overlap import OverlapBackend
-
     # the query shares its global word (9) with support 0, and two patch words with support 1
     supports = [[9, 1, 2, 3, 4], [8, 5, 6, 3, 4]]
     query = [9, 5, 6, 7, 7]
@@ -199,11 +196,6 @@ def test_overlap_weighs_a_shared_global_word():
 
 
 def test_fewshot_and_show_with_a_global_model(tiny_lm_dir, image_folder, tmp_path):
-    from PIL import Image
-    from typer.testing import CliRunner
-
-    from lqae_cli.app import app
-
     torch.manual_seed(0)
     ckpt.save_checkpoint(tmp_path / "run", LQAE(global_config(tiny_lm_dir)), tiny_train_config(), step=0)
     runner = CliRunner()
@@ -224,9 +216,6 @@ def test_fewshot_and_show_with_a_global_model(tiny_lm_dir, image_folder, tmp_pat
 
 
 def test_llm_vocab_keeps_one_token_words_and_is_saved_with_the_weights(tiny_lm_dir, tmp_path, monkeypatch):
-    from lqae.fewshot.budget import load_tiktoken
-    from lqae.quantizer import select_token_ids
-
     torch.manual_seed(0)
     model = LQAE(tiny_model_config(tiny_lm_dir, llm_vocab="tiktoken:cl100k_base"))
     encoding = load_tiktoken(None)
@@ -248,17 +237,11 @@ def test_llm_vocab_keeps_one_token_words_and_is_saved_with_the_weights(tiny_lm_d
 
 
 def test_llm_vocab_names_its_tokenizer_like_llm(tiny_lm_dir):
-    from lqae.errors import ConfigError
-
     with pytest.raises(ConfigError, match="tiktoken:cl100k_base"):
         LQAE(tiny_model_config(tiny_lm_dir, llm_vocab="cl100k_base"))
 
 
 def test_probe_pools_global_tokens_apart(tiny_lm_dir, image_folder):
-    from lqae.probe import ProbeConfig, run_probe
-    from lqae.probe.features import pool
-    from lqae.probe.layers import feature_dim
-
     states = torch.arange(24, dtype=torch.float32).view(1, 4, 6)  # (B, L=4, D=6), 1 global token
     assert torch.equal(pool(states, 1), torch.cat([states[:, 0], states[:, 1:].mean(1)], dim=1))
     assert torch.equal(pool(states, 0), states.mean(1))

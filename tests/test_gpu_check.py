@@ -9,10 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import tiny_model_config
+from lqae.model import LQAE
+from lqae.quantizer import select_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 sys.path.insert(0, str(REPO / "bench"))
+
+from throughput import StandInTokenizer, measure  # noqa: E402
 
 
 def test_gpu_check_script_parses_and_asks_for_the_peak():
@@ -39,13 +47,6 @@ def test_gpu_check_runs_every_step_at_toy_size_on_cpu(tmp_path):
 
 
 def test_throughput_bench_counts_forward_and_backward_and_splits_the_step(tiny_lm_dir, single_thread):
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from conftest import tiny_model_config
-    from lqae.model import LQAE
-    from throughput import measure
-
     config = tiny_model_config(tiny_lm_dir)
     result = measure(config, batch_size=4, steps=2, warmup=1, peak_tflops=1.0, matmul_side=64, breakdown_repeats=1)
     torch.manual_seed(0)
@@ -65,9 +66,6 @@ def test_throughput_bench_counts_forward_and_backward_and_splits_the_step(tiny_l
 
 
 def test_the_stand_in_vocabulary_gives_roberta_base_shapes():
-    from lqae.quantizer import select_token_ids
-    from throughput import StandInTokenizer
-
     tokenizer = StandInTokenizer()
     assert len(tokenizer) == 50265 and tokenizer.mask_token_id == 50264
     words = select_token_ids(tokenizer, 50265, "words")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import save_tiny_checkpoint
+from conftest import save_tiny_checkpoint, write_class_images
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -80,8 +80,6 @@ def front_matter(card: str) -> dict:
 
 @pytest.fixture(scope="module")
 def trained_once(tiny_lm_dir, tmp_path_factory) -> Path:
-    from conftest import write_class_images
-
     images = write_class_images(tmp_path_factory.mktemp("hub_images") / "images")
     run = tmp_path_factory.mktemp("hub_run") / "run"
     result = cli("train", images, "--out", run, "--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4",

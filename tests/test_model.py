@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
+from lqae.config import TrainConfig, apply_overrides, configure, get_preset
 from lqae.errors import ConfigError
 from lqae.model import LQAE
+from lqae.train import mask_scale_at
 
 
 def test_forward_shapes_loss_parts_and_masking(tiny_model):
@@ -61,8 +63,6 @@ def test_bad_config_is_a_clear_error(tiny_lm_dir):
 
 
 def test_presets_cover_reference_decisions():
-    from lqae.config import get_preset
-
     paper = get_preset("paper")
     m, t = paper.model, paper.train
     assert (m.image_size, m.patch_size, m.encoder_width, m.encoder_depth, m.encoder_heads) == (256, 16, 768, 12, 12)
@@ -88,9 +88,6 @@ def test_per_image_mask_ratio_and_warmup_scale(tiny_lm_dir):
 
 
 def test_mask_warmup_schedule():
-    from lqae.config import TrainConfig
-    from lqae.train import mask_scale_at
-
     config = TrainConfig(steps=100, mask_warmup_fraction=0.2)
     assert [mask_scale_at(s, 100, config) for s in (0, 10, 20, 50)] == [0.0, 0.5, 1.0, 1.0]
     assert mask_scale_at(0, 100, TrainConfig(steps=100)) == 1.0
@@ -160,8 +157,6 @@ def test_standardized_encoder_output_has_the_codebook_statistics(tiny_lm_dir):
 
 
 def test_apply_overrides_parses_values_and_names_unknown_fields():
-    from lqae.config import apply_overrides, get_preset
-
     preset = apply_overrides(get_preset("tiny"), ["mask_ratio=0.3", "mask_ratio_min=null", "encoder_output=unit", "steps=7"])
     assert (preset.model.mask_ratio, preset.model.mask_ratio_min, preset.model.encoder_output) == (0.3, None, "unit")
     assert preset.train.steps == 7
@@ -173,8 +168,6 @@ def test_apply_overrides_parses_values_and_names_unknown_fields():
 
 
 def test_configure_merges_preset_overrides_and_options():
-    from lqae.config import configure, get_preset
-
     chosen = configure("tiny", ["mask_ratio=0.3"], lm_name="my-lm", steps=None, base_lr=1e-3, seed=None)
     assert (chosen.model.mask_ratio, chosen.model.lm_name, chosen.train.base_lr) == (0.3, "my-lm", 1e-3)
     assert chosen.train.steps == get_preset("tiny").train.steps and chosen.train.seed == 0  # None keeps the preset's

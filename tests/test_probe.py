@@ -10,8 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_class_images
+from conftest import tiny_model_config, tiny_train_config, write_class_images
+from lqae.checkpoint import load_model, save_checkpoint
+from lqae.data import load_image, scan_image_folder
 from lqae.errors import ConfigError, DataError
+from lqae.model import LQAE
+from lqae.probe import ProbeConfig, extract_features, feature_dim, layer_counts, load_probe, load_split, parse_layers, run_probe, train_head
+from lqae.tokendata import encode_folder, write_token_dataset
 from lqae_cli.app import app
 
 COLOURS = ("red", "blue", "green")
@@ -47,8 +52,6 @@ def assert_clean_error(result, *fragments: str) -> None:
 
 # -- layer selection -------------------------------------------------------------------------------
 def test_parse_layers_groups_lists_and_negative_indices():
-    from lqae.probe import parse_layers
-
     counts = {"lm": 3, "enc": 2}
     assert parse_layers("lm", counts) == ["lm:0", "lm:1", "lm:2"]
     assert parse_layers("encoder", counts) == ["enc:0", "enc:1"]
@@ -62,8 +65,6 @@ def test_parse_layers_groups_lists_and_negative_indices():
 
 def test_feature_width_follows_layer_selection(tiny_model, image_folder):
     """Tiny LM: hidden 32, 2 layers -> 3 states; tiny encoder: width 32, depth 1 -> 2 states."""
-    from lqae.probe import extract_features, feature_dim, layer_counts, load_split, parse_layers
-
     split = load_split(image_folder)
     counts = layer_counts(tiny_model)
     assert counts == {"lm": 3, "enc": 2}
@@ -75,9 +76,6 @@ def test_feature_width_follows_layer_selection(tiny_model, image_folder):
 
 
 def test_lm_features_are_mean_pooled_hidden_states(tiny_model, image_folder):
-    from lqae.data import load_image
-    from lqae.probe import extract_features, load_split
-
     split = load_split(image_folder)
     features = extract_features(tiny_model, split, ["lm:2", "lm:0"], batch_size=4)
     images = torch.stack([load_image(p, tiny_model.config.image_size) for p in split.paths])
@@ -88,11 +86,6 @@ def test_lm_features_are_mean_pooled_hidden_states(tiny_model, image_folder):
 
 
 def test_token_dataset_gives_the_same_features_without_images(tiny_checkpoint, image_folder, tmp_path):
-    from lqae.checkpoint import load_model
-    from lqae.probe import extract_features, load_split
-    from lqae.tokendata import encode_folder, write_token_dataset
-    from lqae.data import scan_image_folder
-
     model = load_model(tiny_checkpoint)
     tokens_file = tmp_path / "tokens.safetensors"
     write_token_dataset(tokens_file, encode_folder(model, scan_image_folder(image_folder)))
@@ -106,8 +99,6 @@ def test_token_dataset_gives_the_same_features_without_images(tiny_checkpoint, i
 
 # -- head ------------------------------------------------------------------------------------------
 def test_head_training_is_deterministic_under_seed():
-    from lqae.probe import ProbeConfig, train_head
-
     generator = torch.Generator().manual_seed(1)
     features, labels = torch.randn(40, 12, generator=generator), torch.randint(0, 3, (40,), generator=generator)
     torch.manual_seed(123)
@@ -121,8 +112,6 @@ def test_head_training_is_deterministic_under_seed():
 
 
 def test_top5_and_per_class_with_more_than_five_classes(tiny_model, tmp_path):
-    from lqae.probe import ProbeConfig, run_probe
-
     classes = ("red", "blue", "green", "gray", "c4", "c5")
     train = write_class_images(tmp_path / "train", classes=classes, per_class=3, size=16)
     val = write_class_images(tmp_path / "val", classes=classes, per_class=2, size=16, seed=3)
@@ -174,10 +163,6 @@ def test_human_output_is_a_table_on_stdout(tiny_checkpoint, splits):
 
 
 def test_token_datasets_as_inputs(tiny_checkpoint, splits, tmp_path):
-    from lqae.checkpoint import load_model
-    from lqae.data import scan_image_folder
-    from lqae.tokendata import encode_folder, write_token_dataset
-
     model = load_model(tiny_checkpoint)
     files = []
     for folder in splits:
@@ -199,8 +184,6 @@ def test_token_datasets_as_inputs(tiny_checkpoint, splits, tmp_path):
 
 
 def test_save_then_apply_classifies_new_images(tiny_checkpoint, splits, tmp_path):
-    from lqae.probe import load_probe
-
     train, val = splits
     saved = tmp_path / "probe"
     report = probe_json(train, "--val", val, "--model", tiny_checkpoint, "--baseline", "none", "--save", saved)
@@ -229,10 +212,6 @@ def test_save_then_apply_classifies_new_images(tiny_checkpoint, splits, tmp_path
 
 
 def test_apply_rejects_a_model_with_other_features(tiny_checkpoint, splits, tmp_path, tiny_lm_dir):
-    from conftest import tiny_model_config, tiny_train_config
-    from lqae.checkpoint import save_checkpoint
-    from lqae.model import LQAE
-
     train, val = splits
     saved = tmp_path / "probe"
     probe_json(train, "--val", val, "--model", tiny_checkpoint, "--baseline", "none", "--layers", "all", "--save", saved)
@@ -276,8 +255,6 @@ def test_bad_options_give_clear_errors(tiny_checkpoint, splits, tmp_path):
 
 
 def test_library_errors_are_typed(tiny_model, splits, tmp_path):
-    from lqae.probe import ProbeConfig, run_probe
-
     train, val = splits
     with pytest.raises(ConfigError):
         ProbeConfig(baselines=("imagenet",))

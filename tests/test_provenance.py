@@ -11,9 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import lqae.io as io
+from lqae.checkpoint import load_model, save_checkpoint, weights_fingerprint
+from lqae.errors import DataError
+from lqae.io import atomic_write_bytes
+from lqae.tokendata import read_token_dataset
 from lqae_cli.app import app
 
 
@@ -36,8 +43,6 @@ def encode_to(folder, checkpoint, out):
 
 
 def test_checkpoints_record_a_fingerprint_of_their_weights(tiny_checkpoint, other_checkpoint, tmp_path):
-    from lqae.checkpoint import load_model, weights_fingerprint
-
     first, second = load_model(tiny_checkpoint), load_model(other_checkpoint)
     assert first.config == second.config
     assert first.weights_fingerprint != second.weights_fingerprint
@@ -47,9 +52,6 @@ def test_checkpoints_record_a_fingerprint_of_their_weights(tiny_checkpoint, othe
 
 
 def test_token_datasets_record_the_weights_that_wrote_them(tiny_checkpoint, image_folder, tmp_path):
-    from lqae.checkpoint import load_model
-    from lqae.tokendata import read_token_dataset
-
     tokens = encode_to(image_folder, tiny_checkpoint, tmp_path / "t.safetensors")
     assert read_token_dataset(tokens).weights == load_model(tiny_checkpoint).weights_fingerprint
 
@@ -121,8 +123,6 @@ def test_fewshot_results_do_not_resume_across_models_or_re_encoded_data(
 
 
 def test_written_files_respect_the_umask(tiny_checkpoint, image_folder, tmp_path, tiny_model):
-    from lqae.checkpoint import save_checkpoint
-
     old = os.umask(0o022)
     try:
         tokens = encode_to(image_folder, tiny_checkpoint, tmp_path / "t.safetensors")
@@ -137,8 +137,6 @@ def test_written_files_respect_the_umask(tiny_checkpoint, image_folder, tmp_path
 
 
 def test_temp_files_of_a_killed_writer_are_cleaned_on_the_next_write(tmp_path):
-    from lqae.io import atomic_write_bytes
-
     target = tmp_path / "t.safetensors"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
@@ -154,14 +152,9 @@ def test_temp_files_of_a_killed_writer_are_cleaned_on_the_next_write(tmp_path):
 
 
 def test_corrupt_token_dataset_metadata_names_the_file(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
     path = tmp_path / "broken.safetensors"
     save_file({"ids": torch.zeros(2, 4, dtype=torch.int16), "labels": torch.zeros(2, dtype=torch.int32)}, path,
               metadata={"lqae_token_dataset": "1", "classes": "[", "paths": "[]", "grid": "[2, 2]", "model_config": "{}"})
-    from lqae.errors import DataError
-    from lqae.tokendata import read_token_dataset
 
     with pytest.raises(DataError, match="broken.safetensors has corrupt metadata"):
         read_token_dataset(path)
@@ -171,8 +164,6 @@ def test_corrupt_token_dataset_metadata_names_the_file(tmp_path):
 
 def test_a_folder_is_listed_once_per_process_however_many_files_go_into_it(tmp_path, monkeypatch):
     """Writing N files into one folder (decode to a folder of PNGs) must not list it N times."""
-    import lqae.io as io
-
     listed = []
     scandir = io.os.scandir
     monkeypatch.setattr(io.os, "scandir", lambda folder: listed.append(folder) or scandir(folder))

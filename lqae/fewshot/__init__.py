@@ -2,7 +2,7 @@
 
 Modules, one job each:
 - `settings`: FewshotSettings, the allowed values and the protocol's defaults (no torch);
-- `episodes`: token pools, the images' prompt text (PromptImageText), episode sampling;
+- `episodes`: token pools, episode sampling; `image_text`: an image's prompt text (PromptImageText);
 - `prompts`: templates rendered into prompts; `budget`: fitting a prompt into the context window;
 - `backends`: the LLMs (`hf`, `openai`) and the `overlap` baseline behind one interface;
 - `support`: a support set fitted once, answering queries (scoring, generation, calibration);
@@ -13,11 +13,9 @@ torch and transformers load only with the modules that need them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lqae.lazy import lazy_exports
 
-_LAZY = {  # submodule -> the public names it provides
+_LAZY = {  # submodule -> the public names it provides: the one list of this package's names
     "lqae.fewshot.run": ("FewshotJob", "FewshotCallbacks", "run_fewshot"),
     "lqae.fewshot.settings": ("FewshotSettings",),
     "lqae.fewshot.support": ("SupportSet",),
@@ -25,7 +23,8 @@ _LAZY = {  # submodule -> the public names it provides
     "lqae.fewshot.labelling": ("QueryLabel", "LabelRun", "label_queries"),
     "lqae.fewshot.results": ("ResultsFile",),
     "lqae.fewshot.episodes": ("TokenPool", "sample_episode"),
-    "lqae.fewshot.prompts": ("Template", "Prompt", "PromptImageText", "list_templates", "load_template", "render"),
+    "lqae.fewshot.prompts": ("Template", "Prompt", "list_templates", "load_template", "render"),
+    "lqae.fewshot.image_text": ("PromptImageText",),
     "lqae.fewshot.budget": ("BudgetError", "fit_prompt", "load_tiktoken"),
     "lqae.fewshot.backends": (
         "Backend", "OverlapBackend", "HFBackend", "OpenAIBackend", "make_backend", "DEFAULT_LLM",
@@ -33,17 +32,3 @@ _LAZY = {  # submodule -> the public names it provides
 }
 
 __all__, __getattr__ = lazy_exports(__name__, _LAZY)
-
-if TYPE_CHECKING:
-    from lqae.fewshot.backends import (
-        DEFAULT_LLM, Backend, HFBackend, OpenAIBackend, OverlapBackend, make_backend,
-    )
-    from lqae.fewshot.budget import BudgetError, fit_prompt, load_tiktoken
-    from lqae.fewshot.episodes import TokenPool, sample_episode
-    from lqae.fewshot.evaluation import EvalSummary, evaluate_episodes, wilson_interval
-    from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
-    from lqae.fewshot.prompts import Prompt, PromptImageText, Template, list_templates, load_template, render
-    from lqae.fewshot.results import ResultsFile
-    from lqae.fewshot.run import FewshotCallbacks, FewshotJob, run_fewshot
-    from lqae.fewshot.settings import FewshotSettings
-    from lqae.fewshot.support import SupportSet

@@ -6,6 +6,8 @@ run sees exactly the same episodes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -44,9 +46,6 @@ class TokenPool:
 
     def digest(self) -> str:
         """A short id of the pool's content: ids, labels, classes and paths."""
-        import hashlib
-        import json
-
         content = json.dumps([self.ids, self.labels, self.classes, self.paths], separators=(",", ":"))
         return hashlib.sha256(content.encode()).hexdigest()[:16]
 

@@ -14,7 +14,8 @@ from lqae.fewshot.backends.base import Backend
 from lqae.fewshot.budget import Dropped
 from lqae.fewshot.concurrency import check_concurrency, in_order
 from lqae.fewshot.episodes import TokenPool, check_episode_setup, letter_labels, sample_episode
-from lqae.fewshot.prompts import PromptImageText, Template
+from lqae.fewshot.prompts import Template
+from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.results import ResultsFile
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet

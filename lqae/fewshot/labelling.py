@@ -12,7 +12,8 @@ from lqae.fewshot.backends.base import Backend
 from lqae.fewshot.budget import Dropped
 from lqae.fewshot.concurrency import check_concurrency, in_order
 from lqae.fewshot.episodes import TokenPool, letter_labels, open_label_names, labelling_supports
-from lqae.fewshot.prompts import PromptImageText, Template
+from lqae.fewshot.prompts import Template
+from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.results import ResultsFile
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet

@@ -8,6 +8,12 @@ import os
 from pathlib import Path
 
 from lqae.errors import ConfigError
+from lqae.io import writing
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): no protection against a second writer
+    fcntl = None
 
 
 class ResultsFile:
@@ -71,7 +77,6 @@ class ResultsFile:
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock()
-        from lqae.io import writing
 
         with writing(self.path, "the records before are kept (a rerun resumes after them)"):
             self._handle.write((json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
@@ -84,11 +89,8 @@ class ResultsFile:
             return
         handle = open(self.path, "a+b")
         try:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no flock (Windows): no protection against a second writer
-            pass
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
             raise ConfigError(

@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lqae.checkpoint import load_model
+from lqae.codec import encode_images
+from lqae.data import collect_images, found_in_folders
 from lqae.errors import ConfigError, DataError
 from lqae.fewshot.backends import DEFAULT_LLM, Backend, BackendOptions, make_backend
 from lqae.fewshot.concurrency import check_concurrency
@@ -18,6 +21,12 @@ from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
 from lqae.fewshot.prompts import DEFAULT_TEMPLATE, Template, load_template
 from lqae.fewshot.results import ResultsFile, fingerprint
 from lqae.fewshot.settings import FewshotSettings
+from lqae.imagefiles import IMAGE_EXTENSIONS
+from lqae.lm import load_tokenizer
+from lqae.lm_files import read_light_tokenizer
+from lqae.provenance import check_same_weights
+from lqae.shards import scan_image_source
+from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset
 
 ENCODE_BATCH = 64  # images per LQAE forward pass
 
@@ -122,7 +131,6 @@ class Sources:
         if self._model is None:
             if self.model_dir is None:
                 raise DataError(f"{why} holds images: an LQAE checkpoint (--model RUN_DIR or $LQAE_MODEL) is needed to encode them")
-            from lqae.checkpoint import load_model
 
             self.stage(f"loading LQAE {self.model_dir}")
             self._model = load_model(self.model_dir, self.device, encode_only=True)
@@ -130,9 +138,6 @@ class Sources:
 
     def pool(self, source: Path, role: str) -> TokenPool:
         """Support or query side: a token dataset, or an image folder with class sub-folders (encoded)."""
-        from lqae.shards import scan_image_source
-        from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset
-
         if is_token_dataset(source):
             return pool_from_dataset(read_token_dataset(source), f"--{role} {source}")
         if not Path(source).exists():
@@ -147,9 +152,6 @@ class Sources:
     def images(self, paths: list[Path]) -> TokenPool:
         """Query images to label, in the order given: image files, folders of images (recursive), or
         token datasets (every row). Unreadable images inside folders are skipped and named."""
-        from lqae.data import IMAGE_EXTENSIONS, collect_images, found_in_folders
-        from lqae.tokendata import check_same_weights, is_token_dataset, read_token_dataset
-
         queries: list[tuple[str, list[int] | None]] = []  # (name, ids); ids None until the image is encoded
         lm_name, files, written_by, global_tokens = None, [], [], 0
         for path in map(Path, paths):
@@ -166,8 +168,6 @@ class Sources:
                 files.append(image)
                 queries.append((str(image), None))
         if files:
-            from lqae.codec import encode_images
-
             model = self.model(f"query {files[0]}")
             self.stage(f"encoding {len(files)} query images")
             encoded = {  # path -> ids (L,); images that could not be decoded are missing
@@ -196,16 +196,12 @@ class Sources:
             return self._model.tokenizer
         if not lm_name:
             raise DataError("the token dataset does not name its LM (model_config.lm_name); re-encode it with `lqae encode`")
-        from lqae.lm import load_tokenizer
-        from lqae.lm_files import read_light_tokenizer
 
         light = read_light_tokenizer(lm_name)  # tokenizer.json alone, without importing transformers
         return light if light is not None else load_tokenizer(lm_name)
 
 
 def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -> None:
-    from lqae.tokendata import check_same_weights
-
     if queries.lm_name and support.lm_name and queries.lm_name != support.lm_name:
         raise DataError(
             f"support tokens come from LM {support.lm_name!r} but query tokens from {queries.lm_name!r}; "

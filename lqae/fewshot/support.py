@@ -23,7 +23,8 @@ from lqae.errors import LLMError
 from lqae.fewshot.backends.base import Backend, Request, match_label
 from lqae.fewshot.budget import Fit, fit_prompt
 from lqae.fewshot.episodes import TokenPool, shared_tokens
-from lqae.fewshot.prompts import PromptImageText, Template, render
+from lqae.fewshot.prompts import Template, render
+from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.settings import FewshotSettings
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs; their prior is averaged

@@ -14,11 +14,9 @@ the random encoder), `head` (the head, its training and scores), `run` (the whol
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lqae.lazy import lazy_exports
 
-_LAZY = {  # submodule -> the public names it provides
+_LAZY = {  # submodule -> the public names it provides: the one list of this package's names
     "lqae.probe.config": ("BASELINES", "ProbeConfig", "ProgressCallback"),
     "lqae.probe.layers": ("LAYER_GROUPS", "feature_dim", "layer_counts", "parse_layers", "uses_encoder"),
     "lqae.probe.splits": ("ProbeSplit", "load_split", "match_classes"),
@@ -29,12 +27,3 @@ _LAZY = {  # submodule -> the public names it provides
 }
 
 __all__, __getattr__ = lazy_exports(__name__, _LAZY)
-
-if TYPE_CHECKING:
-    from lqae.probe.config import BASELINES, ProbeConfig, ProgressCallback
-    from lqae.probe.features import extract_features, pixel_features, random_encoder
-    from lqae.probe.head import ProbeHead, ProbeScores, accuracy, head_logits, score_head, train_head
-    from lqae.probe.layers import LAYER_GROUPS, feature_dim, layer_counts, parse_layers, uses_encoder
-    from lqae.probe.run import ProbeReport, run_probe
-    from lqae.probe.saved import PROBE_FORMAT, LoadedProbe, ProbePrediction, apply_probe, load_probe, save_probe
-    from lqae.probe.splits import ProbeSplit, load_split, match_classes

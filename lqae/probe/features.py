@@ -12,6 +12,7 @@ from lqae.data import image_batches
 from lqae.probe.config import ProgressCallback
 from lqae.probe.layers import feature_dim, uses_encoder
 from lqae.probe.splits import ProbeSplit, require_images
+from lqae.vit import Encoder, init_weights
 
 CALIBRATION_IMAGES = 1024  # images that set the random encoder's output statistics
 
@@ -20,8 +21,6 @@ def random_encoder(model, seed: int, calibration: ProbeSplit | None = None, batc
     """The model's encoder architecture, freshly initialised (seeded, global RNG untouched). An
     output standardisation gets the model's target statistics and running statistics measured on
     (up to 1,024 of) the `calibration` images, as the trained encoder's were on its training data."""
-    from lqae.vit import Encoder, init_weights
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = Encoder(model.config)

@@ -18,6 +18,7 @@ from lqae.probe.features import extract_features, pixel_features, random_encoder
 from lqae.probe.head import ProbeHead, ProbeScores, hit_rate, score_head, train_head
 from lqae.probe.layers import layer_counts, parse_layers, uses_encoder
 from lqae.probe.splits import ProbeSplit, load_split, match_classes, require_images
+from lqae.provenance import check_ids_fit, check_same_weights
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ def run_probe(
 
 def _check_token_source(model, split: ProbeSplit, role: str, allow_foreign: bool) -> None:
     """Token ids only mean something to the LM and the weights that wrote them."""
-    from lqae.tokendata import check_ids_fit, check_same_weights
-
     fix = "re-encode it with this model or pass the image folder"
     source = f"{role} {split.source}"
     check_ids_fit(split.model_config or {}, split.ids.shape[1], model.config, source, fix)

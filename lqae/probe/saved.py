@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from lqae.config import to_dict, write_json
+from lqae.data import collect_images
 from lqae.errors import CheckpointError, ConfigError
+from lqae.io import atomic_write_bytes
 from lqae.probe.config import ProgressCallback
 from lqae.probe.features import extract_features
 from lqae.probe.head import ProbeHead, head_logits
@@ -51,11 +56,6 @@ class ProbePrediction:
 
 def save_probe(folder: str | Path, head: ProbeHead, report: ProbeReport, model) -> None:
     """Write FOLDER/probe.safetensors (head weights) and FOLDER/probe.json (what is needed to apply it)."""
-    from safetensors.torch import save
-
-    from lqae.config import to_dict, write_json
-    from lqae.io import atomic_write_bytes
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--save {folder} is a file; give a folder")
@@ -77,9 +77,6 @@ def save_probe(folder: str | Path, head: ProbeHead, report: ProbeReport, model) 
 
 def load_probe(folder: str | Path) -> LoadedProbe:
     """Read a folder written by `save_probe`; anything missing or unreadable is a CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / PROBE_CONFIG).is_file() or not (folder / PROBE_WEIGHTS).is_file():
         raise CheckpointError(
@@ -105,9 +102,6 @@ def apply_probe(
     model, probe: LoadedProbe, images: list[str | Path], batch_size: int = 64, progress: ProgressCallback | None = None
 ) -> list[ProbePrediction]:
     """Classify images (files, or folders searched recursively) with a saved probe and the model it was trained on."""
-    from lqae.config import to_dict
-    from lqae.data import collect_images
-
     counts = layer_counts(model)
     try:
         layers = [parse_layers(name, counts)[0] for name in probe.layers]

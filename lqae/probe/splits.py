@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from lqae.data import IMAGE_EXTENSIONS, scan_image_folder
 from lqae.errors import DataError
+from lqae.imagefiles import IMAGE_EXTENSIONS, scan_image_folder
+from lqae.tokendata import is_token_dataset, read_token_dataset
 
 
 @dataclass
@@ -35,8 +36,6 @@ class ProbeSplit:
 
 def load_split(source: str | Path, role: str = "TRAIN") -> ProbeSplit:
     """Read an image folder (one sub-folder per class) or a token dataset written by `lqae encode --out`."""
-    from lqae.tokendata import is_token_dataset, read_token_dataset
-
     source = Path(source)
     if is_token_dataset(source):
         data = read_token_dataset(source)

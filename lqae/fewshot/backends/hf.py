@@ -23,6 +23,7 @@ import torch
 from lqae.errors import LLMError, LMNotFoundError
 from lqae.fewshot.backends.base import DEFAULT_HF_MODEL, Backend, BackendOptions, Request
 from lqae.fewshot.prompts import Prompt
+from lqae.lm import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ class HFBackend(Backend):
     @classmethod
     def load(cls, name: str = DEFAULT_HF_MODEL, device: str = "cpu", reuse_prefix: bool = True) -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from lqae.lm import quiet_transformers
 
         location, gguf_file = resolve_llm(name)
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}

@@ -1,9 +1,10 @@
-"""Token datasets: a folder of images encoded once into LM token ids, stored as one safetensors file.
+"""The token dataset file: a folder of images encoded once into LM token ids, stored as one safetensors file.
 
-Layout: tensors `ids` (N, L) (uint16 when the LM vocabulary fits, else int32) and `labels` (N,)
-int32 (-1 = no class); metadata `lqae_token_dataset` (format version), `classes`, `paths`,
-`grid` (JSON), `model_config` (the ModelConfig of the model that wrote it, JSON) and `weights`
-(the fingerprint of the weights that wrote it; absent in files written before it was recorded).
+Layout: tensors `ids` (N, L) (int16 when the LM vocabulary fits, uint16 up to 65,535 ids, else int32)
+and `labels` (N,) int32 (-1 = no class); metadata `lqae_token_dataset` (format version), `classes`,
+`paths`, `grid` (JSON), `model_config` (the ModelConfig of the model that wrote it, JSON) and
+`weights` (the fingerprint of the weights that wrote it; absent in files written before it was
+recorded).
 
 Sharded (written by `torchrun ... encode DIR --out FILE`): each rank writes its rows as a token
 dataset `STEM-00001-of-00004.safetensors` beside FILE, and FILE is the index: no tensors, metadata
@@ -14,14 +15,19 @@ the index for the one dataset the shards make.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from lqae.errors import DataError
+from lqae.io import atomic_write_bytes, fsync_dir, temp_beside, writing
 
 FORMAT = "1"
 
@@ -52,14 +58,10 @@ def is_token_dataset(path: str | Path) -> bool:
 
 def write_token_dataset(path: str | Path, dataset: TokenDataset) -> None:
     """Write atomically (temp file + rename); refuses to replace a file that is not a token dataset."""
-    from safetensors.torch import save
-
-    from lqae.io import atomic_write_bytes
-
     check_overwritable(path)
     dtype = ids_dtype(dataset.model_config)
     tensors = {"ids": dataset.ids.to(dtype).contiguous(), "labels": dataset.labels.to(torch.int32).contiguous()}
-    metadata = _metadata(dataset.classes, dataset.paths, dataset.grid, dataset.model_config, dataset.weights)
+    metadata = dataset_metadata(dataset.classes, dataset.paths, dataset.grid, dataset.model_config, dataset.weights)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
@@ -73,7 +75,7 @@ def ids_dtype(model_config: dict) -> torch.dtype:
     return torch.int32
 
 
-def _metadata(classes: list[str], paths: list[str], grid, model_config: dict, weights: str | None) -> dict[str, str]:
+def dataset_metadata(classes: list[str], paths: list[str], grid, model_config: dict, weights: str | None) -> dict[str, str]:
     metadata = {
         "lqae_token_dataset": FORMAT,
         "classes": json.dumps(classes),
@@ -88,8 +90,6 @@ def _metadata(classes: list[str], paths: list[str], grid, model_config: dict, we
 
 def read_token_dataset(path: str | Path, _shard_of: Path | None = None) -> TokenDataset:
     """The token dataset at `path`: one file, or the shards an index names, joined in order."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"token dataset {path} does not exist")
@@ -127,10 +127,6 @@ def shard_path(path: str | Path, rank: int, world: int) -> Path:
 
 def write_token_index(path: str | Path, shards: list[Path], rows: list[int], dataset_fields: dict[str, str]) -> None:
     """Write the index that makes `shards` (token datasets beside `path`, in row order) one dataset."""
-    from safetensors.torch import save
-
-    from lqae.io import atomic_write_bytes
-
     metadata = {**dataset_fields, "shards": json.dumps([Path(s).name for s in shards]), "rows": json.dumps(rows)}
     metadata.pop("paths", None)  # each shard holds its own
     atomic_write_bytes(Path(path), save({}, metadata=metadata))
@@ -164,34 +160,6 @@ def _read_index(path: Path, metadata: dict) -> TokenDataset:
     )
 
 
-def encode_folder(
-    model,
-    folder,
-    batch_size: int = 64,
-    progress: Callable[[int], None] | None = None,
-) -> TokenDataset:
-    """Encode every readable image of an `ImageFolder` into an in-memory TokenDataset (one batch of
-    pixels at a time); images that cannot be decoded are skipped and named in a warning."""
-    from lqae.codec import encode_images
-    from lqae.config import to_dict
-
-    rows, kept = [], []
-    for chunk, ids in encode_images(model, folder.paths, batch_size, skip_unreadable=True):
-        rows.append(ids)
-        kept += chunk
-        if progress:
-            progress(len(chunk))
-    if not kept:
-        raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
-    label_of = dict(zip(map(str, folder.paths), folder.labels))
-    grid = model.config.grid_size
-    return TokenDataset(
-        ids=torch.cat(rows).long(), labels=torch.tensor([label_of[str(p)] for p in kept], dtype=torch.long),
-        classes=list(folder.classes), paths=[str(p) for p in kept], model_config=to_dict(model.config),
-        grid=(grid, grid), weights=getattr(model, "weights_fingerprint", None),
-    )
-
-
 def check_overwritable(path: str | Path) -> None:
     """Refuse to write a token dataset over anything but an older token dataset: `--out
     RUN/model.safetensors` must not replace a checkpoint's weights."""
@@ -206,8 +174,6 @@ def check_overwritable(path: str | Path) -> None:
 
 
 def _holds_token_dataset(path: Path) -> bool:
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         return False
     try:
@@ -257,16 +223,12 @@ class TokenDatasetWriter:
         return self.written * self.length * np.dtype(self._numpy_dtype).itemsize
 
     def __enter__(self) -> "TokenDatasetWriter":
-        from lqae.io import temp_beside, writing
-
         with writing(self.path):
             self._handle, self._tmp = temp_beside(self.path)  # the ids, until the header is known
         return self
 
     def write(self, ids: torch.Tensor | np.ndarray, rows: list[int] | None = None) -> None:
         """Append rows: (b, L) ids of the announced rows `rows` (default: the next b)."""
-        from lqae.io import writing
-
         array = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         if array.ndim != 2 or array.shape[1] != self.length:
             raise ValueError(f"expected rows of {self.length} ids, got shape {array.shape}")
@@ -283,8 +245,6 @@ class TokenDatasetWriter:
         self._skipped = set(range(self.rows)) - set(self._kept)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from lqae.io import writing
-
         try:
             if exc_type is None and self.written + len(self._skipped) != self.rows:
                 raise DataError(f"only {self.written} of {self.rows} rows were written to {self.path}")
@@ -298,16 +258,10 @@ class TokenDatasetWriter:
 
     def _finish(self) -> None:
         """The whole file beside `path`, then renamed over it: header, labels, then the streamed ids."""
-        import os
-        import shutil
-        import struct
-
-        from lqae.io import fsync_dir, temp_beside
-
         self._handle.close()
         label_bytes = 4 * self.written
-        header = {  # labels (4-byte) before ids (2-byte) keeps both aligned, as safetensors does
-            "__metadata__": _metadata(
+        header = {  # labels (4-byte) before ids (2 or 4 bytes) keeps both aligned, as safetensors does
+            "__metadata__": dataset_metadata(
                 self._classes, [self._paths[i] for i in self._kept], self._grid, self._model_config, self._weights
             ),
             "labels": {"dtype": "I32", "shape": [self.written], "data_offsets": [0, label_bytes]},
@@ -333,177 +287,9 @@ class TokenDatasetWriter:
         fsync_dir(self.path.parent)
 
 
-@dataclass
-class TokenFileSummary:
-    """What `encode_folder_to_file` wrote."""
-
-    path: str
-    images: int
-    tokens_per_image: int
-    classes: list[str]
-    skipped: int  # unreadable files the folder scan left out
-    id_dtype: str  # e.g. "int16"
-    id_bytes: int  # size of the ids tensor
-    pixel_bytes: int  # the same images as uint8 RGB at the model's resolution
-    file_bytes: int  # the whole file: ids, labels, paths and config
-
-    @property
-    def compression(self) -> float:
-        """How many times smaller the ids are than the pixels."""
-        return self.pixel_bytes / max(1, self.id_bytes)
-
-
-def encode_folder_to_file(
-    model,
-    folder,
-    path: str | Path,
-    batch_size: int = 64,
-    progress: Callable[[int], None] | None = None,
-    timings=None,
-    workers: int = 0,
-    rank: int = 0,
-    world: int = 1,
-) -> TokenFileSummary:
-    """Encode an `ImageFolder` straight into a token dataset file, streaming: memory holds one
-    batch of pixels and ids whatever the folder size (a few with `workers` decoding ahead). Images
-    that cannot be decoded are left out (and named in a warning). Nothing is left at `path` on
-    error, and a file at `path` that is not a token dataset is never replaced.
-
-    With `world` > 1 (one call per torchrun process), rank `rank` encodes its contiguous share of
-    the rows into `shard_path(path, rank, world)`; once every rank has succeeded, rank 0 writes the
-    index at `path`. The summary is of the whole dataset (on rank 0; of its share on the others)."""
-    from lqae.codec import encode_images
-    from lqae.config import to_dict
-    from lqae.distributed import any_rank, rank_share
-
-    config = model.config
-    grid = (config.grid_size, config.grid_size)
-    rows = rank_share(len(folder), rank, world)
-    target = shard_path(path, rank, world) if world > 1 else Path(path)
-    paths = [folder.paths[i] for i in rows]
-    classes, model_config, weights = list(folder.classes), to_dict(config), getattr(model, "weights_fingerprint", None)
-    if world > 1 and rank == 0:
-        check_overwritable(Path(path))  # the index will go there
-    writer = TokenDatasetWriter(
-        target, [folder.labels[i] for i in rows], config.num_tokens, classes, [str(p) for p in paths], model_config,
-        grid, weights,
-    )
-    row_of = {str(p): i for i, p in enumerate(paths)}
-    failure = None
-    try:
-        with writer:
-            for chunk, ids in encode_images(model, paths, batch_size, timings, skip_unreadable=True, workers=workers):
-                writer.write(ids, [row_of[str(p)] for p in chunk])
-                if progress:
-                    progress(len(chunk))
-            if paths and writer.written == 0 and world == 1:
-                raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
-            writer.skip_unwritten()
-    except Exception as exc:  # noqa: BLE001 - every rank must hear of it before anyone goes on
-        failure = exc
-    if world > 1 and any_rank(failure is not None, str(model.device)) and failure is None:
-        raise DataError(f"another encoding process failed; {path} was not written (its error says why)")
-    if failure is not None:
-        raise failure
-    files, images = [target], writer.written
-    if world > 1:
-        files = [shard_path(path, r, world) for r in range(world)]
-        if rank == 0:
-            counts = [_rows_in(f) for f in files]
-            if not sum(counts):
-                raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
-            write_token_index(path, files, counts, _metadata(classes, [], grid, model_config, weights))
-            images = sum(counts)
-        files.append(Path(path))
-        any_rank(False, str(model.device))  # the index exists for every rank from here on
-    itemsize = torch.tensor([], dtype=writer.dtype).element_size()
-    return TokenFileSummary(
-        path=str(path), images=images, tokens_per_image=config.num_tokens, classes=classes,
-        skipped=len(folder.skipped) + (len(folder) if world > 1 and rank == 0 else len(paths)) - images,
-        id_dtype=str(writer.dtype).replace("torch.", ""), id_bytes=images * config.num_tokens * itemsize,
-        pixel_bytes=images * config.channels * config.image_size**2,
-        file_bytes=sum(f.stat().st_size for f in files if f.is_file()),
-    )
-
-
-def _rows_in(path: Path) -> int:
+def rows_in(path: Path) -> int:
     """Rows of a token dataset file, read from its header."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return int(handle.get_slice("ids").get_shape()[0])
 
 
-def select_rows(dataset: TokenDataset, index: list[int] | None) -> list[int]:
-    """Rows picked by `--index` (all when none), in the order given, each once; range-checked."""
-    if not index:
-        return list(range(len(dataset)))
-    for i in index:
-        if not 0 <= i < len(dataset):
-            raise DataError(
-                f"index {i} is out of range: the token dataset holds {len(dataset)} entries (0..{len(dataset) - 1})"
-            )
-    return list(dict.fromkeys(index))
-
-
-def check_compatible(
-    dataset: TokenDataset, model, source: str | Path = "the token dataset", allow_foreign: bool = False
-) -> None:
-    """Raise when `model` cannot decode the dataset's ids or other weights wrote them; warn when
-    another config wrote them."""
-    fix = "decode it with the model that wrote it"
-    check_ids_fit(dataset.model_config, dataset.ids.shape[1], model.config, source, fix)
-    check_same_weights(dataset.weights, model.weights_fingerprint, source, "this model's", fix, allow_foreign)
-
-
-def check_same_weights(
-    written: str | None, current: str | None, source: str | Path, current_name: str, fix: str, allow_foreign: bool
-) -> None:
-    """Token ids are bound to the weights that wrote them: two checkpoints of one config give
-    unrelated ids for the same image. Raise when both fingerprints are known and differ (a warning
-    with `allow_foreign`); files from before fingerprints were recorded are not checked."""
-    import logging
-
-    from lqae.errors import TokenError
-
-    if not written or not current or written == current:
-        return
-    message = f"{source} was encoded by other weights (fingerprint {written}) than {current_name} ({current})"
-    if allow_foreign:
-        logging.getLogger(__name__).warning("%s; using it anyway (--allow-foreign-tokens)", message)
-        return
-    raise TokenError(f"{message}: {fix}, or pass --allow-foreign-tokens if you know why they match")
-
-
-def _layout(config) -> str:
-    globals_first = f"{config.global_tokens} global + " if config.global_tokens else ""
-    return f"{globals_first}{config.grid_size}x{config.grid_size} grid"
-
-
-def check_ids_fit(written: dict, length: int, config, source: str | Path, fix: str) -> None:
-    """Token ids written by a model with config `written` (a dict) mean something to the model of
-    `config` only when both share the LM (vocabulary and width) and the sequence length. Raise when
-    they do not (the message ends with `fix`); warn when other config fields differ."""
-    import logging
-
-    from lqae.config import to_dict
-    from lqae.errors import CheckpointError, TokenError
-
-    current = to_dict(config)
-    lm_written = (written.get("lm_vocab_size"), written.get("lm_width"))
-    lm_current = (current.get("lm_vocab_size"), current.get("lm_width"))
-    if None not in lm_written and None not in lm_current and lm_written != lm_current:
-        raise CheckpointError(
-            f"{source} holds ids of LM {written.get('lm_name')!r} (vocab {lm_written[0]} x width {lm_written[1]}); "
-            f"this model uses {config.lm_name!r} (vocab {lm_current[0]} x width {lm_current[1]}): {fix}"
-        )
-    if length != config.num_tokens:
-        raise TokenError(
-            f"{source} holds {length} tokens per image, this model expects {config.num_tokens} "
-            f"({_layout(config)}): {fix}"
-        )
-    differing = sorted(k for k in set(written) | set(current) if written.get(k) != current.get(k))
-    if differing:
-        logging.getLogger(__name__).warning(
-            "%s was written by a model with a different config (%s); using it anyway", source, ", ".join(differing[:5])
-        )
