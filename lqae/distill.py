@@ -2,8 +2,8 @@
 arXiv 2104.14294), with frozen word embeddings as the prototypes.
 
 Each global token g has its own candidate words (`LanguageCodebook.global_codes[g]`); its scores
-are the cosines of its query to those words in the search space. The teacher is an EMA copy of the
-encoder; its scores are centred (a running mean over batches, so one word cannot win every image)
+are the similarities of its query to those words in the search space. The teacher is an EMA copy of
+the global tokens' encoder (`lqae.vit.GlobalEncoder`); its scores are centred (a running mean over batches, so one word cannot win every image)
 and sharpened (a low temperature), and the student's distribution for one view is trained towards
 the teacher's for the other. No labels and no paired text: the same image under different crops
 must choose the same few words.
@@ -19,13 +19,13 @@ from torch import nn
 
 
 class SelfDistillation(nn.Module):
-    """The EMA teacher encoder and the centre of its scores; training state, saved with the
-    optimiser's (never in model.safetensors)."""
+    """The EMA teacher (a copy of the model's `GlobalEncoder`) and the centre of its scores;
+    training state, saved with the optimiser's (never in model.safetensors)."""
 
     def __init__(self, model) -> None:
         super().__init__()
         config = model.config
-        self.teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval()
+        self.teacher = copy.deepcopy(model.encoder.global_encoder).requires_grad_(False).eval()
         self.register_buffer("centre", torch.zeros(config.global_tokens, config.global_vocab_size))  # (G, V_g)
         self.teacher_temperature = config.teacher_temperature
         self.student_temperature = config.student_temperature
@@ -38,8 +38,8 @@ class SelfDistillation(nn.Module):
 
     @torch.no_grad()
     def teacher_scores(self, images: torch.Tensor, codebook) -> torch.Tensor:
-        """(B, G, V_g) the teacher's cosines of each global token to its words."""
-        return codebook.global_scores(self.teacher(images).z).float()
+        """(B, G, V_g) the teacher's similarities of each global token to its words."""
+        return codebook.global_scores(self.teacher(images)[0]).float()
 
     def loss(self, student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor,
              teacher_b: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,8 @@ class SelfDistillation(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, encoder: nn.Module, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student; buffers (running statistics) copied."""
+        """teacher <- momentum * teacher + (1 - momentum) * student (the `GlobalEncoder`); buffers
+        (running statistics) copied."""
         for teacher, student in zip(self.teacher.parameters(), encoder.parameters()):
             teacher.lerp_(student.detach(), 1 - momentum)
         for teacher, student in zip(self.teacher.buffers(), encoder.buffers()):

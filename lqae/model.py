@@ -157,7 +157,7 @@ class LQAE(nn.Module):
         quant = self.codebook(z, usage=self.training and self.config.usage_weight > 0)
         invariance = z.new_zeros((), dtype=torch.float32)
         if distill is not None and second_view is not None and self.config.global_tokens:
-            second = self.codebook.global_scores(self.encoder(second_view).z)  # (B, G, V_g)
+            second = self.codebook.global_scores(self.encoder.global_encoder(second_view)[0])  # (B, G, V_g)
             invariance = distill.loss(
                 quant.global_scores, second, distill.teacher_scores(images, self.codebook),
                 distill.teacher_scores(second_view, self.codebook),

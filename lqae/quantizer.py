@@ -304,8 +304,9 @@ class LanguageCodebook(nn.Module):
         return torch.einsum("bgd,gvd->bgv", query.float(), search_codes[self.global_codes].float())
 
     def global_scores(self, z: torch.Tensor) -> torch.Tensor:
-        """`global_scores` of encoder output z (B, L, D) without quantizing (the second view, the teacher)."""
-        query, search_codes = self.search_vectors(self._output(z[:, : self.global_tokens]))
+        """`global_scores` of the global tokens' encoder output (B, G, D), without quantizing (the
+        second view, the teacher)."""
+        query, search_codes = self.search_vectors(self._output(z))
         return self._global_scores(query, search_codes)
 
     def search_vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

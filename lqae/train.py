@@ -224,7 +224,7 @@ def _train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if distill:
-                distill.update_teacher(model.encoder, train_config.teacher_momentum)
+                distill.update_teacher(model.encoder.global_encoder, train_config.teacher_momentum)
             step += 1
             window.time += time.perf_counter() - started
             window.steps += 1

@@ -104,12 +104,12 @@ class Standardize(nn.Module):
 class EncoderOutput(NamedTuple):
     z: torch.Tensor  # (B, L, D) the continuous tokens the quantizer reads, D = the LM's width
     projected: torch.Tensor  # (B, L, D) before the output standardisation (equals z without one)
-    hidden_states: tuple[torch.Tensor, ...]  # token embedding + position, then one per block, each (B, L, W)
+    hidden_states: tuple[torch.Tensor, ...]  # patch embedding + position, then one per block, each (B, N, W)
 
 
 class Encoder(nn.Module):
     """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, L, D), D = config.lm_width, L = G + N:
-    G = config.global_tokens learned queries (as ViT's class token), then N = (H / patch)^2 patches."""
+    the G = config.global_tokens global tokens (from `GlobalEncoder`), then the N = (H / patch)^2 patches."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -118,36 +118,25 @@ class Encoder(nn.Module):
         width, patch = config.encoder_width, config.patch_size
         self.patchify = nn.Conv2d(config.channels, width, kernel_size=patch, stride=patch)
         self.transformer = Transformer(
-            config.num_tokens, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
+            config.num_patches, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
         )
         self.to_lm = nn.Linear(width, config.lm_width)
-        self.global_tokens = config.global_tokens
-        standardize = config.encoder_output == "standardize"
-        self.standardize = Standardize(config.lm_width) if standardize else None  # the patch tokens'
-        # the global tokens' own statistics: they must not move the patches' (nor the patches theirs)
-        self.standardize_global = Standardize(config.lm_width) if standardize and config.global_tokens else None
-        self.global_queries = None
-        if config.global_tokens:
-            self.global_queries = nn.Parameter(torch.zeros(1, config.global_tokens, width))
-            nn.init.trunc_normal_(self.global_queries, std=0.02)
+        self.standardize = Standardize(config.lm_width) if config.encoder_output == "standardize" else None
+        self.global_encoder = GlobalEncoder(config) if config.global_tokens else None
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
-        if self.global_queries is not None:
-            x = torch.cat([self.global_queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, G + N, W)
         x, hidden = self.transformer(x)
-        projected = self.to_lm(x)  # (B, G + N, D)
-        z = projected
-        if self.standardize is not None:
-            g = self.global_tokens
-            z = self.standardize(projected[:, g:])
-            if g:
-                z = torch.cat([self.standardize_global(projected[:, :g]), z], dim=1)
+        projected = self.to_lm(x)  # (B, N, D)
+        z = self.standardize(projected) if self.standardize is not None else projected
+        if self.global_encoder is not None:
+            global_z, global_projected = self.global_encoder(images)  # (B, G, D) each
+            z, projected = torch.cat([global_z, z], dim=1), torch.cat([global_projected, projected], dim=1)
         return EncoderOutput(z, projected, hidden)
 
     def set_output_target(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The statistics the standardised output is mapped onto (the codebook's)."""
-        for module in (self.standardize, self.standardize_global):
+        for module in (self.standardize, self.global_encoder and self.global_encoder.standardize):
             if module is not None:
                 module.set_target(mean, std)
 
@@ -156,10 +145,37 @@ class Encoder(nn.Module):
         """Running statistics of the output standardisation(s) measured on batches of images (an
         iterable of (B, C, H, W)), e.g. for a freshly initialised encoder used as a baseline."""
         projected = [self(batch).projected for batch in images]
-        g = self.global_tokens
+        g = self.global_encoder.global_tokens if self.global_encoder is not None else 0
         self.standardize.calibrate(p[:, g:] for p in projected)
-        if self.standardize_global is not None:
-            self.standardize_global.calibrate(p[:, :g] for p in projected)
+        if g and self.global_encoder.standardize is not None:
+            self.global_encoder.standardize.calibrate(p[:, :g] for p in projected)
+
+
+class GlobalEncoder(nn.Module):
+    """Images (B, C, H, W) -> G global tokens (B, G, D): G learned queries (as ViT's class token)
+    read the image's patches in a ViT of their own, so the self-distillation that trains them
+    (`lqae.distill`) never pulls on the patch tokens' encoder. Returns (z, projected), as `Encoder`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        width, patch = config.encoder_width, config.patch_size
+        self.global_tokens = config.global_tokens
+        self.patchify = nn.Conv2d(config.channels, width, kernel_size=patch, stride=patch)
+        self.queries = nn.Parameter(torch.zeros(1, config.global_tokens, width))
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        self.transformer = Transformer(
+            config.num_tokens, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
+        )
+        self.to_lm = nn.Linear(width, config.lm_width)
+        self.standardize = Standardize(config.lm_width) if config.encoder_output == "standardize" else None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
+        x = torch.cat([self.queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, G + N, W)
+        x, _ = self.transformer(x)
+        projected = self.to_lm(x[:, : self.global_tokens])  # (B, G, D)
+        z = self.standardize(projected) if self.standardize is not None else projected
+        return z, projected
 
 
 class Decoder(nn.Module):

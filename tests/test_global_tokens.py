@@ -90,7 +90,9 @@ def test_invariance_loss_needs_a_second_view_and_trains_the_student(tiny_lm_dir)
     out = model(images, second_view=images.flip(-1), distill=distill)
     assert out.losses.invariance > 0 and torch.isfinite(out.loss)
     out.losses.invariance.backward()
-    assert model.encoder.global_queries.grad.abs().sum() > 0  # the student learns
+    assert model.encoder.global_encoder.queries.grad.abs().sum() > 0  # the student learns
+    patch_grads = [p.grad for p in model.encoder.transformer.parameters()]
+    assert all(g is None or not g.any() for g in patch_grads)  # the patches' encoder is untouched
     assert all(p.grad is None for p in distill.teacher.parameters())  # the teacher only follows
     assert distill.centre.abs().sum() > 0  # the centre moved towards the teacher's mean scores
 
@@ -99,11 +101,11 @@ def test_teacher_follows_the_student_by_ema(tiny_lm_dir):
     torch.manual_seed(0)
     model = LQAE(global_config(tiny_lm_dir))
     distill = SelfDistillation(model)
-    before = distill.teacher.global_queries.detach().clone()
+    before = distill.teacher.queries.detach().clone()
     with torch.no_grad():
-        model.encoder.global_queries.add_(1.0)
-    distill.update_teacher(model.encoder, momentum=0.75)
-    assert torch.allclose(distill.teacher.global_queries, before + 0.25, atol=1e-6)
+        model.encoder.global_encoder.queries.add_(1.0)
+    distill.update_teacher(model.encoder.global_encoder, momentum=0.75)
+    assert torch.allclose(distill.teacher.queries, before + 0.25, atol=1e-6)
 
 
 def test_a_sharper_match_to_the_teacher_costs_less(tiny_lm_dir):
@@ -143,7 +145,7 @@ def test_checkpoint_round_trip_keeps_the_global_sets(tiny_lm_dir, tmp_path):
 
 def test_models_without_global_tokens_are_unchanged(tiny_lm_dir, tiny_checkpoint):
     model = ckpt.load_model(tiny_checkpoint)
-    assert model.config.global_tokens == 0 and model.encoder.global_queries is None
+    assert model.config.global_tokens == 0 and model.encoder.global_encoder is None
     assert "codebook.global_codes" not in model.trainable_state_dict()
     assert model.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
 
