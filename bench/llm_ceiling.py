@@ -11,6 +11,7 @@ signal at all (chance).
 
 Usage: python bench/llm_ceiling.py [--llm overlap|hf:NAME|openai:MODEL] [--levels 0,0.25,0.5,0.75,1]
                                    [--ways 5] [--shots 1] [--episodes 100] [--tokens 16] [--shuffled]
+                                   [--no-calibrate] [--order random|similar-last]
                                    [--lm sentence-transformers/all-MiniLM-L6-v2] [--seed 0]
 One JSON line per level on stderr, one JSON object (every level) as the last line of stdout.
 """
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--shuffled", action="store_true", help="shuffle each image's words (a bag of words)")
     parser.add_argument("--lm", default="sentence-transformers/all-MiniLM-L6-v2", help="whose words the images use")
     parser.add_argument("--api-base", default=None, help="openai: the server's base URL")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                        help="as `lqae fewshot` (default: on for an LLM's loglik scoring)")
+    parser.add_argument("--order", default="similar-last", help="as `lqae fewshot`: similar-last or random")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 2 <= args.ways <= len(LABELS):
@@ -84,8 +88,10 @@ def main() -> None:
     word_ids = select_token_ids(tokenizer, len(tokenizer), "words")
     backend = make_backend(args.llm, BackendOptions(api_base=args.api_base))
     template = load_template("completion")
-    settings = FewshotSettings(ways=args.ways, shots=args.shots, episodes=args.episodes, seed=args.seed)
-    result = {"llm": args.llm, "ways": args.ways, "shots": args.shots, "episodes": args.episodes,
+    settings = FewshotSettings(ways=args.ways, shots=args.shots, episodes=args.episodes, seed=args.seed,
+                               calibrate=args.calibrate, order=args.order)
+    result = {"llm": args.llm, "calibrate": args.calibrate, "order": args.order, "ways": args.ways, "shots": args.shots,
+              "episodes": args.episodes,
               "tokens": args.tokens, "shuffled": args.shuffled, "chance": round(1 / args.ways, 4), "levels": {}}
     started = time.perf_counter()
     for level in levels:
