@@ -26,6 +26,7 @@ CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer imp
     "search_space": ("embedding", "latent", "mapped", "pca", "uniform"),
     "decoder_input": ("lm", "lm_skip", "lm_search", "embeddings", "search"),
     "decoder_head": ("linear", "conv"),
+    "global_balance": ("centre", "sinkhorn"),
 }
 
 
@@ -146,6 +147,9 @@ class ModelConfig:
     teacher_temperature: float = 0.04  # sharpens the EMA teacher's word distribution (DINO)
     student_temperature: float = 0.1  # the student's word distribution
     centre_momentum: float = 0.9  # EMA of the teacher's mean scores, subtracted before sharpening (no collapse)
+    global_balance: str = "sinkhorn"  # how the teacher's targets are kept from collapsing onto a few words:
+    # "sinkhorn" (SwAV: Sinkhorn-Knopp spreads each batch evenly over the words, three iterations) or
+    # "centre" (DINO: subtract a running mean; at batch 32 it left each global token 2-4 words)
     usage_weight: float = 0.0  # code-usage (entropy) regulariser; 0 in the reference. Ours: counters code collapse
     usage_temperature: float = 0.01  # softmax temperature over cosine similarities for that regulariser
     usage_sample_tokens: int = 1024  # tokens per step the regulariser looks at (bounds its memory)

@@ -3,8 +3,9 @@ arXiv 2104.14294), with frozen word embeddings as the prototypes.
 
 Each global token g has its own candidate words (`LanguageCodebook.global_codes[g]`); its scores
 are the similarities of its query to those words in the search space. The teacher is an EMA copy of
-the global tokens' encoder (`lqae.vit.GlobalEncoder`); its scores are centred (a running mean over batches, so one word cannot win every image)
-and sharpened (a low temperature), and the student's distribution for one view is trained towards
+the global tokens' encoder (`lqae.vit.GlobalEncoder`); its scores are balanced (`global_balance`:
+centred by a running mean over batches, or spread evenly over the batch by Sinkhorn-Knopp, so one
+word cannot win every image) and sharpened (a low temperature), and the student's distribution for one view is trained towards
 the teacher's for the other. No labels and no paired text: the same image under different crops
 must choose the same few words.
 """
@@ -16,6 +17,30 @@ import copy
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+@torch.no_grad()
+def sinkhorn(logits: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp (SwAV: Caron et al. 2020, arXiv 2006.09882): soft assignments (N, G, V) whose
+    rows each sum to 1 and whose columns share the N images (summed over all processes) evenly
+    among the V words of each global token. `logits` (N, G, V) are scores over a temperature."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    top = logits.float().amax()
+    if world > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)  # one shift everywhere, or the processes' sums disagree
+    q = (logits.float() - top).exp().permute(1, 2, 0)  # (G, V, N)
+    total = q.sum((1, 2), keepdim=True)
+    if world > 1:
+        dist.all_reduce(total)
+    q = q / total
+    words, images = q.shape[1], q.shape[2] * world
+    for _ in range(iterations):
+        per_word = q.sum(2, keepdim=True)  # each word's share, over every process's images
+        if world > 1:
+            dist.all_reduce(per_word)
+        q = q / per_word / words
+        q = q / q.sum(1, keepdim=True) / images  # each image's assignments sum to 1/images
+    return (q * images).permute(2, 0, 1)
 
 
 class SelfDistillation(nn.Module):
@@ -30,6 +55,7 @@ class SelfDistillation(nn.Module):
         self.teacher_temperature = config.teacher_temperature
         self.student_temperature = config.student_temperature
         self.centre_momentum = config.centre_momentum
+        self.balance = config.global_balance
 
     def train(self, mode: bool = True) -> "SelfDistillation":
         super().train(mode)
@@ -45,12 +71,15 @@ class SelfDistillation(nn.Module):
              teacher_b: torch.Tensor) -> torch.Tensor:
         """Cross-entropy from the sharpened, centred teacher of one view to the student of the other,
         both ways, averaged over tokens and images; updates the centre. Inputs (B, G, V_g)."""
-        targets_a = ((teacher_a - self.centre) / self.teacher_temperature).softmax(-1)
-        targets_b = ((teacher_b - self.centre) / self.teacher_temperature).softmax(-1)
+        if self.balance == "sinkhorn":
+            targets_a, targets_b = sinkhorn(torch.cat([teacher_a, teacher_b]) / self.teacher_temperature).chunk(2)
+        else:
+            targets_a = ((teacher_a - self.centre) / self.teacher_temperature).softmax(-1)
+            targets_b = ((teacher_b - self.centre) / self.teacher_temperature).softmax(-1)
         log_a = (student_a.float() / self.student_temperature).log_softmax(-1)
         log_b = (student_b.float() / self.student_temperature).log_softmax(-1)
         loss = -((targets_b * log_a).sum(-1).mean() + (targets_a * log_b).sum(-1).mean()) / 2
-        if self.training:
+        if self.training and self.balance == "centre":
             self._update_centre(torch.cat([teacher_a, teacher_b]))
         return loss
 

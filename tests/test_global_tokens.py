@@ -3,6 +3,7 @@ trained by self-distillation between two views; and what reads them (token text,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from lqae import checkpoint as ckpt
 from lqae.data import scan_image_folder
-from lqae.distill import SelfDistillation
+from lqae.distill import SelfDistillation, sinkhorn
 from lqae.errors import ConfigError, TokenError
 from lqae.fewshot.backends.base import Request
 from lqae.fewshot.backends.overlap import OverlapBackend
@@ -83,7 +84,7 @@ def test_the_mask_never_hides_a_global_token(tiny_lm_dir):
 
 def test_invariance_loss_needs_a_second_view_and_trains_the_student(tiny_lm_dir):
     torch.manual_seed(0)
-    model = LQAE(global_config(tiny_lm_dir)).train()
+    model = LQAE(global_config(tiny_lm_dir, global_balance="centre")).train()
     distill = SelfDistillation(model).train()
     images = torch.rand(4, 3, 16, 16)
     assert model(images).losses.invariance == 0
@@ -109,12 +110,36 @@ def test_teacher_follows_the_student_by_ema(tiny_lm_dir):
 
 
 def test_a_sharper_match_to_the_teacher_costs_less(tiny_lm_dir):
-    model = LQAE(global_config(tiny_lm_dir))
+    model = LQAE(global_config(tiny_lm_dir, global_balance="centre"))
     distill = SelfDistillation(model).eval()  # eval: the centre stays put
     teacher = torch.zeros(3, G, WORDS)
     teacher[..., 2] = 1.0  # the teacher picks word 2
     agreeing, disagreeing = teacher.clone(), torch.roll(teacher, 1, dims=-1)
     assert distill.loss(agreeing, agreeing, teacher, teacher) < distill.loss(disagreeing, disagreeing, teacher, teacher)
+
+
+def test_sinkhorn_spreads_a_batch_evenly_over_the_words():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 2, 8) * 2
+    logits[..., 0] += 8.0  # left alone, every image would choose word 0
+    q = sinkhorn(logits, iterations=50)
+    assert torch.allclose(q.sum(-1), torch.ones(64, 2), atol=1e-5)  # one assignment per image and token
+    assert torch.allclose(q.sum(0), torch.full((2, 8), 64 / 8), atol=1e-3)  # each word gets its share
+    assert (q.argmax(-1) != 0).any()
+
+
+def test_sinkhorn_balance_trains_without_a_centre(tiny_lm_dir, image_folder, tmp_path):
+    config = global_config(tiny_lm_dir)  # global_balance="sinkhorn", the default
+    model = LQAE(config).train()
+    distill = SelfDistillation(model).train()
+    images = torch.rand(4, 3, 16, 16)
+    out = model(images, second_view=images.flip(-1), distill=distill)
+    assert out.losses.invariance > 0 and torch.isfinite(out.loss)
+    assert not distill.centre.any()  # Sinkhorn needs no running mean
+    train(image_folder, tmp_path / "run", config, tiny_train_config(steps=2))
+    assert ckpt.load_model(tmp_path / "run").config.global_balance == "sinkhorn"
+    with pytest.raises(ConfigError, match="global_balance"):
+        dataclasses.replace(config, global_balance="swap")
 
 
 def test_training_with_global_tokens_resumes_exactly(tiny_lm_dir, image_folder, tmp_path):
