@@ -2,8 +2,9 @@
 # The ablation rows of the README's "Model quality" table: one command each, digits, seed 0.
 # Usage: bench/ablations.sh [ROW ...]   (no ROW: every row; each takes 4-15 minutes on 2 cores)
 # Each row writes runs/ablations/ROW.json (its last line is the bench's JSON object).
-# Rows start from the reference recipe (--reference-base: the tiny architecture with the reference
-# decisions, batch 64, 600 steps) and name every change, so a row reproduces whatever the presets say.
+# Rows A-D start from the reference recipe (--reference-base: the tiny architecture with the reference
+# decisions, batch 64, 600 steps), rows E-G from the previous tiny preset (C14) on the data sets named;
+# every row names every change, so it reproduces whatever the presets say now.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,6 +17,11 @@ C3="$PCA --set mask_ratio_min=0"
 C5="$C3 --set batch_size=32 --steps 1200"
 C6="$C5 --set decoder_width=256 --set decoder_depth=4 --set decoder_heads=8"
 C9="$C6 --set straight_through=soft"
+E0="--set search_space=pca --set latent_dim=16 --set decoder_input=lm --set decoder_head=linear --set global_tokens=0"
+E6="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_head=linear --set global_tokens=0"
+E7="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_head=conv --set global_tokens=0"
+SHAPES="--datasets shapes --peers="
+DIGITS="--datasets digits --peers="
 declare -A ROWS=(
   [A0]=""                                                                  # reference recipe
   [A1]="--set encoder_output=unit"
@@ -43,12 +49,27 @@ declare -A ROWS=(
   [C13]="$C9 --set usage_weight=0.02"
   [C14]="$C9 --set usage_weight=0.005 --set usage_sample_tokens=256"       # = the tiny preset
   [C15]="$C9 --set usage_weight=0.005 --set usage_sample_tokens=256 --set search_space=mapped"
+  [E0]="$E0"                                                               # previous tiny (C14), 4 sets, FSQ peers
+  [E1]="$E0 $SHAPES --set decoder_head=conv --no-probe"
+  [E2]="$E0 $SHAPES --set mask_cooldown_fraction=0.3 --no-probe"
+  [E3]="$E0 $SHAPES --set latent_dim=8 --no-probe"
+  [E4]="$E0 $DIGITS --set decoder_input=lm_search --no-probe"
+  [E5]="$E0 $DIGITS --set search_space=uniform --set latent_dim=6 --no-probe"
+  [E6]="$E6 $DIGITS --no-probe"
+  [E7]="$E7"                                                               # = the tiny preset, 4 sets, FSQ peers
+  [E8]="$E7 --datasets digits,shapes --peers= --set global_tokens=4"
+  [E9]="$E7 --datasets digits,shapes --peers= --no-probe --set llm_vocab=tiktoken:cl100k_base"
+  [G1]="$E0 $DIGITS --set global_tokens=4 --set global_balance=centre"
+  [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
+  [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )
-ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15)
+ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15
+       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 G1 X1 X2)
 mkdir -p "$OUT"
 for row in "${@:-${ORDER[@]}}"; do
   [[ -v "ROWS[$row]" ]] || { echo "unknown row $row; rows: ${ORDER[*]}" >&2; exit 2; }
   # shellcheck disable=SC2086  # the row's options are meant to split
-  "$PY" bench/quality.py $REF ${ROWS[$row]} --out "$OUT/$row" > "$OUT/$row.json"
+  base=$REF; [[ $row == [EGX]* ]] && base=""
+  "$PY" bench/quality.py $base ${ROWS[$row]} --out "$OUT/$row" > "$OUT/$row.json"
   tail -n 1 "$OUT/$row.json"
 done

@@ -1,0 +1,118 @@
+"""Where a training step's time goes: the `tiny` preset's step (forward, backward, AdamW) against
+variants and the FSQ peer, interleaved in one process so the ratios survive a shared machine.
+
+    python bench/steptime.py                       # default, previous tiny, usage_top_k=64, bf16, FSQ peer
+    python bench/steptime.py --compile             # also torch.compile of the default (slow to build)
+    python bench/steptime.py --profile             # also the top operators of the default step
+
+Random images, batch and threads as given; the last line is one JSON object: seconds per step
+(median of the rounds) and each variant's ratio to the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import PeerAutoencoder  # noqa: E402
+
+from lqae.config import apply_overrides, get_preset  # noqa: E402
+from lqae.model import LQAE  # noqa: E402
+
+PREVIOUS_TINY = ["search_space=pca", "latent_dim=16", "decoder_input=lm", "decoder_head=linear"]
+
+
+def lqae_step(overrides: list[str], batch: int, bf16: bool = False, compile_model: bool = False):
+    torch.manual_seed(0)
+    preset = apply_overrides(get_preset("tiny"), overrides)
+    model = LQAE(preset.model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    forward = torch.compile(model) if compile_model else model
+    images = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
+
+    def step() -> None:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = forward(images).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peer_step(kind: str, batch: int):
+    torch.manual_seed(0)
+    preset = get_preset("tiny")
+    model = PeerAutoencoder(preset, kind).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
+
+    def step() -> None:
+        reconstruction, _, aux = model(images)
+        (F.mse_loss(reconstruction, images) + aux).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the default")
+    parser.add_argument("--profile", action="store_true", help="also list the default step's top operators")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    variants = {
+        "default": lqae_step([], args.batch),
+        "previous_tiny": lqae_step(PREVIOUS_TINY, args.batch),
+        "usage_top_k_64": lqae_step(["usage_top_k=64"], args.batch),
+        "no_usage_regulariser": lqae_step(["usage_weight=0"], args.batch),
+        "bf16_autocast": lqae_step([], args.batch, bf16=True),
+        "fsq_peer": peer_step("fsq", args.batch),
+    }
+    if args.compile:
+        variants["compiled"] = lqae_step([], args.batch, compile_model=True)
+    for step in variants.values():  # warm-up (and, for compile, the build)
+        step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, step in variants.items():
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - started) / args.steps)
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    result = {
+        "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+        "seconds_per_step": {name: round(value, 4) for name, value in seconds.items()},
+        "ratio_to_default": {name: round(value / seconds["default"], 3) for name, value in seconds.items()},
+    }
+    if args.profile:
+        step = variants["default"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            for _ in range(args.steps):
+                step()
+        events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        total = sum(e.self_cpu_time_total for e in profiler.key_averages())
+        result["top_operators"] = [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3)} for e in events]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
