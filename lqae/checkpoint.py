@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from lqae.config import ModelConfig, TrainConfig, from_dict, to_dict
 from lqae.errors import CheckpointError, ConfigError
 from lqae.io import fsync_dir, give_default_mode, writing
-from lqae.lm import FrozenLM
+from lqae.model.lm import FrozenLM
 from lqae.model import LQAE
 from lqae.run_folder import CONFIG_FILE, JOURNAL_DIR, LOCK_FILE, MODEL_FILE, TRAIN_STATE_FILE, resolve_run
 

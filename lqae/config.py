@@ -18,7 +18,7 @@ from lqae.errors import ConfigError
 
 VOCAB_CHOICES = ("all", "words")
 PRECISIONS = ("auto", "bf16", "fp32")
-CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer implements the quantizer ones)
+CHOICES = {  # string-valued fields and their allowed values (lqae.model.quantizer implements the quantizer ones)
     "vocab": VOCAB_CHOICES,
     "encoder_output": ("linear", "unit", "standardize"),
     "commitment": ("mse", "cosine"),

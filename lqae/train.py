@@ -29,7 +29,7 @@ from lqae.callbacks import TrainCallback, TrainInfo
 from lqae.augment import to_float
 from lqae.config import ModelConfig, TrainConfig, resumed_configs, write_json
 from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batches
-from lqae.distill import SelfDistillation
+from lqae.model.distill import SelfDistillation
 from lqae.distributed import any_rank, setup_distributed, teardown_distributed
 from lqae.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lqae.reconstruction import evaluate_reconstruction

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from lqae.errors import ConfigError
 from lqae.llm_files import DEFAULT_ENCODING, load_tiktoken, resolve_llm
-from lqae.lm import quiet_transformers
+from lqae.model.lm import quiet_transformers
 
 LLM_VOCAB_KINDS = ("hf", "openai", "tiktoken")
 

@@ -10,10 +10,11 @@ import pytest
 
 import lqae
 import lqae.fewshot
+import lqae.model
 import lqae.probe
 import lqae.tokendata
 
-LAZY_PACKAGES = (lqae, lqae.probe, lqae.fewshot)
+LAZY_PACKAGES = (lqae, lqae.model, lqae.probe, lqae.fewshot)
 
 
 def _is_submodule(package, name: str) -> bool:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from lqae.errors import LMNotFoundError
-from lqae.lm import load_frozen_lm, resolve_lm_path
+from lqae.model.lm import load_frozen_lm, resolve_lm_path
 
 
 def test_local_directory_wins(tiny_lm_dir):

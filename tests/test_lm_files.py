@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import lqae.lm_files as lm_files
+import lqae.model.lm_files as lm_files
 from conftest import save_tiny_checkpoint, tiny_train_config, write_tiny_lm
 from lqae.checkpoint import load_model, save_checkpoint
 from lqae.config import get_preset
 from lqae.errors import CheckpointError
-from lqae.lm import load_frozen_lm, resolve_lm_path
-from lqae.lm_files import _hub_cache_folder, read_codebook_source
+from lqae.model.lm import load_frozen_lm, resolve_lm_path
+from lqae.model.lm_files import _hub_cache_folder, read_codebook_source
 from lqae.model import LQAE
-from lqae.quantizer import principal_directions
+from lqae.model.quantizer import principal_directions
 from lqae.tokentext import TokenText
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -5,7 +5,7 @@ from conftest import tiny_model_config
 
 from lqae.errors import TokenError
 from lqae.model import LQAE
-from lqae.quantizer import (
+from lqae.model.quantizer import (
     LanguageCodebook, _MixtureGradient, _is_whole_word, _word_marker, nearest_codes, rotate_onto, select_token_ids,
 )
 

@@ -23,7 +23,7 @@ from lqae.errors import LLMError, LMNotFoundError
 from lqae.fewshot.backends.base import DEFAULT_HF_MODEL, Backend, BackendOptions, Request
 from lqae.fewshot.prompts import Prompt
 from lqae.llm_files import OFFLINE_LLMS, resolve_llm
-from lqae.lm import quiet_transformers
+from lqae.model.lm import quiet_transformers
 
 log = logging.getLogger(__name__)
 

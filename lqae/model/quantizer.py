@@ -102,7 +102,7 @@ class LanguageCodebook(nn.Module):
     Whatever the options, the quantized value is the raw embedding row of a real LM token.
 
     Options (defaults are the reference's; `lqae.config.CHOICES` lists the values; the encoder's
-    "standardize" output lives in `lqae.vit.Standardize`):
+    "standardize" output lives in `lqae.model.vit.Standardize`):
     - encoder_output "unit": the encoder output is L2-normalised and scaled to the codebook's mean
       row norm before the search, so only its direction is learned and its norm cannot drift.
     - commitment "cosine": 1 - cos(z, e) instead of mean((sg(e) - z)^2).
@@ -126,7 +126,7 @@ class LanguageCodebook(nn.Module):
     - global_tokens G > 0: the first G tokens of each sequence are global tokens; token g chooses
       among its own `global_vocab_size` words (`global_codes[g]`: disjoint sets, spread over the
       search space by farthest-point sampling, saved with the weights). `global_scores` are what
-      the self-distillation loss (`lqae.distill`) reads.
+      the self-distillation loss (`lqae.model.distill`) reads.
     """
 
     def __init__(

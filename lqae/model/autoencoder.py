@@ -13,12 +13,12 @@ from torch import nn
 
 from lqae.config import ModelConfig
 from lqae.errors import CheckpointError
-from lqae.lm import FrozenLM, load_frozen_lm
-from lqae.quantizer import LanguageCodebook, select_token_ids
-from lqae.vit import Decoder, Encoder, init_weights
+from lqae.model.lm import FrozenLM, load_frozen_lm
+from lqae.model.quantizer import LanguageCodebook, select_token_ids
+from lqae.model.vit import Decoder, Encoder, init_weights
 
 if TYPE_CHECKING:
-    from lqae.distill import SelfDistillation
+    from lqae.model.distill import SelfDistillation
 
 log = logging.getLogger(__name__)
 

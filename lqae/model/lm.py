@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lqae import lm_files
 from lqae.errors import LMNotFoundError
-from lqae.lm_files import OFFLINE_PACKAGES, OFFLINE_PIP_NAMES, resolve_lm_path
+from lqae.model import lm_files
+from lqae.model.lm_files import OFFLINE_PACKAGES, OFFLINE_PIP_NAMES, resolve_lm_path
 
 log = logging.getLogger(__name__)
 
