@@ -11,7 +11,10 @@ from lqae.lazy import lazy_exports
 
 _LAZY = {  # submodule -> the public names it provides: the one list of this package's names
     "lqae.model.autoencoder": ("LQAE", "LQAEOutput", "LossBreakdown"),
-    "lqae.model.quantizer": ("LanguageCodebook", "QuantizerOutput", "nearest_codes", "select_token_ids"),
+    "lqae.model.quantizer": (
+        "LanguageCodebook", "QuantizerOutput", "build_codebook", "codebook_from_config", "nearest_codes",
+        "select_token_ids",
+    ),
     "lqae.model.lm": ("FrozenLM", "load_frozen_lm", "load_tokenizer"),
     "lqae.model.vit": ("Decoder", "Encoder"),
     "lqae.model.distill": ("SelfDistillation",),

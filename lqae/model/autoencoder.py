@@ -14,7 +14,7 @@ from torch import nn
 from lqae.config import ModelConfig
 from lqae.errors import CheckpointError
 from lqae.model.lm import FrozenLM, load_frozen_lm
-from lqae.model.quantizer import LanguageCodebook, select_token_ids
+from lqae.model.quantizer import codebook_from_config, select_token_ids
 from lqae.model.vit import Decoder, Encoder, init_weights
 
 if TYPE_CHECKING:
@@ -84,14 +84,7 @@ class LQAE(nn.Module):
         self.lm = lm.backbone
         self.mlm_head = lm.mlm_head
         self.position_offset = lm.position_offset
-        self.codebook = LanguageCodebook(
-            word_embeddings, token_ids, config.search_chunk_tokens, config.usage_temperature, config.usage_sample_tokens,
-            encoder_output=config.encoder_output, commitment=config.commitment,
-            straight_through=config.straight_through, search_space=config.search_space, latent_dim=config.latent_dim,
-            soft_top_k=config.soft_top_k, soft_temperature=config.soft_temperature,
-            usage_top_k=config.usage_top_k, global_tokens=config.global_tokens, global_vocab_size=config.global_vocab_size,
-            save_token_ids=config.llm_vocab is not None, fit_search_space=not for_loading,
-        )
+        self.codebook = codebook_from_config(config, word_embeddings, token_ids, fit_search_space=not for_loading)
         mask_id = lm.tokenizer.mask_token_id
         if mask_id is None and config.mask_ratio > 0:
             log.warning("LM %s has no mask token: masking disabled", config.lm_name)
