@@ -27,7 +27,7 @@ TRAINABLE_MODULES = ("encoder", "decoder", "codebook")  # the codebook's: a lear
 
 class LossBreakdown(NamedTuple):
     reconstruction: torch.Tensor  # pixel MSE, unweighted
-    commitment: torch.Tensor  # mean((sg(e) - z)^2), unweighted
+    commitment: torch.Tensor  # unweighted: quantizer.COMMITMENTS' (MSE or 1 - cosine), plus a learned map's latent one
     mlm: torch.Tensor  # LM-head cross-entropy at masked positions (0 when skipped)
     usage: torch.Tensor  # code-usage regulariser (0 when usage_weight is 0 or at eval)
     codebook: torch.Tensor  # learned search map's codebook loss (0 with the reference search)
@@ -51,7 +51,7 @@ class LQAE(nn.Module):
     """ViT encoder -> nearest frozen LM token embedding -> frozen LM -> ViT decoder."""
 
     def __init__(
-        self, config: ModelConfig, lm: FrozenLM | None = None, mlm_head: bool = True, for_loading: bool = False,
+        self, config: ModelConfig, lm: FrozenLM | None = None, with_mlm_head: bool = True, for_loading: bool = False,
         code_ids: list[int] | None = None,
     ) -> None:
         """`for_loading`: every trainable weight will come from a checkpoint, so skip the random
@@ -59,7 +59,7 @@ class LQAE(nn.Module):
         codes, as a checkpoint with an `llm_vocab` filter saved them (else the vocabulary filter
         chooses them)."""
         super().__init__()
-        lm = lm or load_frozen_lm(config.lm_name, mlm_head=mlm_head and config.mlm_weight > 0)
+        lm = lm or load_frozen_lm(config.lm_name, with_mlm_head=with_mlm_head and config.mlm_weight > 0)
         word_embeddings = lm.input_embeddings
         vocab_rows, lm_width = word_embeddings.shape
         _check_lm_shape(config, vocab_rows, lm_width)
@@ -242,7 +242,9 @@ class LQAE(nn.Module):
         return F.cross_entropy(logits.float(), token_ids[mask])
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights of the trainable parts only; the frozen LM and codebook are rebuilt from the LM name."""
+        """The saved weights: encoder, decoder and the codebook's own (a learned search map, the PCA
+        projection, the global tokens' words, LLM-chosen code ids); the frozen LM and the codebook's
+        embeddings are rebuilt from the LM name."""
         return {
             f"{name}.{key}": value
             for name in TRAINABLE_MODULES

@@ -69,16 +69,16 @@ def load_tokenizer(name: str):
         raise LMNotFoundError(_not_found_message(name, exc)) from exc
 
 
-def load_frozen_lm(name: str, mlm_head: bool = True) -> FrozenLM:
+def load_frozen_lm(name: str, with_mlm_head: bool = True) -> FrozenLM:
     """Load backbone, MLM head (when asked for and the checkpoint has one) and tokenizer, frozen and
-    in eval mode. Inference passes mlm_head=False: the base model alone loads faster."""
+    in eval mode. Inference passes with_mlm_head=False: the base model alone loads faster."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     tokenizer = load_tokenizer(name)
     path = resolve_lm_path(name)
     try:
         with quiet_transformers():
-            if not mlm_head:
+            if not with_mlm_head:
                 model, head_missing = AutoModel.from_pretrained(path), True
             else:
                 try:
@@ -94,7 +94,7 @@ def load_frozen_lm(name: str, mlm_head: bool = True) -> FrozenLM:
         head = None if head_missing else _mlm_head(model)
     else:
         backbone, head = model, None
-    if head is None and mlm_head:
+    if head is None and with_mlm_head:
         log.warning("LM %s has no MLM head: the MLM loss is skipped", name)
     for module in (backbone, head):
         if module is not None:
