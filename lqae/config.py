@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lqae.errors import ConfigError
+from lqae.io import atomic_write_bytes
 
 VOCAB_CHOICES = ("all", "words")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -452,6 +453,4 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON with sorted keys atomically (temp file + rename)."""
-    from lqae.io import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

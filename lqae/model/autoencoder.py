@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lqae.config import ModelConfig
-from lqae.errors import CheckpointError
+from lqae import vocab
+from lqae.errors import CheckpointError, TokenError
 from lqae.model.lm import FrozenLM, load_frozen_lm
 from lqae.model.quantizer import codebook_from_config, select_token_ids
 from lqae.model.vit import Decoder, Encoder, init_weights
@@ -68,9 +69,7 @@ class LQAE(nn.Module):
         else:
             token_ids = select_token_ids(lm.tokenizer, vocab_rows, config.vocab, config.exclude_special_tokens)
             if config.llm_vocab:
-                from lqae.vocab import single_token_words
-
-                token_ids = single_token_words(lm.tokenizer, token_ids, config.llm_vocab)
+                token_ids = vocab.single_token_words(lm.tokenizer, token_ids, config.llm_vocab)
         if config.codebook_size is not None and config.codebook_size != len(token_ids):
             raise CheckpointError(
                 f"the vocabulary filter {config.vocab!r} gives {len(token_ids)} codes with this LM, but the "
@@ -185,8 +184,6 @@ class LQAE(nn.Module):
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """LM token ids (B, N) -> images (B, C, H, W) clamped to [0, 1]."""
         if token_ids.shape[-1] != self.config.num_tokens:
-            from lqae.errors import TokenError
-
             raise TokenError(f"got {token_ids.shape[-1]} tokens, this model expects {self.config.num_tokens}")
         codes = self.codebook.codes_from_token_ids(token_ids)
         coordinates = self.codebook.code_coordinates(codes)
