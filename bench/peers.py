@@ -27,7 +27,7 @@ from lqae.data import EpochBatchSampler, TrainDataset, image_batches, scan_image
 from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts
 from lqae.train import build_optimizer, lr_at
-from lqae.vit import Decoder, Encoder, init_weights
+from lqae.model.vit import Decoder, Encoder, init_weights
 
 PEERS = ("fsq", "vq", "continuous")
 FSQ_LEVELS = (8, 8, 8, 6, 5)

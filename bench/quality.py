@@ -44,7 +44,17 @@ from make_digits import write_digits  # noqa: E402
 from make_photo_crops import write_photo_crops  # noqa: E402
 from make_shapes import write_shapes  # noqa: E402
 
+from lqae.checkpoint import load_model  # noqa: E402
 from lqae.config import RECIPE, ModelConfig, Preset, apply_overrides, get_preset  # noqa: E402
+from lqae.data import scan_image_folder  # noqa: E402
+from lqae.fewshot.backends.overlap import OverlapBackend  # noqa: E402
+from lqae.fewshot.episodes import pool_from_dataset  # noqa: E402
+from lqae.fewshot.evaluation import evaluate_episodes  # noqa: E402
+from lqae.fewshot.prompts import load_template  # noqa: E402
+from lqae.fewshot.settings import FewshotSettings  # noqa: E402
+from lqae.probe import ProbeConfig, run_probe  # noqa: E402
+from lqae.reconstruction import evaluate_folder  # noqa: E402
+from lqae.tokendata import encode_folder  # noqa: E402
 from lqae.train import METRICS_FILE, TrainCallback, train  # noqa: E402
 from peers import PEERS, train_peer  # noqa: E402
 
@@ -91,17 +101,6 @@ def last_train_metrics(run_dir: Path) -> dict:
 
 
 def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes: int, probe: bool = True) -> dict:
-    from lqae.checkpoint import load_model
-    from lqae.data import scan_image_folder
-    from lqae.reconstruction import evaluate_folder
-    from lqae.fewshot.backends.overlap import OverlapBackend
-    from lqae.fewshot.episodes import pool_from_dataset
-    from lqae.fewshot.evaluation import evaluate_episodes
-    from lqae.fewshot.prompts import load_template
-    from lqae.fewshot.settings import FewshotSettings
-    from lqae.probe import ProbeConfig, run_probe
-    from lqae.tokendata import encode_folder
-
     seed = recipe.train.seed
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()

@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lqae.config import PRESETS, TrainConfig, get_preset  # noqa: E402
 from lqae.errors import LMNotFoundError  # noqa: E402
-from lqae.lm import FrozenLM  # noqa: E402
+from lqae.model.lm import FrozenLM  # noqa: E402
 from lqae.model import LQAE  # noqa: E402
 from lqae.train import _autocast, build_optimizer  # noqa: E402
 
@@ -75,7 +75,7 @@ class StandInTokenizer:
 
 
 def stand_in_roberta():
-    """roberta-base's architecture with random weights, frozen, as `lqae.lm.load_frozen_lm` returns it."""
+    """roberta-base's architecture with random weights, frozen, as `lqae.model.lm.load_frozen_lm` returns it."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, pad_token_id=1, type_vocab_size=1)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from lqae.config import ModelConfig, TrainConfig, from_dict, to_dict
 from lqae.errors import CheckpointError, ConfigError
 from lqae.io import fsync_dir, give_default_mode, writing
-from lqae.lm import FrozenLM
+from lqae.model.lm import FrozenLM
 from lqae.model import LQAE
 from lqae.run_folder import CONFIG_FILE, JOURNAL_DIR, LOCK_FILE, MODEL_FILE, TRAIN_STATE_FILE, resolve_run
 
@@ -307,11 +307,11 @@ def load_model(
     light = FrozenLM.for_encoding(model_config.lm_name) if encode_only else None
     if light is not None:
         try:
-            model = LQAE(model_config, lm=light, mlm_head=False, for_loading=True, code_ids=code_ids)
+            model = LQAE(model_config, lm=light, with_mlm_head=False, for_loading=True, code_ids=code_ids)
         except CheckpointError as exc:  # the light reading disagrees with the checkpoint: let transformers decide
             log.debug("encoding-only load of %s failed (%s); loading the whole LM", model_config.lm_name, exc)
     if model is None:
-        model = LQAE(model_config, mlm_head=False, for_loading=True, code_ids=code_ids)  # inference: no MLM head
+        model = LQAE(model_config, with_mlm_head=False, for_loading=True, code_ids=code_ids)  # inference: no MLM head
     model.load_trainable_state_dict(weights)
     model.weights_fingerprint = fingerprint
     return model.to(device).eval()

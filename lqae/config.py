@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lqae.errors import ConfigError
+from lqae.io import atomic_write_bytes
 
 VOCAB_CHOICES = ("all", "words")
 PRECISIONS = ("auto", "bf16", "fp32")
-CHOICES = {  # string-valued fields and their allowed values (lqae.quantizer implements the quantizer ones)
+CHOICES = {  # string-valued fields and their allowed values (lqae.model.quantizer implements the quantizer ones)
     "vocab": VOCAB_CHOICES,
     "encoder_output": ("linear", "unit", "standardize"),
     "commitment": ("mse", "cosine"),
@@ -456,6 +457,4 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON with sorted keys atomically (temp file + rename)."""
-    from lqae.io import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from lqae.callbacks import TrainCallback, TrainInfo
 from lqae.augment import to_float
 from lqae.config import ModelConfig, TrainConfig, resumed_configs, write_json
 from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset, image_batches
-from lqae.distill import SelfDistillation
+from lqae.model.distill import SelfDistillation
 from lqae.distributed import any_rank, setup_distributed, teardown_distributed
 from lqae.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lqae.reconstruction import evaluate_reconstruction
@@ -113,33 +113,103 @@ def train(
         if lock is not None and run_dir.is_dir():
             lock.acquire()
             ckpt.roll_forward(run_dir)
-        return _train(data_dir, run_dir, model_config, train_config, val_dir, resume, device, callbacks, lock, asked)
+        rank, world, device = setup_distributed(device)
+        resumed = None
+        if resume:
+            model_config, train_config, resumed = _resumed(run_dir, model_config, train_config, asked)
+        elif (run_dir / ckpt.CONFIG_FILE).exists():
+            raise CheckpointError(
+                f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out"
+            )
+        sources = _Sources(data_dir, val_dir, resumed)
+        run = _build(run_dir, sources, model_config, train_config, device, rank, world)
+        if run.is_main:
+            _start(run, sources, list(callbacks), lock)
+        return _loop(run)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(
-    data_dir, run_dir: Path, model_config, train_config, val_dir, resume, device, callbacks, lock, asked
-) -> TrainResult:
-    rank, world, device = setup_distributed(device)
-    is_main = rank == 0
-    callbacks = list(callbacks) if is_main else []
+@dataclass
+class _Resumed:
+    """The checkpoint `--resume` continues: its step and the training state saved beside its weights."""
 
-    start_step, train_tensors, train_meta = 0, None, {}
-    if resume:
-        saved_model, saved_train, start_step = ckpt.read_config(run_dir)
-        model_config, train_config = resumed_configs(saved_model, saved_train, model_config, train_config, asked)
-        train_tensors, train_meta, state_step = ckpt.load_train_state(run_dir)
-        if state_step != start_step:
-            raise CheckpointError(f"{run_dir}: weights are at step {start_step} but training state at {state_step}")
-    elif (run_dir / ckpt.CONFIG_FILE).exists():
-        raise CheckpointError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out"
-        )
+    step: int
+    tensors: dict[str, torch.Tensor]  # the optimiser's state (and the teacher's, under DISTILL_PREFIX)
+    meta: dict[str, Any]
 
-    folder = scan_image_source(data_dir)  # an image folder or tar shards
-    val_folder = scan_image_source(val_dir) if val_dir else None
+
+def _resumed(
+    run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, asked: set[str] | None
+) -> tuple[ModelConfig, TrainConfig, _Resumed]:
+    """The saved configs (the given ones may change only bookkeeping) and the state to continue."""
+    saved_model, saved_train, step = ckpt.read_config(run_dir)
+    model_config, train_config = resumed_configs(saved_model, saved_train, model_config, train_config, asked)
+    tensors, meta, state_step = ckpt.load_train_state(run_dir)
+    if state_step != step:
+        raise CheckpointError(f"{run_dir}: weights are at step {step} but training state at {state_step}")
+    return model_config, train_config, _Resumed(step, tensors, meta)
+
+
+@dataclass
+class _Sources:
+    """Where a run starts from: its images (a folder or tar shards each) and the checkpoint it resumes."""
+
+    data_dir: str | Path
+    val_dir: str | Path | None
+    resumed: _Resumed | None  # None: a new run
+
+
+@dataclass
+class _Run:
+    """One training run: what `_build` makes, then the loop's state, advanced a step at a time."""
+
+    run_dir: Path
+    model_config: ModelConfig
+    config: TrainConfig
+    device: str
+    rank: int
+    world: int  # processes (torchrun ranks)
+    folder: ImageFolder  # the training images
+    val_folder: ImageFolder | None
+    total_steps: int
+    micro_batch: int  # images of one forward pass on one rank
+    model: LQAE
+    distill: SelfDistillation | None  # the global tokens' self-distillation; None without them
+    optimizer: torch.optim.AdamW
+    wrapped: torch.nn.Module | None  # the model, or its DDP wrapper; None once closed
+    loader: torch.utils.data.DataLoader | None  # None once closed
+    sample_images: torch.Tensor  # (8, C, H, W) the images of every sample grid
+    autocast: contextlib.AbstractContextManager
+    trainable: list[torch.nn.Parameter]  # the parameters the optimiser updates
+    step: int  # steps done so far
+    result: TrainResult
+    window: _Window  # the metrics since the last log line
+    health: _Health
+    stop: _SignalFlag
+    callbacks: list[TrainCallback] = field(default_factory=list)  # rank 0's; none on the other ranks
+    batches: Iterator[torch.Tensor] | None = None  # the loader's iterator, from the first step on
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        """Drop the DDP wrapper and the loader (its reducer must go before its process group does)."""
+        self.wrapped = self.batches = self.loader = None
+        teardown_distributed(self.world)
+
+
+def _build(
+    run_dir: Path, sources: _Sources, model_config: ModelConfig, train_config: TrainConfig, device: str, rank: int,
+    world: int,
+) -> _Run:
+    """The data, the model (restored when resuming), its optimiser and the batches' loader."""
+    resumed = sources.resumed
+    start_step = resumed.step if resumed is not None else 0
+    folder = scan_image_source(sources.data_dir)  # an image folder or tar shards
+    val_folder = scan_image_source(sources.val_dir) if sources.val_dir else None
     steps = total_steps(train_config, len(folder))
     if start_step >= steps:
         raise ConfigError(f"checkpoint is already at step {start_step} of {steps}; pass a larger --steps to go on")
@@ -151,17 +221,16 @@ def _train(
         )
 
     torch.manual_seed(train_config.seed)
-
     model = LQAE(model_config).to(device)
-    if train_tensors is not None:
+    if resumed is not None:
         model.load_trainable_state_dict(ckpt.load_trainable_from(run_dir))
-    distill = _self_distillation(model, train_tensors)
+    distill = _self_distillation(model, resumed)
     if train_config.compile:
         model.encoder.compile()
         model.decoder.compile()
     optimizer = build_optimizer(model, train_config)
-    if train_tensors is not None:
-        ckpt.restore_optimizer(optimizer, train_tensors, train_meta.get("optimizer", {}))
+    if resumed is not None:
+        ckpt.restore_optimizer(optimizer, resumed.tensors, resumed.meta.get("optimizer", {}))
     wrapped = _wrap_ddp(model, device) if world > 1 else model
 
     sampler = EpochBatchSampler(len(folder), micro_batch * train_config.grad_accum, train_config.seed, start_step, rank, world)
@@ -175,99 +244,124 @@ def _train(
         pin_memory=device.startswith("cuda"),
         persistent_workers=False,
     )
-    sample_images = _sample_batch(val_folder or folder, model_config.image_size).to(device)
-    autocast = _autocast(train_config.precision, device)
+    return _Run(
+        run_dir=run_dir, model_config=model_config, config=train_config, device=device, rank=rank, world=world,
+        folder=folder, val_folder=val_folder, total_steps=steps, micro_batch=micro_batch, model=model,
+        distill=distill, optimizer=optimizer, wrapped=wrapped, loader=loader,
+        sample_images=_sample_batch(val_folder or folder, model_config.image_size).to(device),
+        autocast=_autocast(train_config.precision, device),
+        trainable=[p for p in model.parameters() if p.requires_grad], step=start_step,
+        result=TrainResult(start_step), window=_Window(model.codebook.size, model_config),
+        health=_Health(device, start_step), stop=_SignalFlag(),
+    )
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if lock is not None and lock.handle is None:
-            lock.acquire()  # a new run folder: claimed now that it exists
-        _write_data_record(run_dir, folder, val_folder, resume)
-        info = TrainInfo(
-            total_steps=steps, start_step=start_step, images=len(folder), skipped=len(folder.skipped),
-            classes=len(folder.classes), codebook_size=model.codebook.size, tokens_per_image=model_config.num_tokens,
-            trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            device=device, world_size=world, peak_lr=train_config.peak_lr,
+
+def _start(run: _Run, sources: _Sources, callbacks: list[TrainCallback], lock: ckpt.RunLock | None) -> None:
+    """Rank 0: the run folder made and claimed, its data record written, the callbacks told."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if lock is not None and lock.handle is None:
+        lock.acquire()  # a new run folder: claimed now that it exists
+    _write_data_record(run.run_dir, run.folder, run.val_folder, resume=sources.resumed is not None)
+    run.callbacks = callbacks
+    model, folder = run.model, run.folder
+    info = TrainInfo(
+        total_steps=run.total_steps, start_step=run.step, images=len(folder), skipped=len(folder.skipped),
+        classes=len(folder.classes), codebook_size=model.codebook.size, tokens_per_image=run.model_config.num_tokens,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        device=run.device, world_size=run.world, peak_lr=run.config.peak_lr,
+    )
+    for cb in callbacks:
+        cb.on_start(info)
+
+
+def _loop(run: _Run) -> TrainResult:
+    """Steps until the last; a signal saves and raises TrainingInterrupted at the end of its step."""
+    run.batches = iter(run.loader)
+    run.model.train()
+    with run.stop.installed():
+        while run.step < run.total_steps:
+            lr = _step(run)
+            _after_step(run, lr)
+    run.result.step = run.step
+    run.close()
+    return run.result
+
+
+def _step(run: _Run) -> float:
+    """One optimiser step over a global batch (accumulating its micro-batches); returns its lr."""
+    config, step = run.config, run.step
+    lr = lr_at(step, run.total_steps, config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    mask_scale = mask_scale_at(step, run.total_steps, config)
+    started = time.perf_counter()
+    images = to_float(next(run.batches).to(run.device, non_blocking=True))  # (B, C, H, W) uint8 -> [0, 1]
+    for micro, chunk in enumerate(images.split(run.micro_batch)):
+        generator = torch.Generator(device=run.device).manual_seed(
+            ((config.seed * 1_000_003 + step) * 64 + micro) * 1024 + run.rank
         )
-        for cb in callbacks:
-            cb.on_start(info)
+        sync = micro == config.grad_accum - 1 or run.world == 1
+        # global tokens: (b, 2, C, H, W), two views of each image for the self-distillation
+        views = {"second_view": chunk[:, 1], "distill": run.distill} if run.distill else {}
+        chunk = chunk[:, 0] if run.distill else chunk  # (b, C, H, W): the view that is reconstructed
+        with run.autocast, (contextlib.nullcontext() if sync else run.wrapped.no_sync()):
+            out = run.wrapped(chunk, generator=generator, mask_scale=mask_scale, **views)
+        (out.loss / config.grad_accum).backward()
+        run.window.add(out, chunk)
+        run.health.watch(step + 1, out.loss)
+    run.health.watch(step + 1, _grad_norm(run.trainable, config.grad_clip))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.distill:
+        run.distill.update_teacher(run.model.encoder.global_encoder, config.teacher_momentum)
+    run.step += 1
+    run.window.time += time.perf_counter() - started
+    run.window.steps += 1
+    return lr
 
-    stop = _SignalFlag()
-    result = TrainResult(start_step)
-    window = _Window(model.codebook.size, model_config)
-    health = _Health(device, start_step)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    batches = iter(loader)
-    model.train()
-    step = start_step
-    with stop.installed():
-        while step < steps:
-            lr = lr_at(step, steps, train_config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            mask_scale = mask_scale_at(step, steps, train_config)
-            started = time.perf_counter()
-            images = to_float(next(batches).to(device, non_blocking=True))  # (B, C, H, W) uint8 -> [0, 1]
-            for micro, chunk in enumerate(images.split(micro_batch)):
-                generator = torch.Generator(device=device).manual_seed(
-                    ((train_config.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
-                )
-                sync = micro == train_config.grad_accum - 1 or world == 1
-                views = {"second_view": chunk[:, 1], "distill": distill} if distill else {}
-                chunk = chunk[:, 0] if distill else chunk  # (b, C, H, W): the view that is reconstructed
-                with autocast, (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                    out = wrapped(chunk, generator=generator, mask_scale=mask_scale, **views)
-                (out.loss / train_config.grad_accum).backward()
-                window.add(out, chunk)
-                health.watch(step + 1, out.loss)
-            health.watch(step + 1, _grad_norm(trainable, train_config.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if distill:
-                distill.update_teacher(model.encoder.global_encoder, train_config.teacher_momentum)
-            step += 1
-            window.time += time.perf_counter() - started
-            window.steps += 1
 
-            if step % train_config.log_every == 0 or step == steps:
-                metrics = window.summary(step, lr, micro_batch * train_config.grad_accum * world)
-                result.last_metrics = metrics
-                window = _Window(model.codebook.size, model_config)
-                if is_main:
-                    _append_jsonl(run_dir / METRICS_FILE, metrics)
-                health.check(run_dir, train_config, steps, world)
-            if is_main:
-                for cb in callbacks:
-                    cb.on_step(step, result.last_metrics)
-            interrupted = any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
-            if step % train_config.save_every == 0 or step == steps or interrupted:
-                health.check(run_dir, train_config, steps, world)  # before a save: never non-finite weights
-                _save(run_dir, model, train_config, step, optimizer, is_main, world, distill)
-                health.saved = step
-                for cb in callbacks:
-                    cb.on_checkpoint(step, run_dir)
-            if interrupted:
-                del wrapped, batches, loader
-                teardown_distributed(world)
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step)
-            # after the save: a failing validation pass loses no steps
-            if is_main and (step % train_config.sample_every == 0 or step == steps):
-                grid = run_dir / SAMPLES_DIR / f"step_{step:07d}.png"
-                _save_samples(model, sample_images, grid)
-                model.train()
-                for cb in callbacks:
-                    cb.on_samples(step, grid)
-            if val_folder is not None and is_main and (step % train_config.val_every == 0 or step == steps):
-                report, _, _ = evaluate_reconstruction(model, val_folder)
-                model.train()
-                result.validation = {"step": step, **{f"val_{k}": v for k, v in report.as_dict().items()}}
-                _append_jsonl(run_dir / METRICS_FILE, result.validation)
-                for cb in callbacks:
-                    cb.on_validation(step, result.validation)
-    result.step = step
-    del wrapped, batches, loader  # DDP's reducer must go before its process group does
-    teardown_distributed(world)
-    return result
+def _after_step(run: _Run, lr: float) -> None:
+    """The log line, a checkpoint (scheduled, or on a signal, which then stops), sample grids and
+    validation, each when due. Validation comes after the save: a failing pass loses no steps."""
+    config, step = run.config, run.step
+    if _due(step, config.log_every, run.total_steps):
+        metrics = run.window.summary(step, lr, run.micro_batch * config.grad_accum * run.world)
+        run.result.last_metrics = metrics
+        run.window = _Window(run.model.codebook.size, run.model_config)
+        if run.is_main:
+            _append_jsonl(run.run_dir / METRICS_FILE, metrics)
+        run.health.check(run.run_dir, config, run.total_steps, run.world)
+    for cb in run.callbacks:
+        cb.on_step(step, run.result.last_metrics)
+    signalled = run.stop.signum is not None
+    interrupted = any_rank(signalled, run.device) if run.world > 1 else signalled
+    if _due(step, config.save_every, run.total_steps) or interrupted:
+        run.health.check(run.run_dir, config, run.total_steps, run.world)  # before a save: never non-finite weights
+        _save(run)
+        run.health.saved = step
+        for cb in run.callbacks:
+            cb.on_checkpoint(step, run.run_dir)
+    if interrupted:
+        run.close()
+        raise TrainingInterrupted(run.stop.signum or signal.SIGTERM, step)
+    if run.is_main and _due(step, config.sample_every, run.total_steps):
+        grid = run.run_dir / SAMPLES_DIR / f"step_{step:07d}.png"
+        _save_samples(run.model, run.sample_images, grid)
+        run.model.train()
+        for cb in run.callbacks:
+            cb.on_samples(step, grid)
+    if run.val_folder is not None and run.is_main and _due(step, config.val_every, run.total_steps):
+        report, _, _ = evaluate_reconstruction(run.model, run.val_folder)
+        run.model.train()
+        run.result.validation = {"step": step, **{f"val_{k}": v for k, v in report.as_dict().items()}}
+        _append_jsonl(run.run_dir / METRICS_FILE, run.result.validation)
+        for cb in run.callbacks:
+            cb.on_validation(step, run.result.validation)
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    """Whether something done every `every` steps (and after the last) is due after `step`."""
+    return step % every == 0 or step == total
 
 
 # -- pieces ---------------------------------------------------------------------------------------
@@ -388,7 +482,7 @@ def build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(config.beta1, config.beta2))
 
 
-def _self_distillation(model, train_tensors: dict[str, torch.Tensor] | None):
+def _self_distillation(model: LQAE, resumed: _Resumed | None) -> SelfDistillation | None:
     """The global tokens' self-distillation state (teacher, centre), restored on resume; None
     without global tokens or with invariance_weight 0."""
     config = model.config
@@ -396,21 +490,22 @@ def _self_distillation(model, train_tensors: dict[str, torch.Tensor] | None):
         return None
 
     distill = SelfDistillation(model)
-    if train_tensors is not None:
-        saved = {k[len(DISTILL_PREFIX):]: v for k, v in train_tensors.items() if k.startswith(DISTILL_PREFIX)}
+    if resumed is not None:
+        saved = {k[len(DISTILL_PREFIX):]: v for k, v in resumed.tensors.items() if k.startswith(DISTILL_PREFIX)}
         if set(saved) != set(distill.state_dict()):
             raise CheckpointError("the training state holds no self-distillation teacher for the global tokens")
         distill.load_state_dict(saved)
     return distill.to(model.device).train()
 
 
-def _save(run_dir, model, config, step, optimizer, is_main, world, distill=None) -> None:
-    if is_main:
-        tensors, meta = ckpt.optimizer_state_tensors(optimizer)
-        if distill is not None:
-            tensors.update({DISTILL_PREFIX + k: v for k, v in distill.state_dict().items()})
-        ckpt.save_checkpoint(run_dir, model, config, step, tensors, {"optimizer": meta})
-    if world > 1:
+def _save(run: _Run) -> None:
+    """The checkpoint of this step: weights, configs and training state (rank 0 writes; all wait)."""
+    if run.is_main:
+        tensors, meta = ckpt.optimizer_state_tensors(run.optimizer)
+        if run.distill is not None:
+            tensors.update({DISTILL_PREFIX + k: v for k, v in run.distill.state_dict().items()})
+        ckpt.save_checkpoint(run.run_dir, run.model, run.config, run.step, tensors, {"optimizer": meta})
+    if run.world > 1:
         dist.barrier()
 
 

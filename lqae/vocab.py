@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from lqae.errors import ConfigError
+from lqae.llm_files import DEFAULT_ENCODING, load_tiktoken, resolve_llm
+from lqae.model.lm import quiet_transformers
 
 LLM_VOCAB_KINDS = ("hf", "openai", "tiktoken")
 
@@ -27,15 +29,10 @@ def llm_token_counter(spec: str) -> Callable[[str], int]:
     if kind == "hf":
         from transformers import AutoTokenizer
 
-        from lqae.fewshot.backends.hf import resolve_llm
-        from lqae.lm import quiet_transformers
-
         location, gguf_file = resolve_llm(target)
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
         return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    from lqae.fewshot.budget import DEFAULT_ENCODING, load_tiktoken
-
     if kind == "tiktoken" and target != DEFAULT_ENCODING:
         import tiktoken
 

@@ -30,7 +30,8 @@ def train(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoint, metrics.jsonl, samples/."),
     preset: Optional[PresetName] = typer.Option(
-        None, help=f"Named configuration (see README; default {DEFAULT_PRESET}; --resume keeps the run's).",
+        None, help="Named configuration (default " + DEFAULT_PRESET + "; --resume keeps the run's): "
+        + "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items()) + ".",
         show_default=False,
     ),
     lm: Optional[str] = typer.Option(None, help="Frozen LM: local folder or HF hub name (default: the preset's)."),

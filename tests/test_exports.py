@@ -3,17 +3,20 @@ its submodule defines, and unknown names answered with the known ones."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
+from pathlib import Path
 
 import pytest
 
 import lqae
 import lqae.fewshot
+import lqae.model
 import lqae.probe
 import lqae.tokendata
 
-LAZY_PACKAGES = (lqae, lqae.probe, lqae.fewshot)
+LAZY_PACKAGES = (lqae, lqae.model, lqae.probe, lqae.fewshot)
 
 
 def _is_submodule(package, name: str) -> bool:
@@ -43,3 +46,58 @@ def test_tokendata_names_resolve_and_unknown_names_list_the_known_ones():
         assert getattr(lqae.tokendata, name) is not None
     with pytest.raises(AttributeError, match=r"has no attribute 'no_such_name'; it has: .*LQAE"):
         lqae.no_such_name  # noqa: B018
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """lqae's and lqae_cli's modules -> the modules of theirs they import, function-level imports
+    included (TYPE_CHECKING blocks are not run, so not counted); a name from a lazy package counts
+    as an import of the submodule its `_LAZY` table names."""
+    root = Path(__file__).resolve().parent.parent
+    files = {}
+    for package in ("lqae", "lqae_cli"):
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    lazy = {}
+    for module, path in files.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_LAZY" for t in node.targets):
+                lazy[module] = {n: sub for sub, names in ast.literal_eval(node.value).items() for n in names}
+    graph = {}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text())
+        unrun = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for n in ast.walk(node)}
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in unrun:
+                continue
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in files:
+                deps.add(node.module)
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    deps.add(sub if sub in files else lazy.get(node.module, {}).get(a.name, node.module))
+        graph[module] = deps - {module}
+    return graph
+
+
+def test_no_import_cycle_among_the_packages_modules():
+    graph, done, path, cycles = _import_graph(), set(), [], []
+
+    def visit(module: str) -> None:
+        path.append(module)
+        for dep in sorted(graph[module]):
+            if dep in path:
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in done:
+                visit(dep)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module)
+    assert "lqae.model.autoencoder" in graph["lqae.checkpoint"]  # the graph sees through lazy names
+    assert cycles == []

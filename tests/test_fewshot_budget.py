@@ -8,13 +8,12 @@ import pytest
 
 from lqae.fewshot.backends import Backend
 from lqae.fewshot.backends.openai import OpenAIBackend
-from lqae.fewshot.budget import (
-    BudgetError, _offline_cl100k_path, fit_prompt, load_tiktoken, read_bpe_file, shot_drop_order,
-)
+from lqae.fewshot.budget import BudgetError, fit_prompt, shot_drop_order
 from lqae.fewshot.image_text import PromptImageText
 from lqae.fewshot.prompts import load_template
 from lqae.fewshot.settings import FewshotSettings
 from lqae.fewshot.support import SupportSet
+from lqae.llm_files import _offline_cl100k_path, load_tiktoken, read_bpe_file
 from test_fewshot_helpers import WordTokenizer, synthetic_pool
 
 

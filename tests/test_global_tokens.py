@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lqae import checkpoint as ckpt
 from lqae.data import scan_image_folder
-from lqae.distill import SelfDistillation, sinkhorn
+from lqae.model.distill import SelfDistillation, sinkhorn
 from lqae.errors import ConfigError, TokenError
 from lqae.fewshot.backends.base import Request
 from lqae.fewshot.backends.overlap import OverlapBackend
@@ -27,7 +27,7 @@ from lqae.model import LQAE
 from lqae.probe import ProbeConfig, run_probe
 from lqae.probe.features import pool
 from lqae.probe.layers import feature_dim
-from lqae.quantizer import farthest_points, select_token_ids
+from lqae.model.quantizer import farthest_points, select_token_ids
 from lqae.tokendata import encode_folder_to_file, read_token_dataset
 from lqae.tokentext import TokenText
 from lqae.train import train

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model_config
 from lqae.model import LQAE
-from lqae.quantizer import select_token_ids
+from lqae.model.quantizer import select_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"

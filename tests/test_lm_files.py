@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import lqae.lm_files as lm_files
+import lqae.model.lm_files as lm_files
 from conftest import save_tiny_checkpoint, tiny_train_config, write_tiny_lm
 from lqae.checkpoint import load_model, save_checkpoint
 from lqae.config import get_preset
 from lqae.errors import CheckpointError
-from lqae.lm import load_frozen_lm, resolve_lm_path
-from lqae.lm_files import _hub_cache_folder, read_codebook_source
+from lqae.model.lm import load_frozen_lm, resolve_lm_path
+from lqae.model.lm_files import _hub_cache_folder, read_codebook_source
 from lqae.model import LQAE
-from lqae.quantizer import principal_directions
+from lqae.model.quantizer import principal_directions
 from lqae.tokentext import TokenText
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -45,7 +45,7 @@ def assert_same_tokenizer(light, reference, samples: int = 300):
 
 def test_light_tokenizer_and_embeddings_match_transformers(tiny_lm_dir):
     source = read_codebook_source(str(tiny_lm_dir))
-    full = load_frozen_lm(str(tiny_lm_dir), mlm_head=False)
+    full = load_frozen_lm(str(tiny_lm_dir), with_mlm_head=False)
     assert torch.equal(source.embeddings, full.input_embeddings.detach())
     assert_same_tokenizer(source.tokenizer, full.tokenizer)
 
@@ -53,7 +53,7 @@ def test_light_tokenizer_and_embeddings_match_transformers(tiny_lm_dir):
 @needs_minilm
 def test_light_reading_matches_transformers_on_minilm():
     source = read_codebook_source(MINILM)
-    full = load_frozen_lm(MINILM, mlm_head=False)
+    full = load_frozen_lm(MINILM, with_mlm_head=False)
     assert source.embeddings.shape == (30522, 384)
     assert torch.equal(source.embeddings.float(), full.input_embeddings.detach().float())
     assert_same_tokenizer(source.tokenizer, full.tokenizer, samples=2000)
@@ -77,7 +77,7 @@ def test_encode_only_gives_todays_ids_and_text(tiny_lm_dir, tmp_path):
 @needs_minilm
 def test_encode_only_gives_todays_ids_with_minilm(tmp_path):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "run", LQAE(get_preset("tiny").model, mlm_head=False), tiny_train_config(), step=1)
+    save_checkpoint(tmp_path / "run", LQAE(get_preset("tiny").model, with_mlm_head=False), tiny_train_config(), step=1)
     full, light = load_model(tmp_path / "run"), load_model(tmp_path / "run", encode_only=True)
     assert light.lm is None
     images = torch.rand(16, 3, 32, 32)

@@ -3,10 +3,11 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model_config
 
-from lqae.errors import TokenError
+from lqae.config import CHOICES
+from lqae.errors import ConfigError, TokenError
 from lqae.model import LQAE
-from lqae.quantizer import (
-    LanguageCodebook, _MixtureGradient, _is_whole_word, _word_marker, nearest_codes, rotate_onto, select_token_ids,
+from lqae.model.quantizer import (
+    CODEBOOKS, _MixtureGradient, build_codebook, _is_whole_word, _word_marker, nearest_codes, rotate_onto, select_token_ids,
 )
 
 
@@ -33,7 +34,7 @@ def test_codebook_forward_invariants():
     torch.manual_seed(0)
     words = torch.randn(30, 6)
     token_ids = [3, 5, 7, 11, 13, 17, 19, 23]
-    codebook = LanguageCodebook(words, token_ids, chunk_tokens=4)
+    codebook = build_codebook(words, token_ids, chunk_tokens=4)
     z = torch.randn(2, 5, 6, requires_grad=True)
     out = codebook(z)
     assert out.codes.shape == (2, 5) and out.codes.min() >= 0 and out.codes.max() < len(token_ids)
@@ -50,12 +51,12 @@ def test_codebook_forward_invariants():
 
 
 def test_codebook_is_not_saved_in_state_dict():
-    codebook = LanguageCodebook(torch.randn(10, 4), [1, 2, 3])
+    codebook = build_codebook(torch.randn(10, 4), [1, 2, 3])
     assert codebook.state_dict() == {}
 
 
 def test_codes_from_token_ids_rejects_non_codes():
-    codebook = LanguageCodebook(torch.randn(10, 4), [1, 2, 3])
+    codebook = build_codebook(torch.randn(10, 4), [1, 2, 3])
     assert codebook.codes_from_token_ids(torch.tensor([[3, 1]])).tolist() == [[2, 0]]
     with pytest.raises(TokenError, match="not codes"):
         codebook.codes_from_token_ids(torch.tensor([0]))
@@ -106,7 +107,7 @@ def test_rotation_trick_forward_is_the_code_and_gradient_is_rotated():
 def test_unit_output_removes_the_norm_from_the_gradient_and_cosine_commitment():
     torch.manual_seed(0)
     words = torch.randn(30, 6)
-    codebook = LanguageCodebook(words, list(range(3, 25)), encoder_output="unit", commitment="cosine")
+    codebook = build_codebook(words, list(range(3, 25)), encoder_output="unit", commitment="cosine")
     z = (torch.randn(2, 5, 6) * 10).requires_grad_(True)
     out = codebook(z)
     assert torch.allclose(out.quantized, words[out.token_ids])  # still the raw embedding of a real token
@@ -122,7 +123,7 @@ def test_unit_output_removes_the_norm_from_the_gradient_and_cosine_commitment():
 def test_learned_search_space_picks_nearest_in_that_space_and_trains_its_map(space):
     torch.manual_seed(0)
     words = torch.randn(40, 8)
-    codebook = LanguageCodebook(words, list(range(40)), search_space=space, latent_dim=4)
+    codebook = build_codebook(words, list(range(40)), search_space=space, latent_dim=4)
     z = torch.randn(3, 7, 8, requires_grad=True)
     out = codebook(z)
     query, codes = codebook.search_vectors(z.detach())
@@ -134,8 +135,8 @@ def test_learned_search_space_picks_nearest_in_that_space_and_trains_its_map(spa
     assert weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
     assert set(codebook.state_dict()) == {name for name, _ in codebook.named_parameters()}  # maps saved, codebook not
     if space == "mapped":  # SimVQ's map starts as the identity: the same codes as the plain search
-        plain = LanguageCodebook(words, list(range(40)))
-        assert torch.equal(LanguageCodebook(words, list(range(40)), search_space="mapped")(z).codes, plain(z).codes)
+        plain = build_codebook(words, list(range(40)))
+        assert torch.equal(build_codebook(words, list(range(40)), search_space="mapped")(z).codes, plain(z).codes)
 
 
 def test_top_k_search_is_sorted_and_starts_with_the_nearest():
@@ -153,7 +154,7 @@ def test_top_k_search_is_sorted_and_starts_with_the_nearest():
 def test_soft_straight_through_forwards_the_code_and_prefers_codes_that_lower_the_loss():
     torch.manual_seed(0)
     words = torch.randn(30, 6)
-    codebook = LanguageCodebook(words, list(range(30)), straight_through="soft", soft_top_k=5, soft_temperature=0.1)
+    codebook = build_codebook(words, list(range(30)), straight_through="soft", soft_top_k=5, soft_temperature=0.1)
     z = torch.randn(1, 1, 6, requires_grad=True)
     out = codebook(z)
     assert torch.allclose(out.quantized, words[out.token_ids])  # forward: exactly the nearest code
@@ -200,3 +201,15 @@ def test_uniform_search_is_euclidean_nearest_in_the_unit_cube(tiny_lm_dir):
     assert torch.equal(out.codes, expected)
     assert torch.allclose(out.coordinates, cube[expected], atol=1e-6)
     model.train()(torch.rand(2, 3, 16, 16)).loss.backward()  # soft straight-through and usage run
+
+
+def test_one_codebook_class_per_search_space_and_unknown_spaces_listed():
+    assert sorted(CODEBOOKS) == sorted(CHOICES["search_space"])
+    words = torch.randn(40, 8)
+    for space, cls in CODEBOOKS.items():
+        codebook = build_codebook(words, list(range(40)), search_space=space, latent_dim=4)
+        assert type(codebook) is cls and codebook.search_space == space
+        out = codebook(torch.randn(2, 3, 8))
+        assert torch.equal(out.token_ids, codebook.code_to_token[out.codes])
+    with pytest.raises(ConfigError, match="choose one of: embedding"):
+        build_codebook(words, list(range(40)), search_space="hyperbolic")

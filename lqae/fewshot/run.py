@@ -22,8 +22,8 @@ from lqae.fewshot.prompts import DEFAULT_TEMPLATE, Template, load_template
 from lqae.fewshot.results import ResultsFile, fingerprint
 from lqae.fewshot.settings import FewshotSettings
 from lqae.imagefiles import IMAGE_EXTENSIONS
-from lqae.lm import load_tokenizer
-from lqae.lm_files import read_light_tokenizer
+from lqae.model.lm import load_tokenizer
+from lqae.model.lm_files import read_light_tokenizer
 from lqae.provenance import check_same_weights
 from lqae.shards import scan_image_source
 from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset

@@ -12,7 +12,7 @@ from lqae.data import image_batches
 from lqae.probe.config import ProgressCallback
 from lqae.probe.layers import feature_dim, uses_encoder
 from lqae.probe.splits import ProbeSplit, require_images
-from lqae.vit import Encoder, init_weights
+from lqae.model.vit import Encoder, init_weights
 
 CALIBRATION_IMAGES = 1024  # images that set the random encoder's output statistics
 

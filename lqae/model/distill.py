@@ -3,7 +3,7 @@ arXiv 2104.14294), with frozen word embeddings as the prototypes.
 
 Each global token g has its own candidate words (`LanguageCodebook.global_codes[g]`); its scores
 are the similarities of its query to those words in the search space. The teacher is an EMA copy of
-the global tokens' encoder (`lqae.vit.GlobalEncoder`); its scores are balanced (`global_balance`:
+the global tokens' encoder (`lqae.model.vit.GlobalEncoder`); its scores are balanced (`global_balance`:
 centred by a running mean over batches, or spread evenly over the batch by Sinkhorn-Knopp, so one
 word cannot win every image) and sharpened (a low temperature), and the student's distribution for one view is trained towards
 the teacher's for the other. No labels and no paired text: the same image under different crops

