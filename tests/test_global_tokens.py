@@ -128,6 +128,14 @@ def test_sinkhorn_spreads_a_batch_evenly_over_the_words():
     assert (q.argmax(-1) != 0).any()
 
 
+def test_sinkhorn_stays_finite_for_sharp_scores():
+    # Euclidean-style scores over a temperature of 0.04 span thousands: the plain form underflowed to 0/0
+    logits = torch.randn(32, 4, 64) * 400
+    logits[..., 5] -= 5000.0
+    q = sinkhorn(logits)
+    assert torch.isfinite(q).all() and torch.allclose(q.sum(-1), torch.ones(32, 4), atol=1e-5)
+
+
 def test_sinkhorn_balance_trains_without_a_centre(tiny_lm_dir, image_folder, tmp_path):
     config = global_config(tiny_lm_dir)  # global_balance="sinkhorn", the default
     model = LQAE(config).train()

@@ -13,6 +13,7 @@ must choose the same few words.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -23,24 +24,26 @@ from torch import nn
 def sinkhorn(logits: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp (SwAV: Caron et al. 2020, arXiv 2006.09882): soft assignments (N, G, V) whose
     rows each sum to 1 and whose columns share the N images (summed over all processes) evenly
-    among the V words of each global token. `logits` (N, G, V) are scores over a temperature."""
+    among the V words of each global token. `logits` (N, G, V) are scores over a temperature.
+    Computed in the log domain: with sharp temperatures the plain form underflows to 0/0."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    top = logits.float().amax()
+    log_q = logits.float().permute(1, 2, 0)  # (G, V, N)
+    words, images = log_q.shape[1], log_q.shape[2] * world
+    for _ in range(iterations):
+        log_q = log_q - _logsumexp_over_images(log_q, world) - math.log(words)  # each word: 1/V of the mass
+        log_q = log_q - log_q.logsumexp(1, keepdim=True) - math.log(images)  # each image: 1/N of it
+    return (log_q + math.log(images)).exp().permute(2, 0, 1)
+
+
+def _logsumexp_over_images(log_q: torch.Tensor, world: int) -> torch.Tensor:
+    """log of each word's total over the images of every process: (G, V, 1)."""
+    top = log_q.amax(2, keepdim=True)
     if world > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)  # one shift everywhere, or the processes' sums disagree
-    q = (logits.float() - top).exp().permute(1, 2, 0)  # (G, V, N)
-    total = q.sum((1, 2), keepdim=True)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    total = (log_q - top).exp().sum(2, keepdim=True)
     if world > 1:
         dist.all_reduce(total)
-    q = q / total
-    words, images = q.shape[1], q.shape[2] * world
-    for _ in range(iterations):
-        per_word = q.sum(2, keepdim=True)  # each word's share, over every process's images
-        if world > 1:
-            dist.all_reduce(per_word)
-        q = q / per_word / words
-        q = q / q.sum(1, keepdim=True) / images  # each image's assignments sum to 1/images
-    return (q * images).permute(2, 0, 1)
+    return top + total.log()
 
 
 class SelfDistillation(nn.Module):
