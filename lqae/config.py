@@ -117,7 +117,7 @@ class ModelConfig:
     lm_name: str = "roberta-base"  # frozen LM: local dir, offline package or HF hub name
     vocab: str = "all"  # codebook tokens: "all" (every non-special token) or "words" (whole alphabetic words)
     llm_vocab: str | None = None  # keep only words this LLM's tokenizer reads as one token after a space
-    # (hf:NAME, openai:MODEL or tiktoken:ENCODING; lqae.vocab); the chosen ids are saved with the weights
+    # (hf:NAME, openai:MODEL or tiktoken:ENCODING; lqae.model.vocab); the chosen ids are saved with the weights
     exclude_special_tokens: bool = True  # the reference kept them; a code equal to [MASK]/[PAD] makes LM input ambiguous
     mask_ratio: float = 0.5  # per-token probability of the LM's mask embedding during training (0 at eval)
     mask_ratio_min: float | None = None  # set: each image draws its ratio uniformly from [mask_ratio_min, mask_ratio]

@@ -1,6 +1,6 @@
 """A prompting LLM's files, found offline where possible: an `hf:` name resolved to a folder or a
 GGUF file (`resolve_llm`), and a tiktoken encoding loaded from a bundled or given rank file
-(`load_tiktoken`). The few-shot backends and the LLM-aligned vocabulary (`lqae.vocab`) both read them.
+(`load_tiktoken`). The few-shot backends and the LLM-aligned vocabulary (`lqae.model.vocab`) both read them.
 """
 
 from __future__ import annotations

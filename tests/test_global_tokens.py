@@ -264,7 +264,7 @@ def test_llm_vocab_keeps_one_token_words_and_is_saved_with_the_weights(tiny_lm_d
     def refuse(*args, **kwargs):
         raise AssertionError("loading a checkpoint must not need the LLM's tokenizer")
 
-    monkeypatch.setattr("lqae.vocab.single_token_words", refuse)
+    monkeypatch.setattr("lqae.model.vocab.single_token_words", refuse)
     images = torch.rand(2, 3, 16, 16)
     for loaded in (ckpt.load_model(tmp_path / "run"), ckpt.load_model(tmp_path / "run", encode_only=True)):
         assert loaded.codebook.code_to_token.tolist() == expected

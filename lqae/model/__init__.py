@@ -1,6 +1,7 @@
 """The model: the ViT encoder and decoder (`vit`), the frozen LM (`lm`, its files read by `lm_files`),
 the language codebook that quantizes onto the LM's word embeddings (`quantizer`), the global
-tokens' self-distillation (`distill`), and the LQAE that joins them (`autoencoder`).
+tokens' self-distillation (`distill`), the LLM-aligned vocabulary filter (`vocab`), and the LQAE
+that joins them (`autoencoder`).
 
 Names load lazily, as `lqae`'s: importing `lqae.model.lm_files` does not build the rest.
 """

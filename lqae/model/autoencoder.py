@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lqae.config import ModelConfig
-from lqae import vocab
+from lqae.model import vocab
 from lqae.errors import CheckpointError, TokenError
 from lqae.model.lm import FrozenLM, load_frozen_lm
 from lqae.model.quantizer import codebook_from_config, select_token_ids

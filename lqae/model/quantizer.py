@@ -163,7 +163,7 @@ class LanguageCodebook(nn.Module):
         """`fit_search_space=False` leaves a fitted search space (the PCA projection) as zeros for a
         checkpoint's saved one to replace (fitting it costs a fraction of a second at start-up).
         `save_token_ids`: the codes' LM ids are saved with the weights (a vocabulary an LLM's
-        tokenizer chose, `lqae.vocab`)."""
+        tokenizer chose, `lqae.model.vocab`)."""
         super().__init__()
         vocab_rows, width = word_embeddings.shape
         ids = torch.tensor(token_ids, dtype=torch.long)
