@@ -1,7 +1,7 @@
 """Where a training step's time goes: the `tiny` preset's step (forward, backward, AdamW) against
 variants and the FSQ peer, interleaved in one process so the ratios survive a shared machine.
 
-    python bench/steptime.py                       # default, previous tiny, usage_top_k=64, bf16, FSQ peer
+    python bench/steptime.py                       # default, previous tiny, no global tokens, usage_top_k=64, bf16, FSQ peer
     python bench/steptime.py --compile             # also torch.compile of the default (slow to build)
     python bench/steptime.py --profile             # also the top operators of the default step
 
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PeerAutoencoder  # noqa: E402
 
 from lqae.config import apply_overrides, get_preset  # noqa: E402
-from lqae.model import LQAE  # noqa: E402
+from lqae.model import LQAE, SelfDistillation  # noqa: E402
 
-PREVIOUS_TINY = ["search_space=pca", "latent_dim=16", "decoder_input=lm", "decoder_head=linear"]
+PREVIOUS_TINY = ["search_space=pca", "latent_dim=16", "decoder_input=lm", "decoder_head=linear", "global_tokens=0"]
 
 
 def lqae_step(overrides: list[str], batch: int, bf16: bool = False, compile_model: bool = False):
@@ -39,14 +39,19 @@ def lqae_step(overrides: list[str], batch: int, bf16: bool = False, compile_mode
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     forward = torch.compile(model) if compile_model else model
     images = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
+    # global tokens train on a second view against an EMA teacher, as the trainer does
+    distill = SelfDistillation(model).train() if preset.model.global_tokens else None
+    views = {"second_view": images.flip(-1), "distill": distill} if distill else {}
 
     def step() -> None:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
-            loss = forward(images).loss
+            loss = forward(images, **views).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if distill:
+            distill.update_teacher(model.encoder.global_encoder, preset.train.teacher_momentum)
 
     return step
 
@@ -81,6 +86,7 @@ def main() -> None:
     variants = {
         "default": lqae_step([], args.batch),
         "previous_tiny": lqae_step(PREVIOUS_TINY, args.batch),
+        "no_global_tokens": lqae_step(["global_tokens=0"], args.batch),
         "usage_top_k_64": lqae_step(["usage_top_k=64"], args.batch),
         "no_usage_regulariser": lqae_step(["usage_weight=0"], args.batch),
         "bf16_autocast": lqae_step([], args.batch, bf16=True),

@@ -318,6 +318,9 @@ def _presets() -> dict[str, Preset]:
                 image_size=32, patch_size=8, encoder_width=128, encoder_depth=2, encoder_heads=4,
                 # decoding a 16-token code needs more than the encoder: +1.3 dB over 128 wide x 2 deep
                 decoder_width=256, decoder_depth=4, decoder_heads=8, **minilm_words,
+                # 4 view-invariant global words first: 5-way overlap +9.6 to +17 points and the probe up
+                # to +14.5 on the four bench sets, PSNR -0.07 to +0.30 dB (README "Global tokens")
+                global_tokens=4,
             ),
             TrainConfig(
                 batch_size=32,  # twice the steps of batch 64 in the same time: +0.5 dB on the bench

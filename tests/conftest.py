@@ -67,6 +67,11 @@ def tiny_lm_no_head_dir(tmp_path_factory) -> Path:
     return write_tiny_lm(tmp_path_factory.mktemp("tiny_lm_nohead"), with_mlm_head=False)
 
 
+# The tiny preset's 4 global tokens x 64 words need 256 codes; the test LM has 144 words, so CLI
+# tests that train with the preset's defaults give each global token 16
+SMALL_GLOBAL_SETS = ("--set", "global_vocab_size=16")
+
+
 def tiny_model_config(lm_dir: Path, **overrides):
     fields = dict(
         image_size=16, patch_size=4, encoder_width=32, encoder_depth=1, encoder_heads=2,

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SMALL_GLOBAL_SETS
 from typer.testing import CliRunner
 
 from lqae.checkpoint import RunLock, read_config
@@ -61,7 +62,8 @@ def test_train_bad_inputs_give_one_clear_line(tmp_path, tiny_lm_dir):
 
 
 def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
-    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0"]
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0",
+              *SMALL_GLOBAL_SETS]
     first = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "2", *common)
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "run" / "model.safetensors").exists() and first.stdout == ""
@@ -78,7 +80,8 @@ def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
 
 
 def test_train_set_overrides_any_config_field(tmp_path, tiny_lm_dir, image_folder):
-    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0"]
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0",
+              *SMALL_GLOBAL_SETS]
     result = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "1", *common,
                      "--set", "encoder_output=unit", "--set", "mask_ratio_min=0.1", "--set", "weight_decay=0.5")
     assert result.returncode == 0, result.stderr
@@ -107,7 +110,8 @@ def test_ddp_two_processes_on_cpu_gloo(tmp_path, tiny_lm_dir, image_folder):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lqae_cli",
          "train", str(image_folder), "--out", str(tmp_path / "run"), "--lm", str(tiny_lm_dir), "--image-size", "16",
-         "--patch-size", "4", "--batch-size", "4", "--steps", "2", "--log-every", "1", "--quiet", "--workers", "0", "--device", "cpu"],
+         "--patch-size", "4", "--batch-size", "4", "--steps", "2", "--log-every", "1", "--quiet", "--workers", "0", "--device", "cpu",
+         *SMALL_GLOBAL_SETS],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import save_tiny_checkpoint, write_class_images
+from conftest import SMALL_GLOBAL_SETS, save_tiny_checkpoint, write_class_images
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -83,7 +83,7 @@ def trained_once(tiny_lm_dir, tmp_path_factory) -> Path:
     images = write_class_images(tmp_path_factory.mktemp("hub_images") / "images")
     run = tmp_path_factory.mktemp("hub_run") / "run"
     result = cli("train", images, "--out", run, "--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4",
-                 "--batch-size", "4", "--steps", "2", "--quiet", "--workers", "0", "--val", images)
+                 "--batch-size", "4", "--steps", "2", "--quiet", "--workers", "0", "--val", images, *SMALL_GLOBAL_SETS)
     assert result.returncode == 0, result.stderr
     return run
 

@@ -26,7 +26,7 @@ from test_fewshot_helpers import StubServer
 from test_fewshot_openai import SECRET, backend_for, request
 from typer.testing import CliRunner
 
-from conftest import tiny_model_config, tiny_train_config, write_class_images
+from conftest import SMALL_GLOBAL_SETS, tiny_model_config, tiny_train_config, write_class_images
 from lqae import checkpoint as ckpt
 from lqae import io
 from lqae import train as training
@@ -185,7 +185,7 @@ def test_every_preset_and_an_old_checkpoint_still_pass_the_checks(tiny_checkpoin
 
 
 def test_set_and_options_with_bad_values_are_one_error_line(tiny_lm_dir, image_folder, tmp_path):
-    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--quiet"]
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--quiet", *SMALL_GLOBAL_SETS]
     for args, needle in [
         (["--set", "patch_size=0"], "patch_size must be between 1"),
         (["--set", "steps=abc"], "steps must be an integer or null"),
@@ -245,7 +245,7 @@ def test_finiteness_is_read_only_at_log_lines_and_saves(tiny_lm_dir, image_folde
 def test_train_cli_reports_divergence_in_one_line(tiny_lm_dir, image_folder, tmp_path):
     result = invoke("train", image_folder, "--out", tmp_path / "nan1", "--lm", tiny_lm_dir, "--image-size", "16",
                     "--patch-size", "4", "--steps", "6", "--batch-size", "8", "--log-every", "1", "--lr", "1e12",
-                    "--workers", "0", "--quiet")
+                    "--workers", "0", "--quiet", *SMALL_GLOBAL_SETS)
     assert_one_error_line(result, "diverged", "at step 2")
     strict_json_lines(tmp_path / "nan1" / "metrics.jsonl")
 
@@ -275,7 +275,7 @@ def test_resume_refuses_changed_options_and_other_data(tiny_lm_dir, image_folder
 
 
 def test_resume_on_the_command_line_compares_only_the_options_given(tiny_lm_dir, image_folder, tmp_path):
-    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet",
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", *SMALL_GLOBAL_SETS,
               "--workers", "0"]
     first = invoke("train", image_folder, "--out", tmp_path / "run", "--steps", "1", *common)
     assert first.exit_code == 0, first.output

@@ -6,11 +6,12 @@ import importlib.util
 import os
 
 import pytest
+from conftest import SMALL_GLOBAL_SETS
 from typer.testing import CliRunner
 
 from lqae_cli.app import app
 
-COMMON = ["--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0", "--steps", "5",
+COMMON = ["--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0", *SMALL_GLOBAL_SETS, "--steps", "5",
           "--set", "log_every=1", "--set", "sample_every=5"]
 
 
