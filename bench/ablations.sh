@@ -56,15 +56,16 @@ declare -A ROWS=(
   [E4]="$E0 $DIGITS --set decoder_input=lm_search --no-probe"
   [E5]="$E0 $DIGITS --set search_space=uniform --set latent_dim=6 --no-probe"
   [E6]="$E6 $DIGITS --no-probe"
-  [E7]="$E7"                                                               # = the tiny preset, 4 sets, FSQ peers
-  [E8]="$E7 --datasets digits,shapes --peers= --set global_tokens=4"
+  [E7]="$E7"                                                               # tiny without global tokens, 4 sets, FSQ peers
+  [E8]="$E7 --peers= --set global_tokens=4"                               # = the tiny preset, 4 sets
+  [G2]="$E7 $DIGITS --set global_tokens=4 --set global_vocab_size=16"
   [E9]="$E7 --datasets digits,shapes --peers= --no-probe --set llm_vocab=tiktoken:cl100k_base"
   [G1]="$E0 $DIGITS --set global_tokens=4 --set global_balance=centre"
   [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
   [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )
 ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15
-       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 G1 X1 X2)
+       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 G1 G2 X1 X2)
 mkdir -p "$OUT"
 for row in "${@:-${ORDER[@]}}"; do
   [[ -v "ROWS[$row]" ]] || { echo "unknown row $row; rows: ${ORDER[*]}" >&2; exit 2; }
