@@ -26,13 +26,17 @@ def sinkhorn(logits: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     rows each sum to 1 and whose columns share the N images (summed over all processes) evenly
     among the V words of each global token. `logits` (N, G, V) are scores over a temperature.
     Computed in the log domain: with sharp temperatures the plain form underflows to 0/0."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = _world_size()
     log_q = logits.float().permute(1, 2, 0)  # (G, V, N)
     words, images = log_q.shape[1], log_q.shape[2] * world
     for _ in range(iterations):
         log_q = log_q - _logsumexp_over_images(log_q, world) - math.log(words)  # each word: 1/V of the mass
         log_q = log_q - log_q.logsumexp(1, keepdim=True) - math.log(images)  # each image: 1/N of it
     return (log_q + math.log(images)).exp().permute(2, 0, 1)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _logsumexp_over_images(log_q: torch.Tensor, world: int) -> torch.Tensor:
@@ -89,9 +93,9 @@ class SelfDistillation(nn.Module):
     @torch.no_grad()
     def _update_centre(self, scores: torch.Tensor) -> None:
         mean = scores.mean(0)  # (G, V_g)
-        if dist.is_available() and dist.is_initialized():
+        if _world_size() > 1:
             dist.all_reduce(mean)
-            mean /= dist.get_world_size()
+            mean /= _world_size()
         self.centre.mul_(self.centre_momentum).add_(mean, alpha=1 - self.centre_momentum)
 
     @torch.no_grad()
