@@ -3,7 +3,7 @@
 # Usage: bench/ablations.sh [ROW ...]   (no ROW: every row; each takes 4-15 minutes on 2 cores)
 # Each row writes runs/ablations/ROW.json (its last line is the bench's JSON object).
 # Rows A-D start from the reference recipe (--reference-base: the tiny architecture with the reference
-# decisions, batch 64, 600 steps), rows E-G from the previous tiny preset (C14) on the data sets named;
+# decisions, batch 64, 600 steps), rows E-G and X from the tiny preset with every field they depend on named (E0: the preset before round two), on the data sets named;
 # every row names every change, so it reproduces whatever the presets say now.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,9 @@ C5="$C3 --set batch_size=32 --steps 1200"
 C6="$C5 --set decoder_width=256 --set decoder_depth=4 --set decoder_heads=8"
 C9="$C6 --set straight_through=soft"
 E0="--set search_space=pca --set latent_dim=16 --set decoder_input=lm --set decoder_head=linear --set global_tokens=0"
-E6="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_head=linear --set global_tokens=0"
-E7="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_head=conv --set global_tokens=0"
+E6="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_reads_masked=false --set decoder_head=linear --set global_tokens=0"
+E7="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_reads_masked=false --set decoder_head=conv --set global_tokens=0"
+F1="$E7 --set global_tokens=4 --set decoder_reads_masked=true"
 SHAPES="--datasets shapes --peers="
 DIGITS="--datasets digits --peers="
 declare -A ROWS=(
@@ -61,11 +62,15 @@ declare -A ROWS=(
   [G2]="$E7 $DIGITS --set global_tokens=4 --set global_vocab_size=16"
   [E9]="$E7 --datasets digits,shapes --peers= --no-probe --set llm_vocab=tiktoken:cl100k_base"
   [G1]="$E0 $DIGITS --set global_tokens=4 --set global_balance=centre"
+  [F1]="$F1 --datasets digits,shapes --peers="                            # E8 + the decoder reads the masked codes too
+  [F2]="$F1 --datasets digits,shapes --peers= --set latent_dim=5"
+  [G3]="$F1 $DIGITS --set global_tokens=8"
+  [F3]="$F1 --set global_tokens=8"                                         # = the tiny preset, 4 sets, FSQ peers
   [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
   [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )
 ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15
-       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 G1 G2 X1 X2)
+       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 X1 X2)
 mkdir -p "$OUT"
 for row in "${@:-${ORDER[@]}}"; do
   [[ -v "ROWS[$row]" ]] || { echo "unknown row $row; rows: ${ORDER[*]}" >&2; exit 2; }

@@ -67,8 +67,8 @@ def tiny_lm_no_head_dir(tmp_path_factory) -> Path:
     return write_tiny_lm(tmp_path_factory.mktemp("tiny_lm_nohead"), with_mlm_head=False)
 
 
-# The tiny preset's 4 global tokens x 64 words need 256 codes; the test LM has 144 words, so CLI
-# tests that train with the preset's defaults give each global token 16
+# The tiny preset's 8 global tokens x 64 words need 512 codes; the test LM has 144 words, so CLI
+# tests that train with the preset's defaults give each global token 16 (128 codes)
 SMALL_GLOBAL_SETS = ("--set", "global_vocab_size=16")
 
 

@@ -190,3 +190,20 @@ def test_the_model_copies_its_config_and_the_encoder_always_returns_its_three_ou
     assert torch.equal(out.z, out.projected)  # no output standardisation in this config
     assert len(out.hidden_states) == config.encoder_depth + 1 and out.hidden_states[0].shape == (2, 16, 32)
     assert model.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("reads_masked", [False, True])
+def test_lm_search_decoder_sees_masked_codes_only_when_asked(tiny_lm_dir, reads_masked):
+    torch.manual_seed(0)
+    config = tiny_model_config(
+        tiny_lm_dir, decoder_input="lm_search", search_space="uniform", latent_dim=4, mask_ratio=0.9,
+        decoder_reads_masked=reads_masked,
+    )
+    model = LQAE(config).train()
+    seen = {}
+    model.decoder.register_forward_hook(lambda module, args, out: seen.update(coordinates=args[1].detach()))
+    out = model(torch.rand(2, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert out.mask.any()
+    at_masked = seen["coordinates"][out.mask].abs().sum(-1)  # the cube coordinates are positive
+    assert bool((at_masked > 0).all()) is reads_masked
+    assert bool((seen["coordinates"][~out.mask].abs().sum(-1) > 0).all())

@@ -200,14 +200,16 @@ class LQAE(nn.Module):
         (B, L, D), the codes' search-space vectors (B, L, d) and the mask (B, L) or None.
         The decoder reads the LM's last hidden state (the method); "lm_skip" adds the LM's input to
         it and "lm_search" a learned map of each code's search-space vector (neither shows a masked
-        code: the LM input there is the mask embedding, the vector is zeroed). The diagnostics
+        code: the LM input there is the mask embedding, the vector is zeroed, unless
+        `decoder_reads_masked`). The diagnostics
         "embeddings" and "search" skip the LM, to separate quantizer limits from LM-channel limits."""
         mode = self.config.decoder_input
         lm_hidden = None if mode in ("embeddings", "search") else self.run_lm(lm_input).last_hidden_state
         hidden = {"lm": lm_hidden, "lm_search": lm_hidden, "embeddings": lm_input, "search": None}.get(mode)
         if mode == "lm_skip":
             hidden = lm_hidden + lm_input
-        if mode in ("lm_search", "search") and mask is not None and mask.any():
+        hides = mode == "search" or (mode == "lm_search" and not self.config.decoder_reads_masked)
+        if hides and mask is not None and mask.any():
             coordinates = coordinates.masked_fill(mask.unsqueeze(-1), 0.0)
         return self.decoder(hidden, coordinates), lm_hidden
 
