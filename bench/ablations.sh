@@ -66,11 +66,13 @@ declare -A ROWS=(
   [F2]="$F1 --datasets digits,shapes --peers= --set latent_dim=5"
   [G3]="$F1 $DIGITS --set global_tokens=8"
   [F3]="$F1 --set global_tokens=8"                                         # = the tiny preset, 4 sets, FSQ peers
+  [G4]="$F1 $DIGITS --set global_tokens=16"
+  [X3]="$F1 $DIGITS --no-probe --set global_tokens=8 --set mask_ratio=0"  # diagnostic: the tiny preset without the mask
   [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
   [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )
 ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15
-       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 X1 X2)
+       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 G4 X1 X2 X3)
 mkdir -p "$OUT"
 for row in "${@:-${ORDER[@]}}"; do
   [[ -v "ROWS[$row]" ]] || { echo "unknown row $row; rows: ${ORDER[*]}" >&2; exit 2; }
