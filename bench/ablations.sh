@@ -54,7 +54,7 @@ declare -A ROWS=(
   [E1]="$E0 $SHAPES --set decoder_head=conv --no-probe"
   [E2]="$E0 $SHAPES --set mask_cooldown_fraction=0.3 --no-probe"
   [E3]="$E0 $SHAPES --set latent_dim=8 --no-probe"
-  [E4]="$E0 $DIGITS --set decoder_input=lm_search --no-probe"
+  [E4]="$E0 $DIGITS --set decoder_input=lm_search --set decoder_reads_masked=false --no-probe"
   [E5]="$E0 $DIGITS --set search_space=uniform --set latent_dim=6 --no-probe"
   [E6]="$E6 $DIGITS --no-probe"
   [E7]="$E7"                                                               # tiny without global tokens, 4 sets, FSQ peers

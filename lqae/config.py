@@ -139,7 +139,8 @@ class ModelConfig:
     # "lm_search": the LM's last hidden state plus a learned map of each code's search-space vector (none where
     # masked); diagnostics that skip the LM: "embeddings" (the code embeddings), "search" (the search vectors only)
     decoder_reads_masked: bool = False  # "lm_search": the decoder also reads the masked codes' search vectors
-    # (the mask then hides codes from the LM only; at encode/decode time nothing is masked either way)
+    # (the mask then hides codes from the LM only; at encode/decode time nothing is masked either way;
+    # the other decoder inputs ignore it)
     decoder_head: str = "linear"  # "linear": each token's pixels from one linear map (the reference);
     # "conv": each token unpatchifies to decoder_head_channels feature maps, then 3x3 convs blend the patch seams
     decoder_head_channels: int = 32  # "conv" head: feature maps per pixel before the convolutions
@@ -276,7 +277,7 @@ RECIPE: dict[str, Any] = {
     # search among the codebook's top 6 principal directions, each through the normal CDF into the
     # unit cube (an evenly filled grid of 21k codes, as FSQ's is): without the LM the decoder reads
     # 23.1 dB from these coordinates against 21.6 from the 16-d PCA ones (digits); 5 gained on the
-    # digits (+0.34 dB) and lost on the shapes (-0.15)
+    # digits (+0.34 dB) and lost on the shapes (-0.16)
     "search_space": "uniform",
     "latent_dim": 6,
     # gradient through a softmax over the 32 nearest codes: the encoder learns which code to pick
@@ -325,7 +326,7 @@ def _presets() -> dict[str, Preset]:
                 decoder_width=256, decoder_depth=4, decoder_heads=8, **minilm_words,
                 # 8 view-invariant global words first: with 4, 5-way overlap +9.6 to +17 points and the
                 # probe up to +14.5 on the four bench sets, PSNR -0.07 to +0.30 dB; 8 add +4.3 points
-                # of overlap and +6.2 of probe on the digits at -0.03 dB (README "Global tokens")
+                # of overlap and +6.2 of probe on the digits at -0.03 dB (README "Model quality")
                 global_tokens=8,
             ),
             TrainConfig(

@@ -157,7 +157,7 @@ def test_checkpoint_from_before_the_recipe_fields_loads_with_reference_behaviour
     ckpt.save_checkpoint(run, tiny_model, tiny_train_config(), step=3)
     config = json.loads((run / "config.json").read_text())
     new_fields = ("encoder_output", "commitment", "straight_through", "search_space", "latent_dim",
-                  "codebook_weight", "decoder_input", "mask_ratio_min")
+                  "codebook_weight", "decoder_input", "mask_ratio_min", "decoder_reads_masked")
     for name in new_fields:
         config["model"].pop(name)
     config["train"].pop("mask_warmup_fraction")
@@ -166,6 +166,6 @@ def test_checkpoint_from_before_the_recipe_fields_loads_with_reference_behaviour
     c = loaded.config
     assert (c.encoder_output, c.commitment, c.straight_through, c.search_space, c.decoder_input) == (
         "linear", "mse", "identity", "embedding", "lm")
-    assert c.mask_ratio_min is None
+    assert c.mask_ratio_min is None and c.decoder_reads_masked is False
     images = torch.rand(2, 3, 16, 16)
     assert torch.equal(loaded.encode(images), tiny_model.encode(images))
