@@ -3,7 +3,8 @@
 # Usage: bench/ablations.sh [ROW ...]   (no ROW: every row; each takes 4-15 minutes on 2 cores)
 # Each row writes runs/ablations/ROW.json (its last line is the bench's JSON object).
 # Rows A-D start from the reference recipe (--reference-base: the tiny architecture with the reference
-# decisions, batch 64, 600 steps), rows E-G and X from the tiny preset with every field they depend on named (E0: the preset before round two), on the data sets named;
+# decisions, batch 64, 600 steps), the other rows from the tiny preset with every field they depend on named (E0: the
+# preset before round two, F3 that of round three), on the data sets named;
 # every row names every change, so it reproduces whatever the presets say now.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +18,15 @@ C3="$PCA --set mask_ratio_min=0"
 C5="$C3 --set batch_size=32 --steps 1200"
 C6="$C5 --set decoder_width=256 --set decoder_depth=4 --set decoder_heads=8"
 C9="$C6 --set straight_through=soft"
-E0="--set search_space=pca --set latent_dim=16 --set decoder_input=lm --set decoder_head=linear --set global_tokens=0"
-E6="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_reads_masked=false --set decoder_head=linear --set global_tokens=0"
-E7="--set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_reads_masked=false --set decoder_head=conv --set global_tokens=0"
+R3="--set straight_through=soft --set usage_weight=0.005 --set usage_sample_tokens=256 --set decoder_lm_zero_init=false"  # rounds two, three
+E0="$R3 --set search_space=pca --set latent_dim=16 --set decoder_input=lm --set decoder_head=linear --set global_tokens=0"
+E6="$R3 --set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_reads_masked=false --set decoder_head=linear --set global_tokens=0"
+E7="$R3 --set search_space=uniform --set latent_dim=6 --set decoder_input=lm_search --set decoder_reads_masked=false --set decoder_head=conv --set global_tokens=0"
 F1="$E7 --set global_tokens=4 --set decoder_reads_masked=true"
+F3="$F1 --set global_tokens=8"                                            # the tiny preset of round three
+H1="$F3 --set search_space=grid"
+K1="$H1 --set straight_through=none --set usage_weight=0"
+L1="$K1 --set decoder_lm_zero_init=true"                                  # the tiny preset of round four
 SHAPES="--datasets shapes --peers="
 DIGITS="--datasets digits --peers="
 declare -A ROWS=(
@@ -68,16 +74,23 @@ declare -A ROWS=(
   [F3]="$F1 --set global_tokens=8"                                         # = the tiny preset, 4 sets, FSQ peers
   [G4]="$F1 $DIGITS --set global_tokens=16"
   [X3]="$F1 $DIGITS --no-probe --set global_tokens=8 --set mask_ratio=0"  # diagnostic: the tiny preset without the mask
+  [X4]="$F3 $DIGITS --no-probe --set decoder_input=search --set mask_ratio=0"  # diagnostic: F3, no LM read, no mask
+  [H1]="$H1 $DIGITS --no-probe"                                            # F3 + the word grid
+  [H2]="$F3 $DIGITS --no-probe --set usage_weight=0"
+  [H3]="$H1 $DIGITS --no-probe --set straight_through=none"
+  [H4]="$H1 $DIGITS --no-probe --set usage_weight=0"
+  [K1]="$K1 --datasets digits,shapes --peers="
+  [L1]="$L1 --peers="                                                      # = the tiny preset, 4 sets
   [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
   [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )
 ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15
-       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 G4 X1 X2 X3)
+       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 G4 X1 X2 X3 X4 H1 H2 H3 H4 K1 L1)
 mkdir -p "$OUT"
 for row in "${@:-${ORDER[@]}}"; do
   [[ -v "ROWS[$row]" ]] || { echo "unknown row $row; rows: ${ORDER[*]}" >&2; exit 2; }
   # shellcheck disable=SC2086  # the row's options are meant to split
-  base=$REF; [[ $row == [EGX]* ]] && base=""
+  base=""; [[ $row == [A-D]* ]] && base=$REF
   "$PY" bench/quality.py $base ${ROWS[$row]} --out "$OUT/$row" > "$OUT/$row.json"
   tail -n 1 "$OUT/$row.json"
 done

@@ -39,7 +39,11 @@ class PeerAutoencoder(nn.Module):
 
     def __init__(self, preset: Preset, kind: str) -> None:
         super().__init__()
-        config = dataclasses.replace(preset.model, lm_width=TOKEN_WIDTH, encoder_output="linear", decoder_input="lm")
+        # the patch tokens only (the 16-token peers): lqae's global words come on top of them
+        config = dataclasses.replace(
+            preset.model, lm_width=TOKEN_WIDTH, encoder_output="linear", decoder_input="lm", global_tokens=0,
+            straight_through="identity",
+        )
         self.kind, self.image_size = kind, config.image_size
         self.encoder, self.decoder = Encoder(config), Decoder(config)
         init_weights(self.encoder)

@@ -23,8 +23,8 @@ CHOICES = {  # string-valued fields and their allowed values (lqae.model.quantiz
     "vocab": VOCAB_CHOICES,
     "encoder_output": ("linear", "unit", "standardize"),
     "commitment": ("mse", "cosine"),
-    "straight_through": ("identity", "rotation", "soft"),
-    "search_space": ("embedding", "latent", "mapped", "pca", "uniform"),
+    "straight_through": ("identity", "rotation", "soft", "none"),
+    "search_space": ("embedding", "latent", "mapped", "pca", "uniform", "grid"),
     "decoder_input": ("lm", "lm_skip", "lm_search", "embeddings", "search"),
     "decoder_head": ("linear", "conv"),
     "global_balance": ("centre", "sinkhorn"),
@@ -45,7 +45,7 @@ MODEL_LIMITS: dict[str, tuple[float | None, float | None]] = {
     "usage_sample_tokens": (1, 1 << 20), "search_chunk_tokens": (1, 1 << 20),
     "lm_vocab_size": (1, None), "lm_width": (1, None), "codebook_size": (1, None),
     "decoder_head_channels": (1, 4096), "usage_top_k": (0, 65536), "global_tokens": (0, 1024),
-    "global_vocab_size": (1, 65536), "invariance_weight": (0, None), "teacher_temperature": (1e-6, None),
+    "global_vocab_size": (1, 65536), "global_queue": (0, 1 << 20), "invariance_weight": (0, None), "teacher_temperature": (1e-6, None),
     "student_temperature": (1e-6, None), "centre_momentum": (0, 1),
 }
 MAX_TOKENS_PER_IMAGE = 65536  # (image_size / patch_size)^2: far beyond any LM's context
@@ -127,18 +127,22 @@ class ModelConfig:
     encoder_output: str = "linear"  # "unit": direction only, at the codebook's mean norm (no norm drift);
     # "standardize": per-feature batch standardisation onto the codebook's mean/std (no drift, no index collapse)
     commitment: str = "mse"  # "cosine": 1 - cos(z, e), matching the angle the search uses
-    straight_through: str = "identity"  # "rotation": the rotation trick (Fifty et al. 2024); "soft": see below
+    straight_through: str = "identity"  # "rotation": the rotation trick (Fifty et al. 2024); "soft": see below;
+    # "none": no gradient through the LM's input (the encoder learns from the decoder's code coordinates, as FSQ's)
     soft_top_k: int = 32  # "soft": the gradient flows through a softmax over this many nearest codes
     soft_temperature: float = 0.05  # "soft": softmax temperature over their cosine similarities
     search_space: str = "embedding"  # "latent": two learned maps (official quantizer_latent_dim); "mapped": SimVQ;
     # "pca": the codebook's top latent_dim principal directions (a dense, fixed search space);
-    # "uniform": those coordinates through the normal CDF into the unit cube, nearest by Euclidean distance
-    latent_dim: int = 32  # width of the "latent" / "pca" / "uniform" search space
+    # "uniform": those coordinates through the normal CDF into the unit cube, nearest by Euclidean distance;
+    # "grid": that cube cut into an even grid (FSQ's), one word per cell, the decoder reads cell centres
+    latent_dim: int = 32  # width of the "latent" / "pca" / "uniform" / "grid" search space
     codebook_weight: float = 1.0  # latent/mapped search only: pulls the mapped code towards the encoder output
     decoder_input: str = "lm"  # "lm_skip": the LM's last hidden state plus its input (the masked code embeddings);
     # "lm_search": the LM's last hidden state plus a learned map of each code's search-space vector (none where
     # masked); diagnostics that skip the LM: "embeddings" (the code embeddings), "search" (the search vectors only)
     decoder_reads_masked: bool = False  # "lm_search": the decoder also reads the masked codes' search vectors
+    decoder_lm_zero_init: bool = False  # "lm_search": the decoder's read of the LM starts at zero, so it starts
+    # from the codes' coordinates and takes in the LM's features as far as they help
     # (the mask then hides codes from the LM only; at encode/decode time nothing is masked either way;
     # the other decoder inputs ignore it)
     decoder_head: str = "linear"  # "linear": each token's pixels from one linear map (the reference);
@@ -154,6 +158,8 @@ class ModelConfig:
     global_balance: str = "sinkhorn"  # how the teacher's targets are kept from collapsing onto a few words:
     # "sinkhorn" (SwAV: Sinkhorn-Knopp spreads each batch evenly over the words, three iterations) or
     # "centre" (DINO: subtract a running mean; at batch 32 it left each global token 2-4 words)
+    global_queue: int = 0  # "sinkhorn": teacher scores of this many earlier views join each batch's balancing
+    # (SwAV's queue for small batches: the batch's images may share words the queue's images leave free)
     usage_weight: float = 0.0  # code-usage (entropy) regulariser; 0 in the reference. Ours: counters code collapse
     usage_temperature: float = 0.01  # softmax temperature over cosine similarities for that regulariser
     usage_sample_tokens: int = 1024  # tokens per step the regulariser looks at (bounds its memory)
@@ -178,6 +184,11 @@ class ModelConfig:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= self.mask_ratio:
             raise ConfigError(f"mask_ratio_min must be in [0, mask_ratio={self.mask_ratio}], got {self.mask_ratio_min}")
+        if self.straight_through == "none" and self.decoder_input not in ("lm_search", "search"):
+            raise ConfigError(
+                f"straight_through=none passes no gradient through the LM's input, so with decoder_input="
+                f"{self.decoder_input} the encoder would not learn; use decoder_input=lm_search (or search)"
+            )
         for name in ("encoder", "decoder"):
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
             if width % heads:
@@ -186,7 +197,7 @@ class ModelConfig:
     @property
     def search_dim(self) -> int | None:
         """Width of the search space (the codes' coordinates); None until lm_width is known."""
-        if self.search_space in ("pca", "latent", "uniform"):
+        if self.search_space in ("pca", "latent", "uniform", "grid"):
             return self.latent_dim
         return self.lm_width
 
@@ -274,24 +285,25 @@ RECIPE: dict[str, Any] = {
     # per-feature batch standardisation onto the codebook's statistics: the raw output's norm drifts
     # (x60 in 600 steps) and all its tokens start parallel, so only a handful of codes are ever nearest
     "encoder_output": "standardize",
-    # search among the codebook's top 6 principal directions, each through the normal CDF into the
-    # unit cube (an evenly filled grid of 21k codes, as FSQ's is): without the LM the decoder reads
-    # 23.1 dB from these coordinates against 21.6 from the 16-d PCA ones (digits); 5 gained on the
-    # digits (+0.34 dB) and lost on the shapes (-0.16)
-    "search_space": "uniform",
+    # FSQ's evenly filled grid made of words: the codebook's top 6 principal coordinates, each through
+    # the normal CDF into the unit cube, cut into 6x5x5x5x5x5 cells of one word each; the decoder reads
+    # the cell's centre (+0.57 dB on the digits over the words' own cube coordinates)
+    "search_space": "grid",
     "latent_dim": 6,
-    # gradient through a softmax over the 32 nearest codes: the encoder learns which code to pick
-    "straight_through": "soft",
+    # no gradient through the LM's input: the encoder learns through the cell coordinates the decoder
+    # reads, as FSQ's does (+0.15 dB digits over a softmax over the 32 nearest codes, 1.4x faster steps)
+    "straight_through": "none",
     # each image draws its mask ratio from [0, 0.5]: still a masked-LM channel, but the decoder also
     # sees the lightly masked sequences it meets at encode time (a fixed 50% mask cost 2-3 dB)
     "mask_ratio_min": 0.0,
-    # a light entropy code-usage regulariser: 4x the distinct codes at no cost in PSNR on the bench
-    "usage_weight": 0.005,
-    "usage_sample_tokens": 256,
+    # no code-usage regulariser: on the grid it cost 0.48 dB on the digits (0.86 with the previous search)
+    # for twice the distinct codes (rounds two and three used an entropy term at weight 0.005)
     # the decoder reads the LM's output plus each code's search coordinates, masked codes' too: the
     # mask hides codes from the LM only (+1.92 dB digits, +0.89 shapes over hiding them from both)
     "decoder_input": "lm_search",
     "decoder_reads_masked": True,
+    # the decoder's read of the LM starts at zero: it starts from the coordinates (+0.26 dB shapes)
+    "decoder_lm_zero_init": True,
     # unpatchify to feature maps, then 3x3 convolutions: no 8x8 seams; with the two above, +1.3 to
     # +3.3 dB on all four visible bench sets (bench/quality.py, README "Model quality")
     "decoder_head": "conv",

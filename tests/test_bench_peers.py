@@ -38,3 +38,13 @@ def test_fsq_peer_has_the_configured_grid(preset):
     assert model.codebook_size == expected == 15360
     reconstruction, codes, _ = model(torch.rand(2, 3, 16, 16))
     assert reconstruction.shape == (2, 3, 16, 16) and codes.shape == (2, 16) and int(codes.max()) < expected
+
+
+def test_peers_have_the_patch_tokens_only_under_a_global_token_recipe(tiny_lm_dir):
+    config = tiny_model_config(
+        tiny_lm_dir, global_tokens=2, global_vocab_size=8, straight_through="none", decoder_input="lm_search",
+        search_space="grid", latent_dim=3,
+    )
+    model = PeerAutoencoder(Preset(config, tiny_train_config()), "fsq")
+    _, codes, _ = model(torch.rand(2, 3, 16, 16))
+    assert codes.shape == (2, 16)  # lqae's global words come on top of the peers' 16 tokens

@@ -136,6 +136,27 @@ def test_sinkhorn_stays_finite_for_sharp_scores():
     assert torch.isfinite(q).all() and torch.allclose(q.sum(-1), torch.ones(32, 4), atol=1e-5)
 
 
+def test_sinkhorn_queue_balances_the_batch_with_earlier_views(tiny_lm_dir):
+    torch.manual_seed(0)
+    model = LQAE(global_config(tiny_lm_dir, global_queue=12))
+    distill = SelfDistillation(model).train()
+    assert distill.queue.shape == (12, G, WORDS) and int(distill.queued) == 0
+    earlier = torch.full((8, G, WORDS), -1.0)
+    earlier[..., : WORDS // 2] = 0.0  # earlier views chose among the first half of the words
+    distill._enqueue(earlier)
+    batch = torch.zeros(4, G, WORDS)  # no preference of its own
+    alone = sinkhorn(batch / distill.teacher_temperature)
+    with_queue = distill._balanced(batch)
+    assert torch.allclose(alone[..., : WORDS // 2].sum(-1), torch.full((4, G), 0.5), atol=1e-4)
+    assert (with_queue[..., WORDS // 2 :].sum(-1) > 0.9).all()  # left to the words the queue left free
+    distill._enqueue(torch.ones(6, G, WORDS))
+    assert int(distill.queued) == 12 and (distill.queue[:6] == 1).all() and (distill.queue[6:12] == earlier[:6]).all()
+    images = torch.rand(4, 3, 16, 16)
+    model.train()(images, second_view=images.flip(-1), distill=distill).loss.backward()
+    assert (distill.queue[:8] != 1).any()  # the batch's two views went in, newest first
+    assert "queue" not in SelfDistillation(LQAE(global_config(tiny_lm_dir))).state_dict()
+
+
 def test_sinkhorn_balance_trains_without_a_centre(tiny_lm_dir, image_folder, tmp_path):
     config = global_config(tiny_lm_dir)  # global_balance="sinkhorn", the default
     model = LQAE(config).train()
@@ -150,12 +171,15 @@ def test_sinkhorn_balance_trains_without_a_centre(tiny_lm_dir, image_folder, tmp
         dataclasses.replace(config, global_balance="swap")
 
 
-def test_training_with_global_tokens_resumes_exactly(tiny_lm_dir, image_folder, tmp_path):
-    train(image_folder, tmp_path / "straight", global_config(tiny_lm_dir), tiny_train_config(steps=4, save_every=100))
-    train(image_folder, tmp_path / "resumed", global_config(tiny_lm_dir), tiny_train_config(steps=2))
+@pytest.mark.parametrize("queue", [0, 6])
+def test_training_with_global_tokens_resumes_exactly(tiny_lm_dir, image_folder, tmp_path, queue):
+    config = global_config(tiny_lm_dir, global_queue=queue)
+    train(image_folder, tmp_path / "straight", config, tiny_train_config(steps=4, save_every=100))
+    train(image_folder, tmp_path / "resumed", config, tiny_train_config(steps=2))
     state, _, _ = ckpt.load_train_state(tmp_path / "resumed")
     assert any(k.startswith("distill.teacher.") for k in state) and "distill.centre" in state
-    train(image_folder, tmp_path / "resumed", global_config(tiny_lm_dir), tiny_train_config(steps=4), resume=True)
+    assert ("distill.queue" in state) == bool(queue)  # the queue is training state too
+    train(image_folder, tmp_path / "resumed", config, tiny_train_config(steps=4), resume=True)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert max((straight[k].double() - resumed[k].double()).abs().max().item() for k in straight) <= 1e-6

@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 
 import pytest
@@ -207,3 +208,15 @@ def test_lm_search_decoder_sees_masked_codes_only_when_asked(tiny_lm_dir, reads_
     at_masked = seen["coordinates"][out.mask].abs().sum(-1)  # the cube coordinates are positive
     assert bool((at_masked > 0).all()) is reads_masked
     assert bool((seen["coordinates"][~out.mask].abs().sum(-1) > 0).all())
+
+
+def test_zero_initialised_lm_read_starts_from_the_coordinates_and_learns(tiny_lm_dir):
+    torch.manual_seed(0)
+    config = tiny_model_config(tiny_lm_dir, decoder_input="lm_search", search_space="grid", latent_dim=3)
+    assert LQAE(config).decoder.from_lm.weight.abs().sum() > 0  # the default initialisation
+    model = LQAE(dataclasses.replace(config, decoder_lm_zero_init=True)).train()
+    assert not model.decoder.from_lm.weight.any() and model.decoder.from_codes.weight.abs().sum() > 0
+    model(torch.rand(2, 3, 16, 16)).loss.backward()
+    assert model.decoder.from_lm.weight.grad.abs().sum() > 0  # it learns to read the LM from the first step
+    on_lm = LQAE(dataclasses.replace(config, decoder_input="lm", decoder_lm_zero_init=True))
+    assert on_lm.decoder.from_lm.weight.abs().sum() > 0  # with the LM as the only input: left as it was

@@ -7,7 +7,8 @@ from lqae.config import CHOICES
 from lqae.errors import ConfigError, TokenError
 from lqae.model import LQAE
 from lqae.model.quantizer import (
-    CODEBOOKS, _MixtureGradient, build_codebook, _is_whole_word, _word_marker, nearest_codes, rotate_onto, select_token_ids,
+    CODEBOOKS, _MixtureGradient, build_codebook, cell_centres, grid_assignment, grid_levels, _is_whole_word, _word_marker,
+    nearest_codes, rotate_onto, select_token_ids,
 )
 
 
@@ -203,6 +204,71 @@ def test_uniform_search_is_euclidean_nearest_in_the_unit_cube(tiny_lm_dir):
     model.train()(torch.rand(2, 3, 16, 16)).loss.backward()  # soft straight-through and usage run
 
 
+def test_grid_levels_are_even_and_fit_the_codebook():
+    assert grid_levels(21745, 6) == [6, 5, 5, 5, 5, 5]  # MiniLM's words: 18,750 cells
+    assert grid_levels(21745, 5) == [8, 7, 7, 7, 7]
+    assert grid_levels(144, 4) == [4, 4, 3, 3]
+    assert grid_levels(144, 3) == [5, 5, 5]  # the test LM's words: 19 without a cell
+    assert grid_levels(81, 4) == [3, 3, 3, 3]  # an exact power
+    for count, dim in ((40, 4), (1000, 3), (16, 4)):
+        levels = grid_levels(count, dim)
+        assert len(levels) == dim and max(levels) - min(levels) <= 1
+        assert torch.tensor(levels).prod() <= count
+    with pytest.raises(ConfigError, match="at least 64 codes.*lower latent_dim"):
+        grid_levels(40, 6)
+
+
+def test_cell_centres_first_side_most_significant():
+    levels = torch.tensor([3, 2, 4])
+    centres = cell_centres(torch.tensor([0, 1, 4, 23]), levels)
+    expected = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [2, 1, 3]]).float().add(0.5) / levels.float()
+    assert torch.allclose(centres, expected)
+
+
+def test_grid_assignment_gives_each_cell_one_word_and_recovers_a_lattice():
+    levels = [3, 4, 2]
+    centres = cell_centres(torch.arange(24), torch.tensor(levels))
+    shuffle = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    jitter = (torch.rand(24, 3, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.1  # inside each cell
+    cells = grid_assignment(centres[shuffle] + jitter, levels)
+    assert torch.equal(cells, shuffle)  # every word lands in the cell it sits in
+    torch.manual_seed(0)
+    cube = torch.rand(100, 3)  # more words than cells: each cell one word, the rest none
+    cells = grid_assignment(cube, levels)
+    assigned = cells[cells >= 0]
+    assert torch.equal(assigned.sort().values, torch.arange(24))
+    assert torch.equal(grid_assignment(cube, levels), cells)  # deterministic
+
+
+def test_grid_search_picks_the_cell_the_query_falls_in(tiny_lm_dir, tmp_path):
+    from conftest import tiny_train_config
+    from lqae import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    model = LQAE(tiny_model_config(
+        tiny_lm_dir, search_space="grid", latent_dim=3, encoder_output="standardize", global_tokens=2, global_vocab_size=8,
+    ))
+    codebook = model.codebook
+    levels = torch.tensor(grid_levels(codebook.size, 3))  # 144 words: 5,5,5 = 125 cells
+    assigned = codebook.grid_cells >= 0
+    assert int(assigned.sum()) == 125 and len(set(codebook.grid_cells[assigned].tolist())) == 125
+    assert (codebook.grid_cells[codebook.global_codes] >= 0).all()  # global words have cells too
+    z = torch.randn(2, 18, model.config.lm_width)  # 2 global + 16 patch tokens
+    out = codebook.eval()(z)
+    query = codebook._cube((z[:, 2:] - codebook.pca_mean) @ codebook.pca_directions.T)  # (2, 16, 3)
+    cell = (query * levels).floor().clamp(max=levels - 1)
+    assert torch.allclose(out.coordinates[:, 2:], (cell + 0.5) / levels, atol=1e-6)  # the centre of the query's cell
+    assert (codebook.grid_cells[out.codes] >= 0).all()
+    model.train()(torch.rand(2, 3, 16, 16)).loss.backward()  # soft straight-through and usage run
+    ckpt.save_checkpoint(tmp_path / "run", model, tiny_train_config(), step=1)
+    loaded = ckpt.load_model(tmp_path / "run")
+    assert torch.equal(loaded.codebook.grid_cells, codebook.grid_cells)  # saved, not refitted
+    images = torch.rand(3, 3, 16, 16)
+    assert torch.equal(loaded.encode(images), model.eval().encode(images))
+    tokens = model.encode(images)
+    assert (loaded.decode(tokens) - model.decode(tokens)).abs().max() <= 1e-5
+
+
 def test_one_codebook_class_per_search_space_and_unknown_spaces_listed():
     assert sorted(CODEBOOKS) == sorted(CHOICES["search_space"])
     words = torch.randn(40, 8)
@@ -213,3 +279,22 @@ def test_one_codebook_class_per_search_space_and_unknown_spaces_listed():
         assert torch.equal(out.token_ids, codebook.code_to_token[out.codes])
     with pytest.raises(ConfigError, match="choose one of: embedding"):
         build_codebook(words, list(range(40)), search_space="hyperbolic")
+
+
+def test_no_straight_through_leaves_the_encoder_the_decoders_coordinates(tiny_lm_dir):
+    torch.manual_seed(0)
+    config = tiny_model_config(
+        tiny_lm_dir, straight_through="none", search_space="grid", latent_dim=3, decoder_input="lm_search",
+        encoder_output="standardize", mask_ratio=0.0,
+    )
+    model = LQAE(config).train()
+    z = torch.randn(2, 16, model.config.lm_width, requires_grad=True)
+    out = model.codebook(z)
+    assert out.quantized.grad_fn is None and out.coordinates.grad_fn is not None  # the words carry no gradient
+    model(torch.rand(2, 3, 16, 16)).losses.reconstruction.backward()
+    assert model.encoder.patchify.weight.grad.abs().sum() > 0  # through the coordinates the decoder reads
+
+
+def test_no_straight_through_needs_a_decoder_that_reads_the_coordinates(tiny_lm_dir):
+    with pytest.raises(ConfigError, match="straight_through=none.*decoder_input=lm .*use decoder_input=lm_search"):
+        tiny_model_config(tiny_lm_dir, straight_through="none", decoder_input="lm")

@@ -94,6 +94,8 @@ class LQAE(nn.Module):
         if not for_loading:
             init_weights(self.encoder)
             init_weights(self.decoder)
+            if config.decoder_lm_zero_init and config.decoder_input == "lm_search":
+                nn.init.zeros_(self.decoder.from_lm.weight)
         codes = self.codebook.embeddings
         self.encoder.set_output_target(codes.mean(0), codes.std(0))
 

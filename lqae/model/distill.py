@@ -63,6 +63,11 @@ class SelfDistillation(nn.Module):
         self.student_temperature = config.student_temperature
         self.centre_momentum = config.centre_momentum
         self.balance = config.global_balance
+        # "sinkhorn": the teacher's scores of the last `global_queue` views, newest first (a training state,
+        # saved for an exact resume); `queued` counts the rows filled so far
+        if config.global_queue:
+            self.register_buffer("queue", torch.zeros(config.global_queue, config.global_tokens, config.global_vocab_size))
+            self.register_buffer("queued", torch.zeros((), dtype=torch.long))
 
     def train(self, mode: bool = True) -> "SelfDistillation":
         super().train(mode)
@@ -79,7 +84,10 @@ class SelfDistillation(nn.Module):
         """Cross-entropy from the sharpened, centred teacher of one view to the student of the other,
         both ways, averaged over tokens and images; updates the centre. Inputs (B, G, V_g)."""
         if self.balance == "sinkhorn":
-            targets_a, targets_b = sinkhorn(torch.cat([teacher_a, teacher_b]) / self.teacher_temperature).chunk(2)
+            scores = torch.cat([teacher_a, teacher_b])
+            targets_a, targets_b = self._balanced(scores).chunk(2)
+            if self.training and hasattr(self, "queue"):
+                self._enqueue(scores)
         else:
             targets_a = ((teacher_a - self.centre) / self.teacher_temperature).softmax(-1)
             targets_b = ((teacher_b - self.centre) / self.teacher_temperature).softmax(-1)
@@ -89,6 +97,18 @@ class SelfDistillation(nn.Module):
         if self.training and self.balance == "centre":
             self._update_centre(torch.cat([teacher_a, teacher_b]))
         return loss
+
+    @torch.no_grad()
+    def _balanced(self, scores: torch.Tensor) -> torch.Tensor:
+        """Sinkhorn targets (N, G, V_g) for the batch's teacher scores, balanced together with the queue's."""
+        queued = self.queue[: int(self.queued)] if hasattr(self, "queue") else scores[:0]
+        return sinkhorn(torch.cat([scores, queued.to(scores.dtype)]) / self.teacher_temperature)[: scores.shape[0]]
+
+    @torch.no_grad()
+    def _enqueue(self, scores: torch.Tensor) -> None:
+        rows = scores[: self.queue.shape[0]].to(self.queue.dtype)
+        self.queue.copy_(torch.cat([rows, self.queue[: self.queue.shape[0] - rows.shape[0]]]))
+        self.queued.fill_(min(int(self.queued) + rows.shape[0], self.queue.shape[0]))
 
     @torch.no_grad()
     def _update_centre(self, scores: torch.Tensor) -> None:

@@ -130,6 +130,9 @@ class LanguageCodebook(nn.Module):
       lower the loss. In 384 dimensions even the nearest of 20k word embeddings is typically ~78
       degrees from an arbitrary direction, so an identity copy of the gradient says little about
       which code to pick next.
+      "none": no gradient through the quantized value at all; with `decoder_input` "lm_search" the
+      encoder still learns through the code coordinates the decoder reads (straight-through there, as
+      FSQ's), and the LM only reads the words.
     - global_tokens G > 0: the first G tokens of each sequence are global tokens; token g chooses
       among its own `global_vocab_size` words (`global_codes[g]`: disjoint sets, spread over the
       search space by farthest-point sampling, saved with the weights). `global_scores` are what
@@ -283,6 +286,8 @@ class LanguageCodebook(nn.Module):
         embedded = self.embeddings[codes].to(z.dtype)  # (B, n, D)
         if self.straight_through == "rotation":
             return rotate_onto(z, embedded), codes
+        if self.straight_through == "none":
+            return embedded, codes
         if k > 1:
             sims = (query.unsqueeze(-2) * code_vectors[found]).sum(-1)  # (B, n, k)
             weights = (sims.float() / self.soft_temperature).softmax(dim=-1)
@@ -489,7 +494,107 @@ class UniformCodebook(PCACodebook):
         return farthest_points(self.code_coordinates(torch.arange(self.size)), count, euclidean=True)
 
 
-CODEBOOKS = {cls.search_space: cls for cls in (EmbeddingCodebook, LatentCodebook, MappedCodebook, PCACodebook, UniformCodebook)}
+class GridCodebook(UniformCodebook):
+    """"grid": FSQ's evenly filled grid (Mentzer et al. 2023, arXiv 2309.15505) made of words. The
+    unit cube of "uniform" is cut into `grid_levels(K, latent_dim)` cells per side, each cell gets
+    one word (`grid_assignment`: a balanced split along each principal coordinate in turn, so a
+    cell's word sits near it), and a query picks the cell it falls in; the decoder reads the cell's
+    centre. The few words left without a cell are never chosen when encoding (decoding them reads
+    their own cube coordinates). The assignment is saved with the weights."""
+
+    search_space = "grid"
+    _UNASSIGNED = -1e6  # the augmented row's last entry of a word without a cell: never nearest
+
+    def _init_search_space(self, embeddings: torch.Tensor, latent_dim: int, fit: bool) -> None:
+        self._init_projection(embeddings, latent_dim, fit)
+        size = embeddings.shape[0]
+        if fit:
+            self.register_buffer("uniform_scale", self._project(embeddings).std(0))
+            cells = grid_assignment(self._cube(self._project(embeddings)), grid_levels(size, latent_dim))
+        else:
+            self.register_buffer("uniform_scale", embeddings.new_ones(latent_dim))
+            cells = torch.full((size,), -1, dtype=torch.long)
+        self.register_buffer("grid_cells", cells)  # (K,) persistent: each code's flat cell index, -1 = none
+        self._build_rows(embeddings)
+
+    def _build_rows(self, embeddings: torch.Tensor) -> None:
+        levels = torch.tensor(grid_levels(embeddings.shape[0], self.pca_directions.shape[0]))
+        cube = self._cube(self._project(embeddings))  # (K, d)
+        assigned = self.grid_cells >= 0
+        centres = cell_centres(self.grid_cells.clamp_min(0), levels)
+        coordinates = torch.where(assigned.unsqueeze(-1), centres, cube)
+        rows = torch.cat([2 * coordinates, -coordinates.pow(2).sum(-1, keepdim=True)], dim=-1)
+        rows[~assigned, -1] = self._UNASSIGNED
+        self.register_buffer("grid_coordinates", coordinates, persistent=False)  # (K, d)
+        self.register_buffer("pca_codes", rows, persistent=False)  # (K, d + 1)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = nn.Module.load_state_dict(self, state_dict, strict, assign)
+        self._build_rows(self.embeddings)  # from the saved projection and assignment
+        return result
+
+    def code_coordinates(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.grid_coordinates[codes]
+
+    def _spread_codes(self, count: int) -> torch.Tensor:
+        assigned = torch.nonzero(self.grid_cells >= 0).squeeze(1)
+        return assigned[farthest_points(self.grid_coordinates[assigned], count, euclidean=True)]
+
+
+def grid_levels(count: int, dim: int) -> list[int]:
+    """Cells per side of a `dim`-d grid of at most `count` cells, as even as possible (the first
+    sides one larger where that still fits): 21,745 words in 6-d -> 6,5,5,5,5,5 = 18,750 cells."""
+    if count < 2**dim:
+        raise ConfigError(f"a {dim}-d grid needs at least {2**dim} codes, the codebook has {count}; lower latent_dim")
+    side = int(count ** (1 / dim))
+    while (side + 1) ** dim <= count:  # float rounding of the root
+        side += 1
+    levels = [side] * dim
+    for i in range(dim):
+        if math.prod(levels) // side * (side + 1) <= count:
+            levels[i] += 1
+    return levels
+
+
+def cell_centres(cells: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """(...,) flat cell indices (first side most significant) -> (..., d) centres in the unit cube."""
+    strides = torch.cumprod(torch.cat([levels.new_ones(1), levels[1:].flip(0)]), 0).flip(0)  # (d,)
+    digits = (cells.unsqueeze(-1) // strides) % levels
+    return (digits.float() + 0.5) / levels.float()
+
+
+def grid_assignment(cube: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    """One word per cell of the grid: (K, d) cube coordinates -> (K,) flat cell index or -1.
+
+    Sort all words along the first coordinate and cut them into levels[0] equal groups, cut each
+    group along the second coordinate into levels[1], and so on: every cell then holds at least one
+    word (K >= cells), and of a cell's words the one nearest its centre takes it. Deterministic."""
+    count, dim = cube.shape
+    group = torch.zeros(count, dtype=torch.long)
+    for axis, side in enumerate(levels):
+        order = torch.argsort(cube[:, axis], stable=True)
+        order = order[torch.argsort(group[order], stable=True)]  # by group, then by this coordinate
+        sizes = torch.bincount(group, minlength=int(group.max()) + 1)
+        starts = torch.cumsum(sizes, 0) - sizes
+        sorted_group = group[order]
+        rank = torch.arange(count) - starts[sorted_group]
+        chunk = rank * side // sizes[sorted_group]
+        group[order] = sorted_group * side + chunk
+    centres = cell_centres(group, torch.tensor(levels))
+    distance = (cube.float() - centres).pow(2).sum(-1)
+    order = torch.argsort(distance, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]  # by cell, nearest first
+    first = torch.ones(count, dtype=torch.bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    cells = torch.full((count,), -1, dtype=torch.long)
+    cells[order[first]] = group[order[first]]
+    return cells
+
+
+CODEBOOKS = {
+    cls.search_space: cls
+    for cls in (EmbeddingCodebook, LatentCodebook, MappedCodebook, PCACodebook, UniformCodebook, GridCodebook)
+}
 
 
 def build_codebook(
