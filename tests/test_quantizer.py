@@ -1,8 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_train_config
 
+from lqae import checkpoint as ckpt
 from lqae.config import CHOICES
 from lqae.errors import ConfigError, TokenError
 from lqae.model import LQAE
@@ -241,9 +242,6 @@ def test_grid_assignment_gives_each_cell_one_word_and_recovers_a_lattice():
 
 
 def test_grid_search_picks_the_cell_the_query_falls_in(tiny_lm_dir, tmp_path):
-    from conftest import tiny_train_config
-    from lqae import checkpoint as ckpt
-
     torch.manual_seed(0)
     model = LQAE(tiny_model_config(
         tiny_lm_dir, search_space="grid", latent_dim=3, encoder_output="standardize", global_tokens=2, global_vocab_size=8,
