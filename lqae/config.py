@@ -141,10 +141,10 @@ class ModelConfig:
     # "lm_search": the LM's last hidden state plus a learned map of each code's search-space vector (none where
     # masked); diagnostics that skip the LM: "embeddings" (the code embeddings), "search" (the search vectors only)
     decoder_reads_masked: bool = False  # "lm_search": the decoder also reads the masked codes' search vectors
-    decoder_lm_zero_init: bool = False  # "lm_search": the decoder's read of the LM starts at zero, so it starts
-    # from the codes' coordinates and takes in the LM's features as far as they help
     # (the mask then hides codes from the LM only; at encode/decode time nothing is masked either way;
     # the other decoder inputs ignore it)
+    decoder_lm_zero_init: bool = False  # "lm_search": the decoder's read of the LM starts at zero, so it starts
+    # from the codes' coordinates and takes in the LM's features as far as they help (others ignore it)
     decoder_head: str = "linear"  # "linear": each token's pixels from one linear map (the reference);
     # "conv": each token unpatchifies to decoder_head_channels feature maps, then 3x3 convs blend the patch seams
     decoder_head_channels: int = 32  # "conv" head: feature maps per pixel before the convolutions
@@ -296,8 +296,9 @@ RECIPE: dict[str, Any] = {
     # each image draws its mask ratio from [0, 0.5]: still a masked-LM channel, but the decoder also
     # sees the lightly masked sequences it meets at encode time (a fixed 50% mask cost 2-3 dB)
     "mask_ratio_min": 0.0,
-    # no code-usage regulariser: on the grid it cost 0.48 dB on the digits (0.86 with the previous search)
-    # for twice the distinct codes (rounds two and three used an entropy term at weight 0.005)
+    # no code-usage regulariser (the reference's 0, named here): on the grid an entropy term at 0.005
+    # (rounds two and three) cost 0.48 dB on the digits (0.86 with the previous search) for twice the codes
+    "usage_weight": 0.0,
     # the decoder reads the LM's output plus each code's search coordinates, masked codes' too: the
     # mask hides codes from the LM only (+1.92 dB digits, +0.89 shapes over hiding them from both)
     "decoder_input": "lm_search",
