@@ -85,11 +85,15 @@ declare -A ROWS=(
   [X5]="$L1 $DIGITS --no-probe --set decoder_input=search --set mask_ratio=0"  # diagnostic: L1, no LM read, no mask
   [N1]="$L1 $DIGITS --no-probe --set commitment_weight=0"
   [M1]="$L1 --peers= --set latent_dim=5"                                   # a 5-d grid, 8x7x7x7x7 cells, 4 sets
+  [G0]="$L1 $DIGITS --set global_tokens=0"                                # L1 without its global tokens
+  [O1]="$L1 $DIGITS --no-probe --set encoder_output=linear"                # no standardisation before the grid
+  [S1]="$L1 --datasets digits,shapes --peers= --no-probe --set standardize_running=true"
+  [P1]="$L1 --peers= --set decoder_reads_global=false"                     # the decoder skips the global positions, 4 sets
   [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
   [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )
 ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15
-       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 G4 X1 X2 X3 X4 H1 H2 H3 H4 K1 L1 Q1 X5 N1 M1)
+       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 G4 X1 X2 X3 X4 H1 H2 H3 H4 K1 L1 Q1 X5 N1 M1 G0 O1 S1 P1)
 mkdir -p "$OUT"
 for row in "${@:-${ORDER[@]}}"; do
   [[ -v "ROWS[$row]" ]] || { echo "unknown row $row; rows: ${ORDER[*]}" >&2; exit 2; }

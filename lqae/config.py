@@ -126,6 +126,8 @@ class ModelConfig:
     mlm_weight: float = 1e-4  # LM head cross-entropy at masked positions (skipped when the LM has no MLM head)
     encoder_output: str = "linear"  # "unit": direction only, at the codebook's mean norm (no norm drift);
     # "standardize": per-feature batch standardisation onto the codebook's mean/std (no drift, no index collapse)
+    standardize_running: bool = False  # "standardize": normalise with the running statistics in training too
+    # (each batch only moves them, no gradient through them): training quantizes exactly as encoding does
     commitment: str = "mse"  # "cosine": 1 - cos(z, e), matching the angle the search uses
     straight_through: str = "identity"  # "rotation": the rotation trick (Fifty et al. 2024); "soft": see below;
     # "none": no gradient through the LM's input (the encoder learns from the decoder's code coordinates, as FSQ's)
@@ -150,6 +152,8 @@ class ModelConfig:
     decoder_head_channels: int = 32  # "conv" head: feature maps per pixel before the convolutions
     global_tokens: int = 0  # G global tokens per image (learned encoder queries), read by the LM before the patch
     # tokens and written first in the token text; 0 = the published method (patch tokens only)
+    decoder_reads_global: bool = True  # the decoder reads the global positions too (False: the patch positions
+    # only; the LM still reads the global words first, so its patch states carry them)
     global_vocab_size: int = 64  # words each global token chooses among (disjoint sets spread over the search space)
     invariance_weight: float = 1.0  # self-distillation: two augmented views must choose the same global words
     teacher_temperature: float = 0.04  # sharpens the EMA teacher's word distribution (DINO)

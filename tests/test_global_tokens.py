@@ -63,6 +63,24 @@ def test_global_words_come_first_and_from_their_own_sets(global_model):
     assert global_model.decode(ids).shape == (5, 3, 16, 16)
 
 
+@pytest.mark.parametrize("reads_global", [True, False])
+def test_decoder_reads_the_global_positions_only_when_asked(tiny_lm_dir, reads_global):
+    """decoder_reads_global=False: the decoder reads the N patch positions only, so a global word
+    reaches the picture through the LM alone; without the LM read it changes nothing."""
+    torch.manual_seed(0)
+    config = global_config(tiny_lm_dir, decoder_input="search", decoder_reads_global=reads_global)
+    model = LQAE(config).eval()
+    assert model.decoder.transformer.position.shape[1] == (config.num_tokens if reads_global else config.num_patches)
+    ids = model.encode(torch.rand(2, 3, 16, 16))
+    other = ids.clone()
+    sets = model.codebook.global_codes
+    other[:, 0] = model.codebook.code_to_token[sets[0][sets[0] != model.codebook.codes_from_token_ids(ids)[0, 0]][0]]
+    changed = not torch.allclose(model.decode(ids), model.decode(other))
+    assert changed == reads_global
+    lm_read = LQAE(global_config(tiny_lm_dir, decoder_input="lm_search", decoder_reads_global=reads_global)).eval()
+    assert lm_read.decode(lm_read.encode(torch.rand(2, 3, 16, 16))).shape == (2, 3, 16, 16)
+
+
 def test_farthest_points_spread_the_sets():
     torch.manual_seed(0)
     rows = torch.nn.functional.normalize(torch.randn(500, 8), dim=-1)

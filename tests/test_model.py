@@ -157,6 +157,28 @@ def test_standardized_encoder_output_has_the_codebook_statistics(tiny_lm_dir):
     assert "encoder.standardize.target_mean" not in model.trainable_state_dict()  # rebuilt from the LM
 
 
+def test_running_standardisation_trains_as_it_encodes(tiny_lm_dir):
+    """standardize_running: a training forward normalises with the running statistics (after the
+    batch has moved them), so a token's code does not depend on the rest of its batch."""
+    torch.manual_seed(0)
+    config = tiny_model_config(tiny_lm_dir, encoder_output="standardize", standardize_running=True, mask_ratio=0.0)
+    model = LQAE(config).train()
+    stats = model.encoder.standardize
+    images = torch.rand(16, 3, 16, 16)
+    before = stats.running_mean.clone()
+    projected = model.encoder(images).projected.flatten(0, 1).detach()
+    moved = before.lerp(projected.mean(0), stats.momentum)
+    assert torch.allclose(stats.running_mean, moved, atol=1e-6)  # the batch moved the statistics
+    stats.momentum = 0.0  # hold them still: then a batch of one and a batch of 16 give the same tokens
+    trained = model(images).codes
+    assert torch.equal(model(images[:1]).codes, trained[:1])
+    model.eval()
+    assert torch.equal(model.encode(images), model.codebook.code_to_token[trained])  # training quantizes as encoding
+    z = model.encoder.train()(images).z
+    z.sum().backward()  # the gradient passes the normalisation as a fixed affine
+    assert model.encoder.to_lm.weight.grad.abs().sum() > 0
+
+
 def test_apply_overrides_parses_values_and_names_unknown_fields():
     preset = apply_overrides(get_preset("tiny"), ["mask_ratio=0.3", "mask_ratio_min=null", "encoder_output=unit", "steps=7"])
     assert (preset.model.mask_ratio, preset.model.mask_ratio_min, preset.model.encoder_output) == (0.3, None, "unit")

@@ -64,14 +64,17 @@ class Standardize(nn.Module):
     """Per-feature standardisation over every token of the batch (BatchNorm without a learned affine;
     running statistics at eval), then a fixed affine onto target statistics (the codebook's).
 
+    With `running`, training normalises with the running statistics too (each batch only moves
+    them): a token's value then never depends on the rest of its batch (measured: -0.48 dB, README).
+
     Counters index collapse by matching the encoder output's distribution to the codebook's, as the
     affine re-parameterisation of Huh et al. 2023 ("Straightening out the straight-through
     estimator") does from the codebook side; here the codebook is frozen, so the encoder side moves.
     """
 
-    def __init__(self, width: int, momentum: float = 0.1) -> None:
+    def __init__(self, width: int, momentum: float = 0.1, running: bool = False) -> None:
         super().__init__()
-        self.momentum = momentum
+        self.momentum, self.running = momentum, running
         self.register_buffer("running_mean", torch.zeros(width))
         self.register_buffer("running_var", torch.ones(width))
         self.register_buffer("target_mean", torch.zeros(width), persistent=False)
@@ -82,10 +85,17 @@ class Standardize(nn.Module):
         self.target_std.copy_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = F.batch_norm(
-            x.flatten(0, -2).float(), self.running_mean, self.running_var,
-            training=self.training, momentum=self.momentum, eps=1e-5,
-        )  # (B*N, D), zero mean and unit variance per feature
+        flat = x.flatten(0, -2).float()
+        if self.running and self.training:  # the batch only moves the running statistics, which normalise
+            with torch.no_grad():
+                self.running_mean.lerp_(flat.mean(0), self.momentum)
+                self.running_var.lerp_(flat.var(0), self.momentum)
+            # copies: a second forward (another view) moves the buffers again before the backward pass
+            flat = (flat - self.running_mean.clone()) * (self.running_var + 1e-5).rsqrt()
+        else:
+            flat = F.batch_norm(
+                flat, self.running_mean, self.running_var, training=self.training, momentum=self.momentum, eps=1e-5,
+            )  # (B*N, D), zero mean and unit variance per feature
         return (flat * self.target_std + self.target_mean).view(x.shape).to(x.dtype)
 
     @torch.no_grad()
@@ -99,6 +109,13 @@ class Standardize(nn.Module):
         mean = total / count
         self.running_mean.copy_(mean)
         self.running_var.copy_(squares / count - mean.pow(2))
+
+
+def _standardize(config: ModelConfig) -> Standardize | None:
+    """The encoder output's standardisation, if the config asks for one."""
+    if config.encoder_output != "standardize":
+        return None
+    return Standardize(config.lm_width, running=config.standardize_running)
 
 
 class EncoderOutput(NamedTuple):
@@ -121,7 +138,7 @@ class Encoder(nn.Module):
             config.num_patches, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
         )
         self.to_lm = nn.Linear(width, config.lm_width)
-        self.standardize = Standardize(config.lm_width) if config.encoder_output == "standardize" else None
+        self.standardize = _standardize(config)
         self.global_encoder = GlobalEncoder(config) if config.global_tokens else None
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
@@ -167,7 +184,7 @@ class GlobalEncoder(nn.Module):
             config.num_tokens, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
         )
         self.to_lm = nn.Linear(width, config.lm_width)
-        self.standardize = Standardize(config.lm_width) if config.encoder_output == "standardize" else None
+        self.standardize = _standardize(config)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
@@ -190,7 +207,10 @@ class Decoder(nn.Module):
         super().__init__()
         if config.lm_width is None:
             raise ValueError("config.lm_width is unset: the LQAE fills it in from its LM before building the decoder")
-        self.patch_size, self.grid, self.global_tokens = config.patch_size, config.grid_size, config.global_tokens
+        self.patch_size, self.grid = config.patch_size, config.grid_size
+        # the positions the decoder reads: all L, or the N patch positions only (the G global ones skipped)
+        self.skipped = 0 if config.decoder_reads_global else config.global_tokens
+        self.global_tokens = config.global_tokens - self.skipped  # global positions among those read
         width = config.decoder_width
         reads_lm = config.decoder_input != "search"
         self.from_lm = nn.Linear(config.lm_width, width) if reads_lm else None
@@ -198,7 +218,7 @@ class Decoder(nn.Module):
         reads_codes = config.decoder_input in ("lm_search", "search")
         self.from_codes = nn.Linear(config.search_dim, width) if reads_codes else None
         self.transformer = Transformer(
-            config.num_tokens, width, config.decoder_depth, config.decoder_heads, config.mlp_ratio
+            config.num_tokens - self.skipped, width, config.decoder_depth, config.decoder_heads, config.mlp_ratio
         )
         conv = config.decoder_head == "conv"
         self.maps = config.decoder_head_channels if conv else config.channels  # per-pixel outputs of to_pixels
@@ -214,9 +234,9 @@ class Decoder(nn.Module):
     def forward(self, hidden: torch.Tensor | None, coordinates: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: (B, L, D) what the decoder reads from the LM (None for the "search" diagnostic);
         coordinates: (B, L, d) the codes' search-space vectors, for "lm_search" and "search"."""
-        x = self.from_lm(hidden) if self.from_lm is not None else 0
+        x = self.from_lm(hidden[:, self.skipped :]) if self.from_lm is not None else 0
         if self.from_codes is not None:
-            x = x + self.from_codes(coordinates)
+            x = x + self.from_codes(coordinates[:, self.skipped :])
         x, _ = self.transformer(x)  # (B, G + N, W)
         return self.head(x[:, self.global_tokens :])
 
