@@ -85,7 +85,7 @@ declare -A ROWS=(
   [X5]="$L1 $DIGITS --no-probe --set decoder_input=search --set mask_ratio=0"  # diagnostic: L1, no LM read, no mask
   [N1]="$L1 $DIGITS --no-probe --set commitment_weight=0"
   [M1]="$L1 --peers= --set latent_dim=5"                                   # a 5-d grid, 8x7x7x7x7 cells, 4 sets
-  [G0]="$L1 $DIGITS --set global_tokens=0"                                # L1 without its global tokens
+  [G0]="$L1 --datasets digits,photos,shapes --peers= --set global_tokens=0"  # L1 without its global tokens
   [O1]="$L1 $DIGITS --no-probe --set encoder_output=linear"                # no standardisation before the grid
   [S1]="$L1 --datasets digits,shapes --peers= --no-probe --set standardize_running=true"
   [P1]="$L1 --peers= --set decoder_reads_global=false"                     # the decoder skips the global positions, 4 sets
