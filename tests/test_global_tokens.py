@@ -72,9 +72,10 @@ def test_decoder_reads_the_global_positions_only_when_asked(tiny_lm_dir, reads_g
     model = LQAE(config).eval()
     assert model.decoder.transformer.position.shape[1] == (config.num_tokens if reads_global else config.num_patches)
     ids = model.encode(torch.rand(2, 3, 16, 16))
+    first_words = model.codebook.global_codes[0]  # the first global token's candidate codes
+    chosen = model.codebook.codes_from_token_ids(ids)[0, 0]
     other = ids.clone()
-    sets = model.codebook.global_codes
-    other[:, 0] = model.codebook.code_to_token[sets[0][sets[0] != model.codebook.codes_from_token_ids(ids)[0, 0]][0]]
+    other[:, 0] = model.codebook.code_to_token[first_words[first_words != chosen][0]]  # another of its words
     changed = not torch.allclose(model.decode(ids), model.decode(other))
     assert changed == reads_global
     lm_read = LQAE(global_config(tiny_lm_dir, decoder_input="lm_search", decoder_reads_global=reads_global)).eval()

@@ -90,8 +90,9 @@ class Standardize(nn.Module):
             with torch.no_grad():
                 self.running_mean.lerp_(flat.mean(0), self.momentum)
                 self.running_var.lerp_(flat.var(0), self.momentum)
-            # copies: a second forward (another view) moves the buffers again before the backward pass
-            flat = (flat - self.running_mean.clone()) * (self.running_var + 1e-5).rsqrt()
+            # not batch_norm on the buffers: it saves them for the backward pass, and another view's
+            # forward moves them in place before that
+            flat = (flat - self.running_mean) * (self.running_var + 1e-5).rsqrt()
         else:
             flat = F.batch_norm(
                 flat, self.running_mean, self.running_var, training=self.training, momentum=self.momentum, eps=1e-5,
