@@ -71,6 +71,8 @@ def test_presets_cover_reference_decisions():
     assert (m.commitment_weight, m.mlm_weight, m.recon_weight) == (0.01, 1e-4, 1.0)
     assert (t.batch_size, t.epochs, t.base_lr, t.weight_decay, t.beta2, t.warmup_fraction) == (512, 100, 1.5e-4, 5e-4, 0.95, 0.05)
     assert get_preset("tiny").model.lm_name == "sentence-transformers/all-MiniLM-L6-v2"
+    # the recipe trains without a mask (it passes no gradient through the LM's input); paper keeps 0.5
+    assert [get_preset(name).model.mask_ratio for name in ("base", "small", "tiny")] == [0.0, 0.0, 0.0]
     with pytest.raises(ConfigError, match="known presets: paper, base, small, tiny"):
         get_preset("huge")
 
@@ -183,7 +185,7 @@ def test_apply_overrides_parses_values_and_names_unknown_fields():
     preset = apply_overrides(get_preset("tiny"), ["mask_ratio=0.3", "mask_ratio_min=null", "encoder_output=unit", "steps=7"])
     assert (preset.model.mask_ratio, preset.model.mask_ratio_min, preset.model.encoder_output) == (0.3, None, "unit")
     assert preset.train.steps == 7
-    assert get_preset("tiny").model.mask_ratio == 0.5  # presets are not mutated
+    assert get_preset("tiny").model.mask_ratio == 0.0  # presets are not mutated
     with pytest.raises(ConfigError, match="unknown config field 'nope'.*model fields: .*mask_ratio"):
         apply_overrides(get_preset("tiny"), ["nope=1"])
     with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
