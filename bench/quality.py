@@ -66,9 +66,10 @@ DATASETS = {
 }
 # The reference decisions on the tiny architecture, i.e. the tiny preset as it was before the recipe
 # work: every RECIPE field at its reference default, a 128-wide 2-layer decoder, batch 64 for 600
-# steps. `--with-reference` trains it beside the chosen recipe; `--reference-base` starts from it.
+# steps, crops of 20-100% of the image. `--with-reference` trains it beside the chosen recipe;
+# `--reference-base` starts from it.
 REFERENCE = [f"{name}={json.dumps(getattr(ModelConfig(), name))}" for name in RECIPE] + [
-    "decoder_width=128", "decoder_depth=2", "decoder_heads=4", "batch_size=64", "steps=600",
+    "decoder_width=128", "decoder_depth=2", "decoder_heads=4", "batch_size=64", "steps=600", "crop_scale_min=0.2",
 ]
 
 
