@@ -152,7 +152,7 @@ class TrainDisplay(TrainCallback):
         m = result.last_metrics
         line = f"done at step {result.step}: checkpoint in {run_dir}"
         if m:
-            line += f"; train psnr {m['psnr']:.2f} dB (masked), {m['sec_per_step']:.2f} s/step"
+            line += f"; train psnr {m['psnr']:.2f} dB (augmented training batches), {m['sec_per_step']:.2f} s/step"
         if result.validation:
             line += f"; val psnr {result.validation['val_psnr']:.2f} dB"
         self.say(line)
