@@ -28,6 +28,7 @@ H1="$F3 --set search_space=grid"
 K1="$H1 --set straight_through=none --set usage_weight=0"
 L1="$K1 --set decoder_lm_zero_init=true"                                  # the tiny preset of round four
 T1="$L1 --set mask_ratio=0"                                               # round six: no mask
+V1="$T1 --set crop_scale_min=0.4"                                         # the tiny preset of round six
 SHAPES="--datasets shapes --peers="
 DIGITS="--datasets digits --peers="
 declare -A ROWS=(
@@ -91,13 +92,15 @@ declare -A ROWS=(
   [S1]="$L1 --datasets digits,shapes --peers= --no-probe --set standardize_running=true"
   [P1]="$L1 --peers= --set decoder_reads_global=false"                     # the decoder skips the global positions, 4 sets
   [T1]="$T1 --peers="                                                      # L1 without the mask, 4 sets
-  [V1]="$T1 --set crop_scale_min=0.4"                                      # = the tiny preset, 4 sets, FSQ peers (same crops)
+  [V1]="$V1"                                                               # = the tiny preset, 4 sets, FSQ peers (same crops)
+  [W0]="$V1 --datasets digits,photos,shapes --peers= --no-probe --set global_tokens=0"  # the tiny preset without its global tokens
+  [Y1]="$V1 --datasets shapes --peers= --set latent_dim=7"                     # the tiny preset on a 7-d grid (5x4x4x4x4x4x4 cells)
   [U1]="$T1 --datasets digits,photos --peers= --set decoder_reads_global=false"
   [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
   [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )
 ORDER=(A0 A1 A2 A3 D1 D2 B1 B2 B3 B4 B5 C1 C2 C3 C4 C5 C6 C7 C8 C9 C10 C11 C12 C13 C14 C15
-       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 G4 X1 X2 X3 X4 H1 H2 H3 H4 K1 L1 Q1 X5 N1 M1 G0 O1 S1 P1 T1 U1 V1)
+       E0 E1 E2 E3 E4 E5 E6 E7 E8 E9 F1 F2 G1 G2 G3 F3 G4 X1 X2 X3 X4 H1 H2 H3 H4 K1 L1 Q1 X5 N1 M1 G0 O1 S1 P1 T1 U1 V1 W0 Y1)
 mkdir -p "$OUT"
 for row in "${@:-${ORDER[@]}}"; do
   [[ -v "ROWS[$row]" ]] || { echo "unknown row $row; rows: ${ORDER[*]}" >&2; exit 2; }
