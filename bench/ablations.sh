@@ -27,7 +27,7 @@ F3="$F1 --set global_tokens=8"                                            # the 
 H1="$F3 --set search_space=grid"
 K1="$H1 --set straight_through=none --set usage_weight=0"
 L1="$K1 --set decoder_lm_zero_init=true"                                  # the tiny preset of round four
-T1="$L1 --set mask_ratio=0"                                               # round six: no mask
+T1="$L1 --set mask_ratio=0 --set mask_ratio_min=null"                     # round six: no mask
 V1="$T1 --set crop_scale_min=0.4"                                         # the tiny preset of round six
 SHAPES="--datasets shapes --peers="
 DIGITS="--datasets digits --peers="
@@ -92,10 +92,10 @@ declare -A ROWS=(
   [S1]="$L1 --datasets digits,shapes --peers= --no-probe --set standardize_running=true"
   [P1]="$L1 --peers= --set decoder_reads_global=false"                     # the decoder skips the global positions, 4 sets
   [T1]="$T1 --peers="                                                      # L1 without the mask, 4 sets
+  [U1]="$T1 --datasets digits,photos --peers= --set decoder_reads_global=false"
   [V1]="$V1"                                                               # = the tiny preset, 4 sets, FSQ peers (same crops)
   [W0]="$V1 --datasets digits,photos,shapes --peers= --no-probe --set global_tokens=0"  # the tiny preset without its global tokens
   [Y1]="$V1 --datasets shapes --peers= --set latent_dim=7"                     # the tiny preset on a 7-d grid (5x4x4x4x4x4x4 cells)
-  [U1]="$T1 --datasets digits,photos --peers= --set decoder_reads_global=false"
   [X1]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search"          # diagnostic: decoder reads PCA-16 search vectors, no LM
   [X2]="$E0 $DIGITS --no-probe --set mask_ratio=0 --set decoder_input=search --set search_space=uniform --set latent_dim=6"
 )

@@ -305,8 +305,8 @@ RECIPE: dict[str, Any] = {
     # no code-usage regulariser (the reference's 0, named here): on the grid an entropy term at 0.005
     # (rounds two and three) cost 0.48 dB on the digits (0.86 with the previous search) for twice the codes
     "usage_weight": 0.0,
-    # the decoder reads the LM's output plus each code's search coordinates, masked codes' too (with
-    # a mask set): it hides codes from the LM only (+1.92 dB digits, +0.89 shapes over hiding them from both)
+    # the decoder reads the LM's output plus each code's search coordinates; with a mask set, masked
+    # codes' too, so the mask hides codes from the LM only (+1.92 dB digits, +0.89 shapes in round three)
     "decoder_input": "lm_search",
     "decoder_reads_masked": True,
     # the decoder's read of the LM starts at zero: it starts from the coordinates (+0.26 dB shapes)
