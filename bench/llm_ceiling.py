@@ -30,7 +30,7 @@ from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template
 from lqae.fewshot.settings import FewshotSettings
 from lqae.model.lm import load_tokenizer
-from lqae.model.quantizer import select_token_ids
+from lqae.model.vocab import select_token_ids
 
 LABELS = ("cat", "dog", "horse", "bird", "fish", "frog", "sheep", "bear", "lion", "mouse")
 IMAGES_PER_CLASS = 20  # support pool and query pool each

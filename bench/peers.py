@@ -7,7 +7,7 @@ augmentation and schedule as the preset, with the frozen LM vocabulary and LM ch
 - `continuous`: no quantiser, continuous tokens (the architecture's ceiling at this token budget).
 
 FSQ and VQ come from vector-quantize-pytorch (a bench/test dependency). The peers never see the LM:
-the decoder reads the (quantised) 384-d tokens directly, as `decoder_input=embeddings` does.
+the decoder reads the (quantised) 384-d tokens directly where lqae's reads the LM's state.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from lqae.config import Preset
 from lqae.data import EpochBatchSampler, TrainDataset, image_batches, scan_image_folder
 from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts
-from lqae.train import build_optimizer, lr_at
+from lqae.model.decoder_input import DecoderInput
 from lqae.model.vit import Decoder, Encoder, init_weights
+from lqae.training.parts import build_optimizer, lr_at
 
 PEERS = ("fsq", "vq", "continuous")
 FSQ_LEVELS = (8, 8, 8, 6, 5)
@@ -42,10 +43,9 @@ class PeerAutoencoder(nn.Module):
         # the patch tokens only (the issue's 16-token peers): lqae's global words come on top of them
         config = dataclasses.replace(
             preset.model, lm_width=TOKEN_WIDTH, encoder_output="linear", decoder_input="lm", global_tokens=0,
-            straight_through="identity",
         )
         self.kind, self.image_size = kind, config.image_size
-        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.encoder, self.decoder = Encoder(config), Decoder(config, DecoderInput())
         init_weights(self.encoder)
         init_weights(self.decoder)
         self.codebook_size = 0

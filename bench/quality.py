@@ -45,7 +45,7 @@ from make_photo_crops import write_photo_crops  # noqa: E402
 from make_shapes import write_shapes  # noqa: E402
 
 from lqae.checkpoint import load_model  # noqa: E402
-from lqae.config import RECIPE, ModelConfig, Preset, apply_overrides, get_preset  # noqa: E402
+from lqae.config import RECIPE, Masking, ModelConfig, Preset, apply_overrides, get_preset  # noqa: E402
 from lqae.data import scan_image_folder  # noqa: E402
 from lqae.fewshot.backends.overlap import OverlapBackend  # noqa: E402
 from lqae.fewshot.episodes import pool_from_dataset  # noqa: E402
@@ -55,7 +55,9 @@ from lqae.fewshot.settings import FewshotSettings  # noqa: E402
 from lqae.probe import ProbeConfig, run_probe  # noqa: E402
 from lqae.reconstruction import evaluate_folder  # noqa: E402
 from lqae.tokendata import encode_folder  # noqa: E402
-from lqae.train import METRICS_FILE, TrainCallback, train  # noqa: E402
+from lqae.callbacks import TrainCallback  # noqa: E402
+from lqae.run_folder import METRICS_FILE  # noqa: E402
+from lqae.training import train  # noqa: E402
 from peers import PEERS, train_peer  # noqa: E402
 
 DATASETS = {
@@ -65,11 +67,12 @@ DATASETS = {
     "edges": lambda out: write_photo_crops(out, train_per_class=250, val_per_class=50, source="skimage"),
 }
 # The reference decisions on the tiny architecture, i.e. the tiny preset as it was before the recipe
-# work: every RECIPE field at its reference default, a 128-wide 2-layer decoder, batch 64 for 600
-# steps, crops of 20-100% of the image. `--with-reference` trains it beside the chosen recipe;
-# `--reference-base` starts from it.
+# work: every RECIPE field at its reference default, the reference's mask, no global words, a 128-wide
+# 2-layer decoder, batch 64 for 600 steps, crops of 20-100% of the image. `--with-reference` trains it
+# beside the chosen recipe; `--reference-base` starts from it.
 REFERENCE = [f"{name}={json.dumps(getattr(ModelConfig(), name))}" for name in RECIPE] + [
-    "decoder_width=128", "decoder_depth=2", "decoder_heads=4", "batch_size=64", "steps=600", "crop_scale_min=0.2",
+    f"mask.ratio={Masking().ratio}", "global_tokens=0", "decoder_width=128", "decoder_depth=2", "decoder_heads=4",
+    "batch_size=64", "steps=600", "crop_scale_min=0.2",
 ]
 
 

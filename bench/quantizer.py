@@ -13,7 +13,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from lqae.model.quantizer import nearest_codes
+from lqae.model.codebook.search import nearest_codes
 
 
 

@@ -48,7 +48,7 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     torch.manual_seed(0)
     preset = get_preset("tiny")
     run = work / "run"
-    save_checkpoint(run, LQAE(preset.model, with_mlm_head=False), preset.train, step=0)
+    save_checkpoint(run, LQAE(preset.model), preset.train, step=0)
     rng = np.random.default_rng(0)
     support = work / "support"
     for label in ("cat", "dog"):

@@ -1,7 +1,7 @@
 """Where a training step's time goes: the `tiny` preset's step (forward, backward, AdamW) against
 variants and the FSQ peer, interleaved in one process so the ratios survive a shared machine.
 
-    python bench/steptime.py                       # default, previous tiny, no global tokens, usage_top_k=64, bf16, FSQ peer
+    python bench/steptime.py                       # default, no global tokens, bf16, FSQ peer
     python bench/steptime.py --compile             # also torch.compile of the default (slow to build)
     python bench/steptime.py --profile             # also the top operators of the default step
 
@@ -27,31 +27,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PeerAutoencoder  # noqa: E402
 
 from lqae.config import apply_overrides, get_preset  # noqa: E402
-from lqae.model import LQAE, SelfDistillation  # noqa: E402
+from lqae.model.autoencoder import LQAE  # noqa: E402
+from lqae.model.lm import load_frozen_lm  # noqa: E402
+from lqae.training.objective import Objective  # noqa: E402
 
-PREVIOUS_TINY = ["search_space=pca", "latent_dim=16", "decoder_input=lm", "decoder_head=linear", "global_tokens=0"]
+VARIANTS = {"default": [], "no_global_tokens": ["global_tokens=0"]}  # --set overrides of the tiny preset
 
 
 def lqae_step(overrides: list[str], batch: int, bf16: bool = False, compile_model: bool = False):
+    """One training step of the tiny preset with `overrides`, as the trainer takes it: the objective
+    (with the global words, a second view against the EMA teacher), backward, AdamW, the teacher's update."""
     torch.manual_seed(0)
     preset = apply_overrides(get_preset("tiny"), overrides)
-    model = LQAE(preset.model).train()
+    lm = load_frozen_lm(preset.model.lm_name, with_mlm_head=preset.train.mask.mlm_weight > 0)
+    objective = Objective(LQAE(preset.model, lm=lm), preset.train, lm.mlm_head).train()
+    model = objective.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(objective) if compile_model else objective
     images = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
-    # global tokens train on a second view against an EMA teacher, as the trainer does
-    distill = SelfDistillation(model).train() if preset.model.global_tokens else None
-    views = {"second_view": images.flip(-1), "distill": distill} if distill else {}
+    second_view = images.flip(-1) if objective.distill is not None else None
 
     def step() -> None:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
-            loss = forward(images, **views).loss
+            _, _, loss = forward(images, second_view)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if distill:
-            distill.update_teacher(model.encoder.global_encoder, preset.train.teacher_momentum)
+        if objective.distill is not None:
+            objective.distill.update_teacher(model.encoder.global_encoder)
 
     return step
 
@@ -83,15 +87,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    variants = {
-        "default": lqae_step([], args.batch),
-        "previous_tiny": lqae_step(PREVIOUS_TINY, args.batch),
-        "no_global_tokens": lqae_step(["global_tokens=0"], args.batch),
-        "usage_top_k_64": lqae_step(["usage_top_k=64"], args.batch),
-        "no_usage_regulariser": lqae_step(["usage_weight=0"], args.batch),
-        "bf16_autocast": lqae_step([], args.batch, bf16=True),
-        "fsq_peer": peer_step("fsq", args.batch),
-    }
+    variants = {name: lqae_step(overrides, args.batch) for name, overrides in VARIANTS.items()}
+    variants["bf16_autocast"] = lqae_step([], args.batch, bf16=True)
+    variants["fsq_peer"] = peer_step("fsq", args.batch)
     if args.compile:
         variants["compiled"] = lqae_step([], args.batch, compile_model=True)
     for step in variants.values():  # warm-up (and, for compile, the build)

@@ -7,10 +7,11 @@ memory, and where a step's time goes (encoder, search, LM, decoder, optimiser).
   by the batch; per part, each part's forward + backward counted alone, as the breakdown times it
   (the counter's own module breakdown misplaces the encoder's backward, whose input needs no grad).
 - Step time: median of --steps timed steps (after --warmup) of the trainer's own step: autocast,
-  forward with masking, backward, AdamW (`lqae.train`'s optimiser and autocast).
+  forward with the preset's training losses (`lqae.training.Objective`: masking, the second view of
+  the global words), backward, AdamW (`lqae.training`'s optimiser and autocast).
 - The breakdown times each part alone, forward + backward, on the same batch's real inputs
   (detached, so each part's backward stops at its input), and the optimiser step; "other" is the
-  full step less their sum (masking, the MLM head, the loss, launch gaps).
+  full step less their sum (masking, the MLM head, the self-distillation, the loss, launch gaps).
 - Utilisation: achieved FLOP/s over a dense square matmul's FLOP/s measured here, same dtype as
   the step's matmuls (bf16 with --precision bf16, else fp32); with --peak-tflops, MFU too.
 
@@ -42,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lqae.config import PRESETS, TrainConfig, get_preset  # noqa: E402
+from lqae.config import PRESETS, get_preset  # noqa: E402
 from lqae.errors import LMNotFoundError  # noqa: E402
-from lqae.model.lm import FrozenLM  # noqa: E402
-from lqae.model import LQAE  # noqa: E402
-from lqae.train import _autocast, build_optimizer  # noqa: E402
+from lqae.model.autoencoder import LQAE  # noqa: E402
+from lqae.model.lm import FrozenLM, load_frozen_lm  # noqa: E402
+from lqae.training.objective import Objective  # noqa: E402
+from lqae.training.parts import autocast as train_autocast, build_optimizer  # noqa: E402
 
 class StandInTokenizer:
     """What building an LQAE asks of a tokenizer, for a vocabulary of `size` BPE word tokens
@@ -83,16 +85,21 @@ def stand_in_roberta():
     return FrozenLM(model.roberta, model.lm_head, StandInTokenizer(config.vocab_size), position_offset=2)
 
 
-def build_model(model_config, device: str, stand_in: bool):
-    """(model, which LM weights) for the config; the stand-in when asked, or when the LM is not here."""
+def build_objective(preset, device: str, stand_in: bool):
+    """(the training objective, which LM weights) for the preset; the stand-in LM when asked, or when
+    the LM is not here."""
     torch.manual_seed(0)
+    lm, weights = None, preset.model.lm_name
     if not stand_in:
         try:
-            return LQAE(model_config).to(device), model_config.lm_name
+            lm = load_frozen_lm(preset.model.lm_name, with_mlm_head=preset.train.mask.mlm_weight > 0)
         except LMNotFoundError:
-            if "roberta" not in model_config.lm_name:
+            if "roberta" not in preset.model.lm_name:
                 raise
-    return LQAE(model_config, lm=stand_in_roberta()).to(device), "random stand-in with roberta-base's shapes"
+    if lm is None:
+        lm, weights = stand_in_roberta(), "random stand-in with roberta-base's shapes"
+    model = LQAE(preset.model, lm=lm)
+    return Objective(model, preset.train, lm.mlm_head).to(device), weights
 
 
 def synchronize(device: str) -> None:
@@ -137,13 +144,14 @@ def part_steps(model, images: torch.Tensor, autocast) -> dict:
     """One callable per part: its forward + backward alone, on the inputs it gets in the training
     step (detached, so its backward stops there: the LM's backward is the gradient to its input)."""
     model.train()
+    reads_lm, lm_backward = model.reads.reads_lm, not model.reads.reads_codes  # the recipe: no gradient into the LM
     with torch.no_grad(), autocast:
         z = model.encoder(images).z
         quant = model.codebook(z)
-        lm_input, coordinates = quant.quantized, quant.coordinates.detach().float()
-        hidden = model.run_lm(lm_input).last_hidden_state  # what the decoder reads (the LM's state)
-    z, lm_input, hidden = (t.detach().float() for t in (z, lm_input, hidden))
-    usage = model.config.usage_weight > 0
+        lm_input, coordinates = model.reads.lm_input(z, quant.embedded), quant.coordinates.detach().float()
+        hidden = model.run_lm(lm_input).last_hidden_state if reads_lm else None  # what the decoder reads
+    z, lm_input = z.detach().float(), lm_input.detach().float()
+    hidden = hidden.detach().float() if hidden is not None else None
 
     def encoder():
         with autocast:
@@ -153,45 +161,50 @@ def part_steps(model, images: torch.Tensor, autocast) -> dict:
     def search():
         given = z.clone().requires_grad_(True)
         with autocast:
-            q = model.codebook(given, usage=usage)
-        (q.quantized.float().pow(2).mean() + q.commitment_loss + q.usage_loss + q.codebook_loss).backward()
+            q = model.codebook(given)
+        (model.reads.lm_input(given, q.embedded).float().pow(2).mean() + q.commitment
+         + q.coordinates.float().pow(2).mean()).backward()
 
     def lm():
-        given = lm_input.clone().requires_grad_(True)
-        with autocast:
+        given = lm_input.clone().requires_grad_(lm_backward)
+        with autocast, torch.set_grad_enabled(lm_backward):
             out = model.run_lm(given).last_hidden_state
-        out.float().pow(2).mean().backward()
+        if lm_backward:
+            out.float().pow(2).mean().backward()
 
     def decoder():
-        given = hidden.clone().requires_grad_(True)
+        given = hidden.clone().requires_grad_(True) if hidden is not None else None
         with autocast:
             out = model.decoder(given, coordinates)
         torch.nn.functional.mse_loss(out.float(), images.float()).backward()
 
-    return {"encoder": encoder, "search": search, "lm": lm, "decoder": decoder}
+    return {"encoder": encoder, "search": search, **({"lm": lm} if reads_lm else {}), "decoder": decoder}
 
 
 def measure(
-    model_config, batch_size: int, device: str = "cpu", precision: str = "fp32", compile: bool = False,
+    preset, batch_size: int, device: str = "cpu", precision: str = "fp32", compile: bool = False,
     steps: int = 10, warmup: int = 3, peak_tflops: float | None = None, stand_in: bool = False,
     matmul_side: int | None = None, breakdown_repeats: int = 5,
 ) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    model, lm_weights = build_model(model_config, device, stand_in)
-    model.train()
-    optimizer = build_optimizer(model, TrainConfig(batch_size=batch_size))
-    autocast = _autocast(precision, device) if precision == "bf16" else nullcontext()
+    objective, lm_weights = build_objective(preset, device, stand_in)
+    model = objective.model
+    objective.train()
+    optimizer = build_optimizer(model, preset.train)
+    autocast = train_autocast(precision, device) if precision == "bf16" else nullcontext()
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(batch_size, model.config.channels, model.config.image_size, model.config.image_size,
                         device=device, generator=generator)
     parts_alone = part_steps(model, images, autocast)
     part_flops = {name: flops_of(fn) for name, fn in parts_alone.items()}
 
+    second_view = images.flip(-1) if objective.distill is not None else None
+
     def forward_backward():
         with autocast:
-            out = model(images, generator=torch.Generator(device=device).manual_seed(0))
-        out.loss.backward()
+            _, _, loss = objective(images, second_view, torch.Generator(device=device).manual_seed(0))
+        loss.backward()
 
     flops = flops_of(forward_backward)
     model.zero_grad(set_to_none=True)
@@ -201,10 +214,12 @@ def measure(
 
     def step():
         with autocast:
-            out = model(images, generator=generator)
-        out.loss.backward()
+            _, _, loss = objective(images, second_view, generator)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if objective.distill is not None:
+            objective.distill.update_teacher(model.encoder.global_encoder)
 
     warmup_seconds = sum(run_times(step, device, warmup))  # compilation, with --compile
     step_times = run_times(step, device, steps)
@@ -264,10 +279,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    logging.getLogger("lqae").setLevel(logging.ERROR)  # MiniLM's missing MLM head only matters to quality
+    logging.getLogger("lqae").setLevel(logging.ERROR)
     preset = get_preset(args.preset)
     result = measure(
-        preset.model, args.batch_size or preset.train.batch_size, args.device, args.precision, args.compile,
+        preset, args.batch_size or preset.train.batch_size, args.device, args.precision, args.compile,
         args.steps, args.warmup, args.peak_tflops, args.stand_in_lm, args.matmul_side,
     )
     result["preset"] = args.preset

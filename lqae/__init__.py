@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {  # submodule -> the public names it provides: the one list of this package's names
     "lqae.model": ("LQAE", "LQAEOutput", "LanguageCodebook", "nearest_codes"),
     "lqae.checkpoint": ("load_model", "save_checkpoint"),
-    "lqae.train": ("train",),
+    "lqae.training": ("train",),
     "lqae.config": ("ModelConfig", "TrainConfig", "get_preset", "PRESETS"),
     "lqae.probe": ("run_probe",),
 }

@@ -21,7 +21,8 @@ class TrainInfo:
     trainable_parameters: int
     device: str
     world_size: int
-    peak_lr: float
+    peak_lr: float  # base_lr x batch size / 256
+    base_lr: float = 0.0
 
 
 class TrainCallback:

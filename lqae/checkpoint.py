@@ -24,17 +24,18 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lqae import legacy
 from lqae.config import ModelConfig, TrainConfig, from_dict, to_dict
 from lqae.errors import CheckpointError, ConfigError
 from lqae.io import fsync_dir, give_default_mode, writing
+from lqae.model.autoencoder import LQAE
 from lqae.model.lm import FrozenLM
-from lqae.model import LQAE
 from lqae.run_folder import CONFIG_FILE, JOURNAL_DIR, LOCK_FILE, MODEL_FILE, TRAIN_STATE_FILE, resolve_run
 
 try:
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _COMPLETE = "COMPLETE"  # the journal's marker: every file written and recorded
 CHECKPOINT_FORMAT = "lqae-checkpoint-1"  # config.json's `format`; absent in checkpoints written before it
+LEGACY_VERSION = legacy.LAST_VERSION
 
 
 class RunLock:
@@ -121,8 +123,9 @@ def save_checkpoint(
     step: int = 0,
     train_state: dict[str, torch.Tensor] | None = None,
     train_meta: dict[str, Any] | None = None,
-) -> None:
-    """Write config, trainable weights and (optionally) optimiser/RNG state for `step` atomically.
+) -> str:
+    """Write config, trainable weights and (optionally) optimiser/RNG state for `step` atomically;
+    returns the weights' fingerprint.
 
     Non-finite weights are refused (CheckpointError) before anything is written. A failed write
     (a full disk) removes the unfinished journal and keeps the previous checkpoint (OutputError)."""
@@ -143,6 +146,7 @@ def save_checkpoint(
             shutil.rmtree(journal, ignore_errors=True)  # unfinished: the previous checkpoint stays
             raise
     roll_forward(run_dir)
+    return weights_fingerprint(weights)
 
 
 def _write_journal(journal: Path, model, weights, train_config, step, train_state, train_meta) -> None:
@@ -264,8 +268,21 @@ def recover(run_dir: Path) -> None:
         lock.release()
 
 
+class SavedConfig(NamedTuple):
+    model: ModelConfig
+    train: TrainConfig | None  # None: saved without its training config
+    step: int
+    unresumable: list[str]  # options of an older lqae that changed only the training, at removed values
+
+
 def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
     """Read config.json of a checkpoint folder (or hub id): (model config, train config or None, step)."""
+    saved = read_saved_config(run_dir)
+    return saved.model, saved.train, saved.step
+
+
+def read_saved_config(run_dir: Path) -> SavedConfig:
+    """config.json of a checkpoint folder (or hub id), an older lqae's mapped by `lqae.legacy`."""
     run_dir = resolve_run(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist; train one with `lqae train`")
@@ -277,16 +294,22 @@ def read_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig | None, int]:
         )
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError("not a JSON object")
+        written = data.get("format", CHECKPOINT_FORMAT)
+        if written != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path} is checkpoint format {written!r}; this lqae reads {CHECKPOINT_FORMAT!r}: upgrade lqae to load it"
+            )
+        data, unresumable = legacy.upgrade(data)
         model_config = from_dict(ModelConfig, data["model"])
         train_config = from_dict(TrainConfig, data["train"]) if "train" in data else None
+        step = data.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be a whole number, got {step!r}")
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path} is not a valid lqae config: {exc}") from exc
-    written = data.get("format", CHECKPOINT_FORMAT)
-    if written != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is checkpoint format {written!r}; this lqae reads {CHECKPOINT_FORMAT!r}: upgrade lqae to load it"
-        )
-    return model_config, train_config, int(data.get("step", 0))
+    return SavedConfig(model_config, train_config, step, unresumable)
 
 
 def load_model(
@@ -307,11 +330,11 @@ def load_model(
     light = FrozenLM.for_encoding(model_config.lm_name) if encode_only else None
     if light is not None:
         try:
-            model = LQAE(model_config, lm=light, with_mlm_head=False, for_loading=True, code_ids=code_ids)
+            model = LQAE(model_config, lm=light, for_loading=True, code_ids=code_ids)
         except CheckpointError as exc:  # the light reading disagrees with the checkpoint: let transformers decide
             log.debug("encoding-only load of %s failed (%s); loading the whole LM", model_config.lm_name, exc)
     if model is None:
-        model = LQAE(model_config, with_mlm_head=False, for_loading=True, code_ids=code_ids)  # inference: no MLM head
+        model = LQAE(model_config, for_loading=True, code_ids=code_ids)
     model.load_trainable_state_dict(weights)
     model.weights_fingerprint = fingerprint
     return model.to(device).eval()

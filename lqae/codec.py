@@ -134,6 +134,6 @@ def picture_tokens(model, path: Path, out: Path) -> list[int]:
     reconstruction = model.decode(ids)
     tokens = [model.tokenizer.convert_ids_to_tokens(i) for i in ids[0].tolist()]
     words = [model.tokenizer.convert_tokens_to_string([t]).strip() or t for t in tokens]
-    g = model.config.global_tokens
-    token_picture(image[0].cpu(), reconstruction[0].cpu(), words[g:], model.config.grid_size, words[:g], Path(out))
+    global_words, patch_words = model.config.layout.split(words)
+    token_picture(image[0].cpu(), reconstruction[0].cpu(), patch_words, model.config.layout.grid, global_words, Path(out))
     return ids[0].tolist()

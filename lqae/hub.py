@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 from lqae.checkpoint import read_config, weights_metadata
+from lqae.config import PRESETS, ModelConfig, TrainConfig, flat_dict
 from lqae.errors import CheckpointError, ConfigError
 from lqae.io import atomic_write_bytes
+from lqae.model.codebook import codebook_class
 from lqae.run_folder import (
     CARD_FILE, CONFIG_FILE, DATA_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, parse_hub_id, short,
 )
@@ -22,8 +24,31 @@ from lqae.run_folder import (
 # -- model card ----------------------------------------------------------------------------------
 DEFAULT_LICENSE = "apache-2.0"
 CARD_TAGS = ("lqae", "image-tokenizer", "vector-quantization", "language-quantized-autoencoder")
-_CARD_FIELDS = ("encoder_output", "search_space", "latent_dim", "straight_through", "commitment", "mask_ratio",
-                "mask_ratio_min", "usage_weight", "vocab")
+_BOOKKEEPING = {"epochs", "steps", "log_every", "sample_every", "save_every", "val_every", "num_workers", "compile"}
+
+
+def preset_fields() -> list[str]:
+    """The config fields that tell the presets apart (model fields, then training fields by path):
+    what a card names to say which recipe a checkpoint was trained with."""
+    model = [flat_dict(p.model) for p in PRESETS.values()]
+    train = [flat_dict(p.train) for p in PRESETS.values()]
+    return [k for k in model[0] if len({json.dumps(m[k]) for m in model}) > 1 and k not in _SIZES] + [
+        k for k in train[0] if len({json.dumps(t[k]) for t in train}) > 1 and k not in _BOOKKEEPING
+    ]
+
+
+def card_fields(model, train) -> dict:
+    """The fields a card lists: those that tell the presets apart, its search space's own options,
+    and any other field the run set away from the presets' defaults (sizes and bookkeeping aside)."""
+    values = {**flat_dict(model), **(flat_dict(train) if train is not None else {})}
+    defaults = {**flat_dict(ModelConfig()), **flat_dict(TrainConfig())}
+    chosen = preset_fields() + list(codebook_class(model.search_space).options(model))
+    chosen += [k for k, v in values.items() if k in defaults and v != defaults[k] and k not in _SIZES | _BOOKKEEPING]
+    return {k: values[k] for k in dict.fromkeys(chosen) if k in values}
+
+
+_SIZES = {"image_size", "patch_size", "encoder_width", "encoder_depth", "encoder_heads", "decoder_width",
+          "decoder_depth", "decoder_heads"}  # on the card's architecture line
 
 
 def model_card(run_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE) -> str:
@@ -33,7 +58,7 @@ def model_card(run_dir: str | Path, repo_id: str | None = None, license: str = D
     run_dir = Path(run_dir)
     model, train, step = read_config(run_dir)
     name = repo_id or run_dir.resolve().name
-    grid = model.grid_size
+    grid = model.layout.grid
     meta = [
         "---", "library_name: lqae", f"license: {json.dumps(license)}", f"base_model: {json.dumps(model.lm_name)}",
         "tags:", *[f"- {tag}" for tag in CARD_TAGS], "---", "",
@@ -63,7 +88,7 @@ def model_card(run_dir: str | Path, repo_id: str | None = None, license: str = D
     else:
         lines.append(f"- steps: {step:,}")
     lines.append(f"- encoder {model.encoder_width}x{model.encoder_depth}, decoder {model.decoder_width}x{model.decoder_depth}")
-    lines.append("- recipe: " + ", ".join(f"`{field}={getattr(model, field)}`" for field in _CARD_FIELDS))
+    lines.append("- recipe: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in card_fields(model, train).items()))
     lines.append("")
     held_out = _last_validation(run_dir / METRICS_FILE)
     if held_out:

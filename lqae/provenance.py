@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lqae import legacy
 from lqae.config import to_dict
 from lqae.errors import CheckpointError, TokenError
 
@@ -41,16 +42,12 @@ def check_same_weights(
     raise TokenError(f"{message}: {fix}, or pass --allow-foreign-tokens if you know why they match")
 
 
-def _layout(config) -> str:
-    globals_first = f"{config.global_tokens} global + " if config.global_tokens else ""
-    return f"{globals_first}{config.grid_size}x{config.grid_size} grid"
-
-
 def check_ids_fit(written: dict, length: int, config, source: str | Path, fix: str) -> None:
     """Token ids written by a model with config `written` (a dict) mean something to the model of
     `config` only when both share the LM (vocabulary and width) and the sequence length. Raise when
     they do not (the message ends with `fix`); warn when other config fields differ."""
     current = to_dict(config)
+    written, _ = legacy.upgrade_model(written)  # an older lqae's fields, mapped as for its checkpoints
     lm_written = (written.get("lm_vocab_size"), written.get("lm_width"))
     lm_current = (current.get("lm_vocab_size"), current.get("lm_width"))
     if None not in lm_written and None not in lm_current and lm_written != lm_current:
@@ -61,7 +58,7 @@ def check_ids_fit(written: dict, length: int, config, source: str | Path, fix: s
     if length != config.num_tokens:
         raise TokenError(
             f"{source} holds {length} tokens per image, this model expects {config.num_tokens} "
-            f"({_layout(config)}): {fix}"
+            f"({config.layout.describe()}): {fix}"
         )
     differing = sorted(k for k in set(written) | set(current) if written.get(k) != current.get(k))
     if differing:

@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Sequence
 
 from lqae.errors import TokenError
+from lqae.layout import TokenLayout
 
 _LINE_BREAKS = re.compile(r"[\r\n\t\v\f\x1c-\x1e\x85\u2028\u2029]")
 
@@ -57,28 +58,20 @@ class TokenText:
     """Render ids as token text and parse token text back into ids, for one model.
 
     tokenizer: the LM's HF tokenizer; token_to_code: (V,) tensor mapping LM ids to codebook
-    indices (-1 = not a code); length: tokens per image; grid: (rows, columns) of the patch grid;
-    global_tokens: how many of the length come first, before the patches (0 for the published method).
+    indices (-1 = not a code); layout: an image's tokens, the global words first, then the grid.
     """
 
-    def __init__(self, tokenizer, token_to_code, length: int, grid: tuple[int, int], lm_name: str = "the LM",
-                 global_tokens: int = 0) -> None:
+    def __init__(self, tokenizer, token_to_code, layout: TokenLayout, lm_name: str = "the LM") -> None:
         self.tokenizer = tokenizer
         self.is_code = [code >= 0 for code in token_to_code.tolist()]  # indexed by LM id
-        self.length = length
-        self.grid = tuple(grid)
+        self.layout = layout
+        self.length = layout.length
         self.lm_name = lm_name
-        self.global_tokens = global_tokens
         self._vocab: dict[str, int] | None = None
 
     @classmethod
     def for_model(cls, model) -> "TokenText":
-        grid = model.config.grid_size
-        config = model.config
-        return cls(
-            model.tokenizer, model.codebook.token_to_code, config.num_tokens, (grid, grid), config.lm_name,
-            config.global_tokens,
-        )
+        return cls(model.tokenizer, model.codebook.token_to_code, model.config.layout, model.config.lm_name)
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -104,9 +97,10 @@ class TokenText:
             return " ".join(self.tokens(ids))
         if form is TokenForm.ids:
             return " ".join(map(str, ids))
-        record = {"path": path, "ids": ids, "tokens": self.tokens(ids), "text": self.text(ids), "grid": list(self.grid)}
-        if self.global_tokens:  # the first ids are global words (absent: none, as in the published method)
-            record["global_tokens"] = self.global_tokens
+        grid = self.layout.grid
+        record = {"path": path, "ids": ids, "tokens": self.tokens(ids), "text": self.text(ids), "grid": [grid, grid]}
+        if self.layout.global_tokens:  # the first ids are global words (absent: none, as in the published method)
+            record["global_tokens"] = self.layout.global_tokens
         return json.dumps(record, ensure_ascii=False)
 
     # -- text -> ids -----------------------------------------------------------------------------
@@ -190,9 +184,7 @@ class TokenText:
             )
 
     def _expected(self) -> str:
-        rows, columns = self.grid
-        globals_first = f"{self.global_tokens} global + " if self.global_tokens else ""
-        return f"{self.length} tokens ({globals_first}{rows}x{columns} grid)"
+        return f"{self.length} tokens ({self.layout.describe()})"
 
     def _problem(self, ids: list[int], kind: str) -> str | None:
         """What keeps `ids` from being one image of this model, or None."""

@@ -160,9 +160,9 @@ def _print_grid(token_text, ids: list[int], title: str | None, token_format: Tok
     from rich.console import Console
     from rich.table import Table
 
-    rows, columns = token_text.grid
+    rows = columns = token_text.layout.grid
     cells = [str(i) for i in ids] if token_format is TokenForm.ids else token_text.tokens(ids)
-    first, cells = cells[: token_text.global_tokens], cells[token_text.global_tokens :]
+    first, cells = token_text.layout.split(cells)
     caption = f"global: {' '.join(first)}" if first else None
     table = Table(title=title, caption=caption, show_header=False, show_lines=True)
     for _ in range(columns):

@@ -39,11 +39,11 @@ def train(
     epochs: Optional[float] = typer.Option(None, min=0.01, help="Epochs, used when --steps is not given."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Images per optimiser step over all devices."),
     grad_accum: Optional[int] = typer.Option(None, min=1, help="Micro-batches per optimiser step."),
-    lr: Optional[float] = typer.Option(None, help="Base lr; peak lr = base lr x batch size / 256."),
+    lr: Optional[float] = typer.Option(None, help="Base lr (the preset's base_lr); the peak lr is base lr x batch size / 256."),
     image_size: Optional[int] = typer.Option(None, min=8, help="Square image side in pixels."),
     patch_size: Optional[int] = typer.Option(None, min=1, help="ViT patch side; must divide the image size."),
     vocab: Optional[Vocab] = typer.Option(None, help="Codebook: all non-special tokens, or whole words only."),
-    mask_ratio: Optional[float] = typer.Option(None, help="Training mask probability per token."),
+    mask_ratio: Optional[float] = typer.Option(None, help="Training mask probability per token (mask.ratio)."),
     val: Optional[Path] = typer.Option(None, help="Held-out image folder (or tar shards) for PSNR/SSIM/code-usage passes."),
     resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly where it stopped."),
     device: DeviceOption = "auto",
@@ -57,7 +57,9 @@ def train(
     save_every: Optional[int] = typer.Option(None, min=1, help="Steps between checkpoints."),
     val_every: Optional[int] = typer.Option(None, min=1, help="Steps between validation passes."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, augmentation and masking."),
-    overrides: list[str] = typer.Option([], "--set", help="Override any config field: --set mask_ratio=0.3 (repeatable)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override any config field: --set global_tokens=4, --set distill.teacher_momentum=0.996 (repeatable).",
+    ),
     tracker: TrackerName = typer.Option(
         TrackerName.none, help="Also log metrics, sample grids and the config to tensorboard (RUN/tensorboard) or wandb.",
     ),
@@ -66,12 +68,12 @@ def train(
     """Train an LQAE on an image folder or WebDataset tar shards.
 
     Example: lqae train data/digits --out runs/digits --preset tiny --steps 300
-    Any config field: lqae train data/digits --out runs/x --set encoder_output=linear --set mask_ratio_min=null
+    Any config field: lqae train data/digits --out runs/x --set global_tokens=4 --set mask.ratio=0.3
     Several GPUs: torchrun --nproc_per_node 4 -m lqae_cli train data/ --out runs/x --preset base
     (each process takes cuda:LOCAL_RANK).
     Tar shards: lqae train /data/train-{000000..000146}.tar --out runs/x --preset base
     """
-    from lqae.train import TrainingInterrupted, train as run_training
+    from lqae.training import TrainingInterrupted, train as run_training
 
     options = dict(
         lm_name=lm, image_size=image_size, patch_size=patch_size, vocab=vocab.value if vocab else None,
@@ -124,11 +126,12 @@ class TrainDisplay(TrainCallback):
 
     def on_start(self, info: TrainInfo) -> None:
         self.total = info.total_steps
+        classes = f"{info.classes} classes" if info.classes else "no class folders"
+        skipped = f", {info.skipped} unreadable skipped" if info.skipped else ""
         self.say(
-            f"{info.images} images ({info.classes} classes, {info.skipped} unreadable skipped), "
-            f"{info.tokens_per_image} tokens/image, codebook {info.codebook_size} codes, "
-            f"{info.trainable_parameters / 1e6:.2f}M trainable parameters, {info.device} x{info.world_size}, "
-            f"peak lr {info.peak_lr:.2e}"
+            f"{info.images} images ({classes}{skipped}), {info.tokens_per_image} tokens/image, codebook "
+            f"{info.codebook_size:,} codes, {info.trainable_parameters / 1e6:.2f}M trainable parameters, "
+            f"{info.device} x{info.world_size}, lr {info.base_lr:.2e} (peak {info.peak_lr:.2e} after warm-up)"
         )
         self.bars.update("train", info.start_step, info.total_steps)
 
@@ -150,9 +153,9 @@ class TrainDisplay(TrainCallback):
 
     def summary(self, result, run_dir: Path) -> None:
         m = result.last_metrics
-        line = f"done at step {result.step}: checkpoint in {run_dir}"
+        line = f"done at step {result.step}: checkpoint in {run_dir} (weights fingerprint {result.fingerprint})"
         if m:
-            line += f"; train psnr {m['psnr']:.2f} dB (augmented training batches), {m['sec_per_step']:.2f} s/step"
+            line += f"; train psnr {m['psnr']:.2f} dB (augmented training batches), {result.seconds_per_step:.2f} s/step"
         if result.validation:
-            line += f"; val psnr {result.validation['val_psnr']:.2f} dB"
+            line += f"; val psnr {result.validation['val_psnr']:.2f} dB, ssim {result.validation['val_ssim']:.3f}"
         self.say(line)

@@ -16,6 +16,8 @@ from test_fewshot_helpers import one_thread
 from lqae.checkpoint import save_checkpoint
 from lqae.config import ModelConfig, TrainConfig
 from lqae.model import LQAE
+from lqae.model.lm import load_frozen_lm
+from lqae.training.objective import Objective
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,6 +90,14 @@ def tiny_train_config(**overrides):
     )
     fields.update(overrides)
     return TrainConfig(**fields)
+
+
+def tiny_objective(lm_dir: Path, model_config=None, seed: int = 0, **train_overrides):
+    """A tiny LQAE inside its training objective (with the tiny BERT's MLM head), as the trainer builds it."""
+    torch.manual_seed(seed)
+    lm = load_frozen_lm(str(lm_dir), with_mlm_head=True)
+    model = LQAE(model_config or tiny_model_config(lm_dir), lm=lm)
+    return Objective(model, tiny_train_config(**train_overrides), lm.mlm_head).train()
 
 
 @pytest.fixture

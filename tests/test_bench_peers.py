@@ -42,8 +42,7 @@ def test_fsq_peer_has_the_configured_grid(preset):
 
 def test_peers_have_the_patch_tokens_only_under_a_global_token_recipe(tiny_lm_dir):
     config = tiny_model_config(
-        tiny_lm_dir, global_tokens=2, global_vocab_size=8, straight_through="none", decoder_input="lm_search",
-        search_space="grid", latent_dim=3,
+        tiny_lm_dir, global_tokens=2, global_vocab_size=8, decoder_input="lm_search", search_space="grid", grid_dim=3,
     )
     model = PeerAutoencoder(Preset(config, tiny_train_config()), "fsq")
     _, codes, _ = model(torch.rand(2, 3, 16, 16))

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model_config, tiny_train_config, write_tiny_lm
+from conftest import tiny_model_config, tiny_objective, tiny_train_config, write_tiny_lm
 from lqae import checkpoint as ckpt
 from lqae.errors import CheckpointError
 from lqae.model import LQAE
+from lqae.training import train
 
 
 def test_save_load_round_trip(tiny_model, tmp_path):
@@ -124,11 +125,11 @@ def test_reader_gets_config_and_weights_of_one_step(tiny_model, tmp_path, monkey
         ckpt.load_model(run)
 
 
-def test_optimizer_state_round_trip(tiny_model):
-    params = [p for p in tiny_model.parameters() if p.requires_grad]
+def test_optimizer_state_round_trip(tiny_lm_dir):
+    objective = tiny_objective(tiny_lm_dir)
+    params = [p for p in objective.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    tiny_model.train()
-    tiny_model(torch.rand(2, 3, 16, 16)).loss.backward()
+    objective(torch.rand(2, 3, 16, 16), generator=torch.Generator().manual_seed(0))[2].backward()
     optimizer.step()
     tensors, meta = ckpt.optimizer_state_tensors(optimizer)
     json.dumps(meta)  # plain JSON, no pickle
@@ -139,33 +140,72 @@ def test_optimizer_state_round_trip(tiny_model):
     assert torch.equal(fresh.state[params[0]]["exp_avg"], first["exp_avg"])
 
 
-def test_learned_search_map_round_trips(tiny_lm_dir, tmp_path):
-    torch.manual_seed(0)
-    model = LQAE(tiny_model_config(tiny_lm_dir, search_space="latent", latent_dim=8))
-    with torch.no_grad():
-        model.codebook.input_to_latent.weight.normal_()  # not the init: the load must restore it
-    ckpt.save_checkpoint(tmp_path / "run", model, tiny_train_config(), step=1)
-    weights = load_file(tmp_path / "run" / "model.safetensors")
-    assert {"codebook.input_to_latent.weight", "codebook.code_to_latent.weight"} <= set(weights)
-    loaded = ckpt.load_model(tmp_path / "run")
-    images = torch.rand(4, 3, 16, 16)
-    assert torch.equal(loaded.encode(images), model.encode(images))
+# lqae 0.1.0's config fields beside today's, at the values its presets used (the recipe's, where they differ)
+OLD_MODEL = {
+    "mask_ratio": 0.0, "mask_ratio_min": None, "commitment_weight": 0.01, "recon_weight": 1.0, "mlm_weight": 1e-4,
+    "standardize_running": False, "commitment": "mse", "straight_through": "identity", "soft_top_k": 32,
+    "soft_temperature": 0.05, "latent_dim": 32, "codebook_weight": 1.0, "decoder_reads_masked": True,
+    "decoder_lm_zero_init": True, "decoder_reads_global": True, "invariance_weight": 1.0,
+    "teacher_temperature": 0.04, "student_temperature": 0.1, "centre_momentum": 0.9, "global_balance": "sinkhorn",
+    "global_queue": 0, "usage_weight": 0.0, "usage_temperature": 0.01, "usage_sample_tokens": 1024, "usage_top_k": 0,
+    "search_chunk_tokens": 4096,
+}
+OLD_TRAIN = {"mask_warmup_fraction": 0.0, "mask_cooldown_fraction": 0.0, "teacher_momentum": 0.99, "min_lr_fraction": 0.0}
+
+
+def as_old_checkpoint(run, **changes):
+    """Rewrite a checkpoint's config.json as lqae 0.1.0 wrote it (training settings in the model config,
+    every experiment a field), with `changes` to the old model fields."""
+    config = json.loads((run / "config.json").read_text())
+    train = config["train"]
+    for group in ("mask", "distill"):
+        train.pop(group)
+    config["model"].pop("grid_dim")
+    config["model"].update({**OLD_MODEL, **changes})
+    train.update(OLD_TRAIN)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def test_a_checkpoint_of_lqae_0_1_0_loads_encodes_alike_and_resumes(tiny_lm_dir, image_folder, tmp_path):
+    run = tmp_path / "run"
+    train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    images = torch.rand(3, 3, 16, 16)
+    ids = ckpt.load_model(run).encode(images)
+    as_old_checkpoint(run, mask_ratio=0.5, decoder_lm_zero_init=False, decoder_reads_masked=False)
+    model, train_config, step = ckpt.read_config(run)
+    assert step == 2 and train_config.mask.ratio == 0.5 and train_config.distill.teacher_momentum == 0.99
+    assert torch.equal(ckpt.load_model(run).encode(images), ids)
+    train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=3), resume=True)
+    assert ckpt.read_config(run)[2] == 3
+
+
+def test_a_removed_option_that_changes_what_the_weights_compute_is_refused(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(run, tiny_model, tiny_train_config(), step=1)
+    as_old_checkpoint(run, encoder_output="unit")
+    with pytest.raises(CheckpointError, match="trained with encoder_output='unit', an option removed after lqae 0.1.0"):
+        ckpt.load_model(run)
+
+
+def test_a_removed_training_option_loads_but_does_not_resume(tiny_lm_dir, image_folder, tmp_path):
+    run = tmp_path / "run"
+    train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    images = torch.rand(3, 3, 16, 16)
+    ids = ckpt.load_model(run).encode(images)
+    as_old_checkpoint(run, usage_weight=0.005, straight_through="rotation")
+    assert torch.equal(ckpt.load_model(run).encode(images), ids)  # the weights compute what they did
+    with pytest.raises(CheckpointError, match=r"removed after lqae 0.1.0 \(straight_through, usage_weight\)"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=3), resume=True)
 
 
 def test_checkpoint_from_before_the_recipe_fields_loads_with_reference_behaviour(tiny_model, tmp_path):
     run = tmp_path / "run"
     ckpt.save_checkpoint(run, tiny_model, tiny_train_config(), step=3)
     config = json.loads((run / "config.json").read_text())
-    new_fields = ("encoder_output", "commitment", "straight_through", "search_space", "latent_dim",
-                  "codebook_weight", "decoder_input", "mask_ratio_min", "decoder_reads_masked")
-    for name in new_fields:
+    for name in ("encoder_output", "search_space", "grid_dim", "decoder_input", "decoder_head"):
         config["model"].pop(name)
-    config["train"].pop("mask_warmup_fraction")
     (run / "config.json").write_text(json.dumps(config))
-    loaded = ckpt.load_model(run)
-    c = loaded.config
-    assert (c.encoder_output, c.commitment, c.straight_through, c.search_space, c.decoder_input) == (
-        "linear", "mse", "identity", "embedding", "lm")
-    assert c.mask_ratio_min is None and c.decoder_reads_masked is False
+    c = ckpt.load_model(run).config
+    assert (c.encoder_output, c.search_space, c.decoder_input, c.decoder_head) == ("linear", "embedding", "lm", "linear")
     images = torch.rand(2, 3, 16, 16)
-    assert torch.equal(loaded.encode(images), tiny_model.encode(images))
+    assert torch.equal(ckpt.load_model(run).encode(images), tiny_model.encode(images))

@@ -83,16 +83,17 @@ def test_train_set_overrides_any_config_field(tmp_path, tiny_lm_dir, image_folde
     common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0",
               *SMALL_GLOBAL_SETS]
     result = run_cli("train", image_folder, "--out", tmp_path / "run", "--steps", "1", *common,
-                     "--set", "encoder_output=unit", "--set", "mask_ratio=0.3", "--set", "mask_ratio_min=0.1",
+                     "--set", "encoder_output=linear", "--set", "mask.ratio=0.3", "--set", "distill_teacher_momentum=0.9",
                      "--set", "weight_decay=0.5")
     assert result.returncode == 0, result.stderr
 
     model, train, _ = read_config(tmp_path / "run")
-    assert (model.encoder_output, model.mask_ratio, model.mask_ratio_min, train.weight_decay) == ("unit", 0.3, 0.1, 0.5)
+    assert (model.encoder_output, train.mask.ratio, train.distill.teacher_momentum, train.weight_decay) == (
+        "linear", 0.3, 0.9, 0.5)
     assert_one_clean_error(run_cli("train", image_folder, "--out", tmp_path / "r2", *common, "--set", "colour=red"),
                            "unknown config field 'colour'")
-    assert_one_clean_error(run_cli("train", image_folder, "--out", tmp_path / "r2", *common, "--set", "commitment=huber"),
-                           "unknown commitment 'huber'")
+    assert_one_clean_error(run_cli("train", image_folder, "--out", tmp_path / "r2", *common, "--set", "search_space=pca"),
+                           "search_space is unknown; choose one of: embedding, grid")
     assert not (tmp_path / "r2").exists()
 
 

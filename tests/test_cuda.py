@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model_config, tiny_train_config
 from lqae.checkpoint import load_model
+from lqae.config import Preset
 from lqae.codec import encode_images
 from lqae.data import scan_image_folder
-from lqae.train import train
+from lqae.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from throughput import measure  # noqa: E402
@@ -39,6 +40,6 @@ def test_encoding_on_cuda_with_workers_gives_the_ids_without(tiny_checkpoint, im
 
 
 def test_throughput_bench_on_cuda_reports_mfu(tiny_lm_dir):
-    result = measure(tiny_model_config(tiny_lm_dir), 8, "cuda", "bf16", steps=2, warmup=1, peak_tflops=100.0,
+    result = measure(Preset(tiny_model_config(tiny_lm_dir), tiny_train_config()), 8, "cuda", "bf16", steps=2, warmup=1, peak_tflops=100.0,
                      matmul_side=1024, breakdown_repeats=1)
     assert result["mfu"] > 0 and result["peak_memory_gb"] > 0 and result["images_per_s"] > 0

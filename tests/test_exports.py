@@ -36,7 +36,6 @@ def test_every_exported_name_resolves_to_its_submodules_object(package):
             assert getattr(package, name) is getattr(defined, name), f"{package.__name__}.{name}"
 
 
-@pytest.mark.xfail(strict=True, reason="lqae.train names both a submodule and the exported function: phase 2 renames one")
 def test_no_exported_name_is_a_submodule_too():
     assert [f"{p.__name__}.{n}" for p in LAZY_PACKAGES for n in p.__all__ if _is_submodule(p, n)] == []
 

@@ -9,13 +9,14 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_model_config, tiny_train_config
+from conftest import tiny_model_config, tiny_objective, tiny_train_config
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lqae import checkpoint as ckpt
 from lqae.data import scan_image_folder
+from lqae.config import Distillation
 from lqae.model.distill import SelfDistillation, sinkhorn
 from lqae.errors import ConfigError, TokenError
 from lqae.fewshot.backends.base import Request
@@ -23,14 +24,16 @@ from lqae.fewshot.backends.overlap import OverlapBackend
 from lqae.fewshot.budget import load_tiktoken
 from lqae.fewshot.episodes import pool_from_dataset
 from lqae.fewshot.image_text import PromptImageText
+from lqae.layout import TokenLayout
 from lqae.model import LQAE
 from lqae.probe import ProbeConfig, run_probe
 from lqae.probe.features import pool
 from lqae.probe.layers import feature_dim
-from lqae.model.quantizer import farthest_points, select_token_ids
+from lqae.model.codebook.search import farthest_points
+from lqae.model.vocab import select_token_ids
 from lqae.tokendata import encode_folder_to_file, read_token_dataset
 from lqae.tokentext import TokenText
-from lqae.train import train
+from lqae.training import train
 from lqae_cli.app import app
 
 G, WORDS = 2, 8
@@ -50,7 +53,7 @@ def global_model(tiny_lm_dir):
 
 def test_global_words_come_first_and_from_their_own_sets(global_model):
     config = global_model.config
-    assert config.num_tokens == G + config.grid_size**2
+    assert config.num_tokens == G + config.layout.grid**2 and config.layout.global_tokens == G
     sets = global_model.codebook.global_codes  # (G, V_g) code indices
     assert sets.shape == (G, WORDS)
     assert len(set(sets.flatten().tolist())) == G * WORDS  # disjoint
@@ -61,25 +64,6 @@ def test_global_words_come_first_and_from_their_own_sets(global_model):
     for g in range(G):
         assert set(codes[:, g].tolist()) <= set(sets[g].tolist())
     assert global_model.decode(ids).shape == (5, 3, 16, 16)
-
-
-@pytest.mark.parametrize("reads_global", [True, False])
-def test_decoder_reads_the_global_positions_only_when_asked(tiny_lm_dir, reads_global):
-    """decoder_reads_global=False: the decoder reads the N patch positions only, so a global word
-    reaches the picture through the LM alone; without the LM read it changes nothing."""
-    torch.manual_seed(0)
-    config = global_config(tiny_lm_dir, decoder_input="search", decoder_reads_global=reads_global)
-    model = LQAE(config).eval()
-    assert model.decoder.transformer.position.shape[1] == (config.num_tokens if reads_global else config.num_patches)
-    ids = model.encode(torch.rand(2, 3, 16, 16))
-    first_words = model.codebook.global_codes[0]  # the first global token's candidate codes
-    chosen = model.codebook.codes_from_token_ids(ids)[0, 0]
-    other = ids.clone()
-    other[:, 0] = model.codebook.code_to_token[first_words[first_words != chosen][0]]  # another of its words
-    changed = not torch.allclose(model.decode(ids), model.decode(other))
-    assert changed == reads_global
-    lm_read = LQAE(global_config(tiny_lm_dir, decoder_input="lm_search", decoder_reads_global=reads_global)).eval()
-    assert lm_read.decode(lm_read.encode(torch.rand(2, 3, 16, 16))).shape == (2, 3, 16, 16)
 
 
 def test_farthest_points_spread_the_sets():
@@ -93,46 +77,35 @@ def test_farthest_points_spread_the_sets():
     assert spread[off].max() < random_pick[off].max()  # farther apart than 20 arbitrary rows
 
 
-def test_the_mask_never_hides_a_global_token(tiny_lm_dir):
-    torch.manual_seed(0)
-    model = LQAE(global_config(tiny_lm_dir, mask_ratio=0.9)).train()
-    out = model(torch.rand(4, 3, 16, 16))
-    assert out.mask.shape == (4, model.config.num_tokens)
-    assert not out.mask[:, :G].any() and out.mask[:, G:].any()
-
-
 def test_invariance_loss_needs_a_second_view_and_trains_the_student(tiny_lm_dir):
-    torch.manual_seed(0)
-    model = LQAE(global_config(tiny_lm_dir, global_balance="centre")).train()
-    distill = SelfDistillation(model).train()
+    objective = tiny_objective(tiny_lm_dir, global_config(tiny_lm_dir))
+    model, distill = objective.model, objective.distill
     images = torch.rand(4, 3, 16, 16)
-    assert model(images).losses.invariance == 0
-    out = model(images, second_view=images.flip(-1), distill=distill)
-    assert out.losses.invariance > 0 and torch.isfinite(out.loss)
-    out.losses.invariance.backward()
+    assert objective(images)[1].invariance == 0
+    _, losses, loss = objective(images, images.flip(-1))
+    assert losses.invariance > 0 and torch.isfinite(loss)
+    losses.invariance.backward()
     assert model.encoder.global_encoder.queries.grad.abs().sum() > 0  # the student learns
     patch_grads = [p.grad for p in model.encoder.transformer.parameters()]
     assert all(g is None or not g.any() for g in patch_grads)  # the patches' encoder is untouched
     assert all(p.grad is None for p in distill.teacher.parameters())  # the teacher only follows
-    assert distill.centre.abs().sum() > 0  # the centre moved towards the teacher's mean scores
+    assert set(distill.state_dict()) == {f"teacher.{k}" for k in model.encoder.global_encoder.state_dict()}
 
 
 def test_teacher_follows_the_student_by_ema(tiny_lm_dir):
     torch.manual_seed(0)
     model = LQAE(global_config(tiny_lm_dir))
-    distill = SelfDistillation(model)
+    distill = SelfDistillation(model, Distillation(teacher_momentum=0.75))
     before = distill.teacher.queries.detach().clone()
     with torch.no_grad():
         model.encoder.global_encoder.queries.add_(1.0)
-    distill.update_teacher(model.encoder.global_encoder, momentum=0.75)
+    distill.update_teacher(model.encoder.global_encoder)
     assert torch.allclose(distill.teacher.queries, before + 0.25, atol=1e-6)
 
 
 def test_a_sharper_match_to_the_teacher_costs_less(tiny_lm_dir):
-    model = LQAE(global_config(tiny_lm_dir, global_balance="centre"))
-    distill = SelfDistillation(model).eval()  # eval: the centre stays put
-    teacher = torch.zeros(3, G, WORDS)
-    teacher[..., 2] = 1.0  # the teacher picks word 2
+    distill = SelfDistillation(LQAE(global_config(tiny_lm_dir)), Distillation())
+    teacher = torch.eye(WORDS).unsqueeze(1).expand(WORDS, G, WORDS).clone()  # image i: the teacher picks word i
     agreeing, disagreeing = teacher.clone(), torch.roll(teacher, 1, dims=-1)
     assert distill.loss(agreeing, agreeing, teacher, teacher) < distill.loss(disagreeing, disagreeing, teacher, teacher)
 
@@ -155,49 +128,12 @@ def test_sinkhorn_stays_finite_for_sharp_scores():
     assert torch.isfinite(q).all() and torch.allclose(q.sum(-1), torch.ones(32, 4), atol=1e-5)
 
 
-def test_sinkhorn_queue_balances_the_batch_with_earlier_views(tiny_lm_dir):
-    torch.manual_seed(0)
-    model = LQAE(global_config(tiny_lm_dir, global_queue=12))
-    distill = SelfDistillation(model).train()
-    assert distill.queue.shape == (12, G, WORDS) and int(distill.queued) == 0
-    earlier = torch.full((8, G, WORDS), -1.0)
-    earlier[..., : WORDS // 2] = 0.0  # earlier views chose among the first half of the words
-    distill._enqueue(earlier)
-    batch = torch.zeros(4, G, WORDS)  # no preference of its own
-    alone = sinkhorn(batch / distill.teacher_temperature)
-    with_queue = distill._balanced(batch)
-    assert torch.allclose(alone[..., : WORDS // 2].sum(-1), torch.full((4, G), 0.5), atol=1e-4)
-    assert (with_queue[..., WORDS // 2 :].sum(-1) > 0.9).all()  # left to the words the queue left free
-    distill._enqueue(torch.ones(6, G, WORDS))
-    assert int(distill.queued) == 12 and (distill.queue[:6] == 1).all() and (distill.queue[6:12] == earlier[:6]).all()
-    images = torch.rand(4, 3, 16, 16)
-    model.train()(images, second_view=images.flip(-1), distill=distill).loss.backward()
-    assert (distill.queue[:8] != 1).any()  # the batch's two views went in, newest first
-    assert "queue" not in SelfDistillation(LQAE(global_config(tiny_lm_dir))).state_dict()
-
-
-def test_sinkhorn_balance_trains_without_a_centre(tiny_lm_dir, image_folder, tmp_path):
-    config = global_config(tiny_lm_dir)  # global_balance="sinkhorn", the default
-    model = LQAE(config).train()
-    distill = SelfDistillation(model).train()
-    images = torch.rand(4, 3, 16, 16)
-    out = model(images, second_view=images.flip(-1), distill=distill)
-    assert out.losses.invariance > 0 and torch.isfinite(out.loss)
-    assert not distill.centre.any()  # Sinkhorn needs no running mean
-    train(image_folder, tmp_path / "run", config, tiny_train_config(steps=2))
-    assert ckpt.load_model(tmp_path / "run").config.global_balance == "sinkhorn"
-    with pytest.raises(ConfigError, match="global_balance"):
-        dataclasses.replace(config, global_balance="swap")
-
-
-@pytest.mark.parametrize("queue", [0, 6])
-def test_training_with_global_tokens_resumes_exactly(tiny_lm_dir, image_folder, tmp_path, queue):
-    config = global_config(tiny_lm_dir, global_queue=queue)
+def test_training_with_global_tokens_resumes_exactly(tiny_lm_dir, image_folder, tmp_path):
+    config = global_config(tiny_lm_dir)
     train(image_folder, tmp_path / "straight", config, tiny_train_config(steps=4, save_every=100))
     train(image_folder, tmp_path / "resumed", config, tiny_train_config(steps=2))
     state, _, _ = ckpt.load_train_state(tmp_path / "resumed")
-    assert any(k.startswith("distill.teacher.") for k in state) and "distill.centre" in state
-    assert ("distill.queue" in state) == bool(queue)  # the queue is training state too
+    assert any(k.startswith("distill.teacher.") for k in state)  # the teacher is training state
     train(image_folder, tmp_path / "resumed", config, tiny_train_config(steps=4), resume=True)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
@@ -320,11 +256,15 @@ def test_llm_vocab_names_its_tokenizer_like_llm(tiny_lm_dir):
 
 
 def test_probe_pools_global_tokens_apart(tiny_lm_dir, image_folder):
-    states = torch.arange(24, dtype=torch.float32).view(1, 4, 6)  # (B, L=4, D=6), 1 global token
-    assert torch.equal(pool(states, 1), torch.cat([states[:, 0], states[:, 1:].mean(1)], dim=1))
-    assert torch.equal(pool(states, 0), states.mean(1))
+    states = torch.arange(30, dtype=torch.float32).view(1, 5, 6)  # (B, L=5, D=6): 1 global word, 2x2 grid
+    assert torch.equal(pool(states, TokenLayout(1, 2)), torch.cat([states[:, 0], states[:, 1:].mean(1)], dim=1))
+    assert torch.equal(pool(states, TokenLayout(0, 2)), states.mean(1))  # no global words
+    assert torch.equal(pool(states[:, 1:], TokenLayout(1, 2)), states[:, 1:].mean(1))  # the encoder's: patches only
     torch.manual_seed(0)
     model = LQAE(global_config(tiny_lm_dir)).eval()
     assert feature_dim(model, ["lm:0"]) == 2 * model.config.lm_width
+    assert feature_dim(model, ["lm:0", "enc:1"]) == 2 * model.config.lm_width + model.config.encoder_width
     report, _ = run_probe(model, image_folder, image_folder, ProbeConfig(layers="lm:0,lm:-1", epochs=2, baselines=()))
     assert report.probe.feature_dim == 4 * model.config.lm_width
+    report, _ = run_probe(model, image_folder, image_folder, ProbeConfig(layers="enc:1", epochs=2, baselines=()))
+    assert report.probe.feature_dim == model.config.encoder_width  # the encoder's states: the patches only

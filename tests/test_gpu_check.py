@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_train_config
+from lqae.config import Preset
 from lqae.model import LQAE
-from lqae.model.quantizer import select_token_ids
+from lqae.model.vocab import select_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
@@ -48,11 +49,12 @@ def test_gpu_check_runs_every_step_at_toy_size_on_cpu(tmp_path):
 
 def test_throughput_bench_counts_forward_and_backward_and_splits_the_step(tiny_lm_dir, single_thread):
     config = tiny_model_config(tiny_lm_dir)
-    result = measure(config, batch_size=4, steps=2, warmup=1, peak_tflops=1.0, matmul_side=64, breakdown_repeats=1)
+    result = measure(Preset(config, tiny_train_config()), batch_size=4, steps=2, warmup=1, peak_tflops=1.0,
+                     matmul_side=64, breakdown_repeats=1)
     torch.manual_seed(0)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        LQAE(config).train()(torch.rand(4, 3, 16, 16))
+        LQAE(config).train()(torch.rand(4, 3, 16, 16))  # the reference: the LM's backward is counted too
     forward_per_image = counter.get_total_flops() / 4 / 1e9
     assert result["gflops_per_image"] >= 2 * forward_per_image > 0  # backward counted too
     parts = result["gflops_per_image_by_part"]

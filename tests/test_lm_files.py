@@ -20,7 +20,7 @@ from lqae.errors import CheckpointError
 from lqae.model.lm import load_frozen_lm, resolve_lm_path
 from lqae.model.lm_files import _hub_cache_folder, read_codebook_source
 from lqae.model import LQAE
-from lqae.model.quantizer import principal_directions
+from lqae.model.codebook.grid import principal_directions
 from lqae.tokentext import TokenText
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -77,7 +77,7 @@ def test_encode_only_gives_todays_ids_and_text(tiny_lm_dir, tmp_path):
 @needs_minilm
 def test_encode_only_gives_todays_ids_with_minilm(tmp_path):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "run", LQAE(get_preset("tiny").model, with_mlm_head=False), tiny_train_config(), step=1)
+    save_checkpoint(tmp_path / "run", LQAE(get_preset("tiny").model), tiny_train_config(), step=1)
     full, light = load_model(tmp_path / "run"), load_model(tmp_path / "run", encode_only=True)
     assert light.lm is None
     images = torch.rand(16, 3, 32, 32)

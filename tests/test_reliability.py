@@ -29,15 +29,16 @@ from typer.testing import CliRunner
 from conftest import SMALL_GLOBAL_SETS, tiny_model_config, tiny_train_config, write_class_images
 from lqae import checkpoint as ckpt
 from lqae import io
-from lqae import train as training
-from lqae.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from lqae.training import loop as training, parts
+from lqae.config import PRESETS, Masking, ModelConfig, TrainConfig, get_preset
 from lqae.data import ImageFolder, TrainDataset, collect_images, is_readable_image, load_image, open_rgb
 from lqae.errors import CheckpointError, ConfigError, DataError, LLMError, OutputError, TrainingError
 from lqae.fewshot.backends import openai
 from lqae.fewshot.prompts import TemplateError, load_template, parse_template
 from lqae.run_folder import resolve_run
 from lqae.tokendata import read_token_dataset
-from lqae.train import TrainCallback, train
+from lqae.callbacks import TrainCallback
+from lqae.training import train
 from lqae_cli.app import app
 
 
@@ -153,10 +154,11 @@ def test_non_finite_weights_are_not_saved_and_not_loaded(tiny_model, tmp_path):
     ("patch_size", 0, "patch_size must be between 1"),
     ("image_size", 32.0, "image_size must be an integer"),
     ("image_size", 10**9, "image_size must be between"),
-    ("latent_dim", 10**6, "latent_dim must be between"),
+    ("grid_dim", 10**6, "grid_dim must be between"),
     ("exclude_special_tokens", "no", "exclude_special_tokens must be true or false"),
-    ("mask_ratio", float("nan"), "mask_ratio must be a finite number"),
+    ("mlp_ratio", float("nan"), "mlp_ratio must be a finite number"),
     ("lm_name", 5, "lm_name must be a string"),
+    ("decoder_input", "embeddings", "decoder_input is unknown; choose one of: lm, lm_search, search"),
 ])
 def test_bad_model_config_values_are_one_clear_line(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -169,6 +171,7 @@ def test_bad_model_config_values_are_one_clear_line(field, value, needle):
     ("seed", 1.5, "seed must be an integer"),
     ("hflip", "yes", "hflip must be true or false"),
     ("beta2", 1.0, "beta2 must be between"),
+    ("mask", {"ratio": 0.5}, "mask must be a group of ratio, mlm_weight"),
 ])
 def test_bad_train_config_values_are_one_clear_line(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -179,9 +182,19 @@ def test_every_preset_and_an_old_checkpoint_still_pass_the_checks(tiny_checkpoin
     for name in PRESETS:
         get_preset(name)
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    config["model"]["recon_weight"] = 1  # an integer where a float is expected: still a number
+    config["model"]["mlp_ratio"] = 4  # an integer where a float is expected: still a number
+    config["train"]["mask"]["mlm_weight"] = 0
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
-    assert ckpt.read_config(tiny_checkpoint)[0].recon_weight == 1
+    assert ckpt.read_config(tiny_checkpoint)[0].mlp_ratio == 4
+    assert ckpt.read_config(tiny_checkpoint)[1].mask.mlm_weight == 0
+    good = json.loads(json.dumps(config))
+    config["train"]["mask"]["ratio"] = "half"
+    (tiny_checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mask.ratio must be a finite number"):
+        ckpt.read_config(tiny_checkpoint)
+    (tiny_checkpoint / "config.json").write_text(json.dumps(dict(good, step="abc")))
+    with pytest.raises(CheckpointError, match="step must be a whole number, got 'abc'"):
+        ckpt.read_config(tiny_checkpoint)
 
 
 def test_set_and_options_with_bad_values_are_one_error_line(tiny_lm_dir, image_folder, tmp_path):
@@ -235,8 +248,8 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(tiny_lm_dir, image_folder
 
 def test_finiteness_is_read_only_at_log_lines_and_saves(tiny_lm_dir, image_folder, tmp_path, monkeypatch):
     checks = []
-    check = training._Health.check
-    monkeypatch.setattr(training._Health, "check", lambda self, *a: checks.append(1) or check(self, *a))
+    check = parts.Health.check
+    monkeypatch.setattr(parts.Health, "check", lambda self, *a: checks.append(1) or check(self, *a))
     training.train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir),
                    tiny_train_config(steps=6, log_every=3, save_every=100, sample_every=100, val_every=100))
     assert len(checks) == 3  # log lines at steps 3 and 6, the save at step 6: no host sync per step
@@ -260,8 +273,9 @@ def test_resume_refuses_changed_options_and_other_data(tiny_lm_dir, image_folder
     with pytest.raises(ConfigError, match=r"batch_size \(trained with 8, asked 4\).*base_lr"):
         train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=4, batch_size=4, base_lr=0.1),
               resume=True)
-    with pytest.raises(ConfigError, match="mask_ratio"):
-        train(image_folder, run, tiny_model_config(tiny_lm_dir, mask_ratio=0.1), tiny_train_config(steps=4), resume=True)
+    with pytest.raises(ConfigError, match=r"mask.ratio \(trained with 0.5, asked 0.1\)"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=4, mask=Masking(ratio=0.1)),
+              resume=True)
     other = write_class_images(tmp_path / "other", seed=3)
 
     with pytest.raises(DataError, match="holds other data"):

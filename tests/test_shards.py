@@ -18,7 +18,7 @@ from lqae.data import scan_image_folder
 from lqae.errors import DataError
 from lqae.shards import is_shard_source, scan_image_source, scan_shards, shard_files, write_shards
 from lqae.tokendata import read_token_dataset
-from lqae.train import train
+from lqae.training import train
 from lqae_cli.app import app
 
 

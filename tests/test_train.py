@@ -7,13 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model_config, tiny_train_config
+from conftest import tiny_model_config, tiny_objective, tiny_train_config
 from lqae import checkpoint as ckpt
-from lqae.config import TrainConfig, get_preset
+from lqae.config import Masking, TrainConfig, get_preset
 from lqae.data import scan_image_folder
 from lqae.errors import CheckpointError, DataError
 from lqae.model import LQAE
-from lqae.train import TrainCallback, TrainingInterrupted, _autocast, lr_at, train
+from lqae.callbacks import TrainCallback
+from lqae.training import TrainingInterrupted, train
+from lqae.training.parts import autocast as _autocast, lr_at
 
 
 def test_training_writes_checkpoint_metrics_and_samples(tiny_lm_dir, image_folder, tmp_path):
@@ -27,9 +29,9 @@ def test_training_writes_checkpoint_metrics_and_samples(tiny_lm_dir, image_folde
                 "code_perplexity", "commit_recon_ratio", "encoder_norm"):
         assert key in lines[-1] or key in lines[-2]
     last = next(l for l in reversed(lines) if "loss" in l)
-    config = tiny_model_config(tiny_lm_dir)
-    expected = config.commitment_weight * last["commitment_loss"] / (config.recon_weight * last["recon_loss"])
+    expected = tiny_train_config().commitment_weight * last["commitment_loss"] / last["recon_loss"]
     assert last["commit_recon_ratio"] == pytest.approx(expected) and last["encoder_norm"] > 0
+    assert result.seconds_per_step > 0 and result.fingerprint == ckpt.load_model(run).weights_fingerprint
     assert any("val_psnr" in l and "val_ssim" in l for l in lines)
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     assert ckpt.read_config(run)[2] == 4
@@ -70,10 +72,9 @@ def test_sigterm_saves_a_checkpoint_then_stops(tiny_lm_dir, image_folder, tmp_pa
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_lm_dir, image_folder, tmp_path):
-    config = tiny_model_config(tiny_lm_dir, mask_ratio=0.0)
-    train(image_folder, tmp_path / "a", config, tiny_train_config(steps=1, batch_size=8))
-    train(image_folder, tmp_path / "b", tiny_model_config(tiny_lm_dir, mask_ratio=0.0),
-          tiny_train_config(steps=1, batch_size=8, grad_accum=2))
+    config, no_mask = tiny_model_config(tiny_lm_dir), Masking(ratio=0.0)
+    train(image_folder, tmp_path / "a", config, tiny_train_config(steps=1, batch_size=8, mask=no_mask))
+    train(image_folder, tmp_path / "b", config, tiny_train_config(steps=1, batch_size=8, grad_accum=2, mask=no_mask))
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
@@ -117,8 +118,8 @@ def test_tiny_preset_trains_with_real_minilm(image_folder, tmp_path):
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_lm_dir, image_folder, tmp_path):
     """The bf16 path (the CUDA default), run under CPU autocast: matmuls run in bf16, the loss and
     the master weights stay fp32, and training follows the fp32 run up to rounding."""
-    torch.manual_seed(0)
-    model = LQAE(tiny_model_config(tiny_lm_dir)).train()
+    objective = tiny_objective(tiny_lm_dir)
+    model = objective.model
     seen = {}
 
     def record(name):
@@ -130,10 +131,10 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_lm_dir, imag
     model.encoder.to_lm.register_forward_hook(record("encoder"))
     model.decoder.to_pixels.register_forward_hook(record("decoder"))
     with _autocast("bf16", "cpu"):
-        out = model(torch.rand(2, 3, 16, 16))
+        _, _, loss = objective(torch.rand(2, 3, 16, 16), generator=torch.Generator().manual_seed(0))
     assert seen == {"encoder": torch.bfloat16, "decoder": torch.bfloat16}
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
-    out.loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.encoder.parameters() if p.grad is not None)
 
     runs = {}

@@ -1,7 +1,7 @@
-"""The model: the ViT encoder and decoder (`vit`), the frozen LM (`lm`, its files read by `lm_files`),
-the language codebook that quantizes onto the LM's word embeddings (`quantizer`), the global
-tokens' self-distillation (`distill`), the LLM-aligned vocabulary filter (`vocab`), and the LQAE
-that joins them (`autoencoder`).
+"""The model: the ViT encoder and decoder (`vit`), what the decoder reads (`decoder_input`), the frozen
+LM (`lm`, its files read by `lm_files`), the language codebook that quantizes onto the LM's word
+embeddings (`codebook`, one module per search space), the codebook's vocabulary (`vocab`), the
+global words' self-distillation (`distill`), and the LQAE that joins them (`autoencoder`).
 
 Names load lazily, as `lqae`'s: importing `lqae.model.lm_files` does not build the rest.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 from lqae.lazy import lazy_exports
 
 _LAZY = {  # submodule -> the public names it provides: the one list of this package's names
-    "lqae.model.autoencoder": ("LQAE", "LQAEOutput", "LossBreakdown"),
-    "lqae.model.quantizer": (
-        "LanguageCodebook", "QuantizerOutput", "build_codebook", "codebook_from_config", "nearest_codes",
-        "select_token_ids",
-    ),
+    "lqae.model.autoencoder": ("LQAE", "LQAEOutput"),
+    "lqae.model.codebook.base": ("LanguageCodebook", "Quantized"),
+    "lqae.model.codebook.search": ("nearest_codes",),
+    "lqae.model.vocab": ("select_token_ids",),
     "lqae.model.lm": ("FrozenLM", "load_frozen_lm", "load_tokenizer"),
     "lqae.model.vit": ("Decoder", "Encoder"),
     "lqae.model.distill": ("SelfDistillation",),

@@ -3,11 +3,11 @@ arXiv 2104.14294), with frozen word embeddings as the prototypes.
 
 Each global token g has its own candidate words (`LanguageCodebook.global_codes[g]`); its scores
 are the similarities of its query to those words in the search space. The teacher is an EMA copy of
-the global tokens' encoder (`lqae.model.vit.GlobalEncoder`); its scores are balanced (`global_balance`:
-centred by a running mean over batches, or spread evenly over the batch by Sinkhorn-Knopp, so one
-word cannot win every image) and sharpened (a low temperature), and the student's distribution for one view is trained towards
-the teacher's for the other. No labels and no paired text: the same image under different crops
-must choose the same few words.
+the global tokens' encoder (`lqae.model.vit.GlobalEncoder`); its scores are spread evenly over the
+batch by Sinkhorn-Knopp (so one word cannot win every image; DINO's running centre left a few words
+per token at small batches) and sharpened (a low temperature), and the student's distribution for
+one view is trained towards the teacher's for the other. No labels and no paired text: the same
+image under different crops must choose the same few words.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lqae.config import Distillation
 
 
 @torch.no_grad()
@@ -51,23 +53,13 @@ def _logsumexp_over_images(log_q: torch.Tensor, world: int) -> torch.Tensor:
 
 
 class SelfDistillation(nn.Module):
-    """The EMA teacher (a copy of the model's `GlobalEncoder`) and the centre of its scores;
-    training state, saved with the optimiser's (never in model.safetensors)."""
+    """The EMA teacher (a copy of the model's `GlobalEncoder`) and the invariance loss; training
+    state, saved with the optimiser's (never in model.safetensors)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, config: Distillation) -> None:
         super().__init__()
-        config = model.config
         self.teacher = copy.deepcopy(model.encoder.global_encoder).requires_grad_(False).eval()
-        self.register_buffer("centre", torch.zeros(config.global_tokens, config.global_vocab_size))  # (G, V_g)
-        self.teacher_temperature = config.teacher_temperature
-        self.student_temperature = config.student_temperature
-        self.centre_momentum = config.centre_momentum
-        self.balance = config.global_balance
-        # "sinkhorn": the teacher's scores of the last `global_queue` views, newest first (a training state,
-        # saved for an exact resume); `queued` counts the rows filled so far
-        if config.global_queue:
-            self.register_buffer("queue", torch.zeros(config.global_queue, config.global_tokens, config.global_vocab_size))
-            self.register_buffer("queued", torch.zeros((), dtype=torch.long))
+        self.config = config
 
     def train(self, mode: bool = True) -> "SelfDistillation":
         super().train(mode)
@@ -81,47 +73,19 @@ class SelfDistillation(nn.Module):
 
     def loss(self, student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor,
              teacher_b: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy from the sharpened, centred teacher of one view to the student of the other,
-        both ways, averaged over tokens and images; updates the centre. Inputs (B, G, V_g)."""
-        if self.balance == "sinkhorn":
-            scores = torch.cat([teacher_a, teacher_b])
-            targets_a, targets_b = self._balanced(scores).chunk(2)
-            if self.training and hasattr(self, "queue"):
-                self._enqueue(scores)
-        else:
-            targets_a = ((teacher_a - self.centre) / self.teacher_temperature).softmax(-1)
-            targets_b = ((teacher_b - self.centre) / self.teacher_temperature).softmax(-1)
-        log_a = (student_a.float() / self.student_temperature).log_softmax(-1)
-        log_b = (student_b.float() / self.student_temperature).log_softmax(-1)
-        loss = -((targets_b * log_a).sum(-1).mean() + (targets_a * log_b).sum(-1).mean()) / 2
-        if self.training and self.balance == "centre":
-            self._update_centre(torch.cat([teacher_a, teacher_b]))
-        return loss
+        """Cross-entropy from the teacher's balanced, sharpened targets for one view to the student of
+        the other, both ways, averaged over tokens and images. Inputs (B, G, V_g)."""
+        scores = torch.cat([teacher_a, teacher_b])
+        targets_a, targets_b = sinkhorn(scores / self.config.teacher_temperature).chunk(2)
+        log_a = (student_a.float() / self.config.student_temperature).log_softmax(-1)
+        log_b = (student_b.float() / self.config.student_temperature).log_softmax(-1)
+        return -((targets_b * log_a).sum(-1).mean() + (targets_a * log_b).sum(-1).mean()) / 2
 
     @torch.no_grad()
-    def _balanced(self, scores: torch.Tensor) -> torch.Tensor:
-        """Sinkhorn targets (N, G, V_g) for the batch's teacher scores, balanced together with the queue's."""
-        queued = self.queue[: int(self.queued)] if hasattr(self, "queue") else scores[:0]
-        return sinkhorn(torch.cat([scores, queued.to(scores.dtype)]) / self.teacher_temperature)[: scores.shape[0]]
-
-    @torch.no_grad()
-    def _enqueue(self, scores: torch.Tensor) -> None:
-        rows = scores[: self.queue.shape[0]].to(self.queue.dtype)
-        self.queue.copy_(torch.cat([rows, self.queue[: self.queue.shape[0] - rows.shape[0]]]))
-        self.queued.fill_(min(int(self.queued) + rows.shape[0], self.queue.shape[0]))
-
-    @torch.no_grad()
-    def _update_centre(self, scores: torch.Tensor) -> None:
-        mean = scores.mean(0)  # (G, V_g)
-        if _world_size() > 1:
-            dist.all_reduce(mean)
-            mean /= _world_size()
-        self.centre.mul_(self.centre_momentum).add_(mean, alpha=1 - self.centre_momentum)
-
-    @torch.no_grad()
-    def update_teacher(self, encoder: nn.Module, momentum: float) -> None:
+    def update_teacher(self, encoder: nn.Module) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student (the `GlobalEncoder`); buffers
         (running statistics) copied."""
+        momentum = self.config.teacher_momentum
         for teacher, student in zip(self.teacher.parameters(), encoder.parameters()):
             teacher.lerp_(student.detach(), 1 - momentum)
         for teacher, student in zip(self.teacher.buffers(), encoder.buffers()):

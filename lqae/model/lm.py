@@ -70,8 +70,9 @@ def load_tokenizer(name: str):
 
 
 def load_frozen_lm(name: str, with_mlm_head: bool = True) -> FrozenLM:
-    """Load backbone, MLM head (when asked for and the checkpoint has one) and tokenizer, frozen and
-    in eval mode. Inference passes with_mlm_head=False: the base model alone loads faster."""
+    """Load backbone, MLM head (when asked for and the checkpoint has one; None otherwise) and
+    tokenizer, frozen and in eval mode. Inference passes with_mlm_head=False: the base model alone
+    loads faster."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     tokenizer = load_tokenizer(name)
@@ -94,8 +95,6 @@ def load_frozen_lm(name: str, with_mlm_head: bool = True) -> FrozenLM:
         head = None if head_missing else _mlm_head(model)
     else:
         backbone, head = model, None
-    if head is None and with_mlm_head:
-        log.warning("LM %s has no MLM head: the MLM loss is skipped", name)
     for module in (backbone, head):
         if module is not None:
             module.requires_grad_(False)

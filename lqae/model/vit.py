@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lqae.config import ModelConfig
+from lqae.model.decoder_input import DecoderInput
 
 
 class Attention(nn.Module):
@@ -64,17 +65,14 @@ class Standardize(nn.Module):
     """Per-feature standardisation over every token of the batch (BatchNorm without a learned affine;
     running statistics at eval), then a fixed affine onto target statistics (the codebook's).
 
-    With `running`, training normalises with the running statistics too (each batch only moves
-    them): a token's value then never depends on the rest of its batch (measured: -0.48 dB, README).
-
     Counters index collapse by matching the encoder output's distribution to the codebook's, as the
     affine re-parameterisation of Huh et al. 2023 ("Straightening out the straight-through
     estimator") does from the codebook side; here the codebook is frozen, so the encoder side moves.
     """
 
-    def __init__(self, width: int, momentum: float = 0.1, running: bool = False) -> None:
+    def __init__(self, width: int, momentum: float = 0.1) -> None:
         super().__init__()
-        self.momentum, self.running = momentum, running
+        self.momentum = momentum
         self.register_buffer("running_mean", torch.zeros(width))
         self.register_buffer("running_var", torch.ones(width))
         self.register_buffer("target_mean", torch.zeros(width), persistent=False)
@@ -85,18 +83,10 @@ class Standardize(nn.Module):
         self.target_std.copy_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(0, -2).float()
-        if self.running and self.training:  # the batch only moves the running statistics, which normalise
-            with torch.no_grad():
-                self.running_mean.lerp_(flat.mean(0), self.momentum)
-                self.running_var.lerp_(flat.var(0), self.momentum)
-            # not batch_norm on the buffers: it saves them for the backward pass, and another view's
-            # forward moves them in place before that
-            flat = (flat - self.running_mean) * (self.running_var + 1e-5).rsqrt()
-        else:
-            flat = F.batch_norm(
-                flat, self.running_mean, self.running_var, training=self.training, momentum=self.momentum, eps=1e-5,
-            )  # (B*N, D), zero mean and unit variance per feature
+        flat = F.batch_norm(
+            x.flatten(0, -2).float(), self.running_mean, self.running_var, training=self.training,
+            momentum=self.momentum, eps=1e-5,
+        )  # (B*N, D), zero mean and unit variance per feature
         return (flat * self.target_std + self.target_mean).view(x.shape).to(x.dtype)
 
     @torch.no_grad()
@@ -112,41 +102,40 @@ class Standardize(nn.Module):
         self.running_var.copy_(squares / count - mean.pow(2))
 
 
-def _standardize(config: ModelConfig) -> Standardize | None:
-    """The encoder output's standardisation, if the config asks for one."""
-    if config.encoder_output != "standardize":
-        return None
-    return Standardize(config.lm_width, running=config.standardize_running)
+def _output_map(config: ModelConfig) -> nn.Module:
+    """The encoder output's last step: the standardisation, or none (the reference)."""
+    return Standardize(config.lm_width) if config.encoder_output == "standardize" else nn.Identity()
 
 
 class EncoderOutput(NamedTuple):
-    z: torch.Tensor  # (B, L, D) the continuous tokens the quantizer reads, D = the LM's width
+    z: torch.Tensor  # (B, L, D) the continuous tokens the codebook reads, D = the LM's width
     projected: torch.Tensor  # (B, L, D) before the output standardisation (equals z without one)
     hidden_states: tuple[torch.Tensor, ...]  # patch embedding + position, then one per block, each (B, N, W)
 
 
 class Encoder(nn.Module):
-    """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, L, D), D = config.lm_width, L = G + N:
-    the G = config.global_tokens global tokens (from `GlobalEncoder`), then the N = (H / patch)^2 patches."""
+    """Images (B, C, H, W) in [0, 1] -> continuous tokens (B, L, D), D = config.lm_width, laid out as
+    config.layout: the global tokens (from `GlobalEncoder`), then the (H / patch)^2 patches."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.lm_width is None:
             raise ValueError("config.lm_width is unset: the LQAE fills it in from its LM before building the encoder")
         width, patch = config.encoder_width, config.patch_size
+        self.layout = config.layout
         self.patchify = nn.Conv2d(config.channels, width, kernel_size=patch, stride=patch)
         self.transformer = Transformer(
-            config.num_patches, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
+            self.layout.patches, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
         )
         self.to_lm = nn.Linear(width, config.lm_width)
-        self.standardize = _standardize(config)
-        self.global_encoder = GlobalEncoder(config) if config.global_tokens else None
+        self.standardize = _output_map(config)
+        self.global_encoder = GlobalEncoder(config) if self.layout.global_tokens else None
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
         x, hidden = self.transformer(x)
         projected = self.to_lm(x)  # (B, N, D)
-        z = self.standardize(projected) if self.standardize is not None else projected
+        z = self.standardize(projected)
         if self.global_encoder is not None:
             global_z, global_projected = self.global_encoder(images)  # (B, G, D) each
             z, projected = torch.cat([global_z, z], dim=1), torch.cat([global_projected, projected], dim=1)
@@ -154,19 +143,20 @@ class Encoder(nn.Module):
 
     def set_output_target(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The statistics the standardised output is mapped onto (the codebook's)."""
-        for module in (self.standardize, self.global_encoder and self.global_encoder.standardize):
-            if module is not None:
-                module.set_target(mean, std)
+        for encoder in (self, self.global_encoder):
+            if encoder is not None and isinstance(encoder.standardize, Standardize):
+                encoder.standardize.set_target(mean, std)
 
     @torch.no_grad()
     def calibrate_output(self, images) -> None:
         """Running statistics of the output standardisation(s) measured on batches of images (an
         iterable of (B, C, H, W)), e.g. for a freshly initialised encoder used as a baseline."""
-        projected = [self(batch).projected for batch in images]
-        g = self.global_encoder.global_tokens if self.global_encoder is not None else 0
-        self.standardize.calibrate(p[:, g:] for p in projected)
-        if g and self.global_encoder.standardize is not None:
-            self.global_encoder.standardize.calibrate(p[:, :g] for p in projected)
+        if not isinstance(self.standardize, Standardize):
+            return
+        parts = [self.layout.split(self(batch).projected, 1) for batch in images]  # (global, patches) each
+        self.standardize.calibrate(patches for _, patches in parts)
+        if self.global_encoder is not None:
+            self.global_encoder.standardize.calibrate(first for first, _ in parts)
 
 
 class GlobalEncoder(nn.Module):
@@ -185,41 +175,36 @@ class GlobalEncoder(nn.Module):
             config.num_tokens, width, config.encoder_depth, config.encoder_heads, config.mlp_ratio
         )
         self.to_lm = nn.Linear(width, config.lm_width)
-        self.standardize = _standardize(config)
+        self.standardize = _output_map(config)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
         x = torch.cat([self.queries.expand(x.shape[0], -1, -1), x], dim=1)  # (B, G + N, W)
         x, _ = self.transformer(x)
         projected = self.to_lm(x[:, : self.global_tokens])  # (B, G, D)
-        z = self.standardize(projected) if self.standardize is not None else projected
-        return z, projected
+        return self.standardize(projected), projected
 
 
 class Decoder(nn.Module):
-    """LM hidden states (B, L, D) -> images (B, C, H, W), unclamped; the patches are the last N of
-    the L = G + N positions (the G global tokens are read, not drawn).
+    """What the decoder input reads (B, L, ...) -> images (B, C, H, W), unclamped. It reads all L
+    positions of config.layout and draws the patch positions (the global words are read, not drawn).
 
+    `reads` (`lqae.model.decoder_input`) says which inputs it has: the LM's last hidden state (width
+    config.lm_width), each code's search coordinates (width `codes_dim`), or both, summed.
     The "linear" head maps each token to its patch's pixels (the reference); the "conv" head maps it
     to `decoder_head_channels` feature maps over its patch, then two 3x3 convolutions over the whole
     image turn them into pixels, so a patch's edge sees its neighbours' (no seams between patches)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, reads: DecoderInput, codes_dim: int | None = None) -> None:
         super().__init__()
         if config.lm_width is None:
             raise ValueError("config.lm_width is unset: the LQAE fills it in from its LM before building the decoder")
-        self.patch_size, self.grid = config.patch_size, config.grid_size
-        # the positions the decoder reads: all L, or the N patch positions only (the G global ones skipped)
-        self.skipped = 0 if config.decoder_reads_global else config.global_tokens
-        self.global_tokens = config.global_tokens - self.skipped  # global positions among those read
+        self.patch_size, self.layout = config.patch_size, config.layout
         width = config.decoder_width
-        reads_lm = config.decoder_input != "search"
-        self.from_lm = nn.Linear(config.lm_width, width) if reads_lm else None
-        # "lm_search"/"search": each code's search-space vector, mapped in beside (or instead of) the LM's state
-        reads_codes = config.decoder_input in ("lm_search", "search")
-        self.from_codes = nn.Linear(config.search_dim, width) if reads_codes else None
+        self.from_lm = nn.Linear(config.lm_width, width) if reads.reads_lm else None
+        self.from_codes = nn.Linear(codes_dim, width) if reads.reads_codes else None
         self.transformer = Transformer(
-            config.num_tokens - self.skipped, width, config.decoder_depth, config.decoder_heads, config.mlp_ratio
+            self.layout.length, width, config.decoder_depth, config.decoder_heads, config.mlp_ratio
         )
         conv = config.decoder_head == "conv"
         self.maps = config.decoder_head_channels if conv else config.channels  # per-pixel outputs of to_pixels
@@ -229,25 +214,25 @@ class Decoder(nn.Module):
                 nn.Conv2d(self.maps, self.maps, 3, padding=1), nn.GELU(),
                 nn.Conv2d(self.maps, config.channels, 3, padding=1),
             )
-            if conv else None
+            if conv else nn.Identity()
         )
 
-    def forward(self, hidden: torch.Tensor | None, coordinates: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden: (B, L, D) what the decoder reads from the LM (None for the "search" diagnostic);
-        coordinates: (B, L, d) the codes' search-space vectors, for "lm_search" and "search"."""
-        x = self.from_lm(hidden[:, self.skipped :]) if self.from_lm is not None else 0
+    def forward(self, lm_hidden: torch.Tensor | None, coordinates: torch.Tensor | None = None) -> torch.Tensor:
+        """lm_hidden: (B, L, D) the LM's last hidden state; coordinates: (B, L, d) the codes' search
+        coordinates (each None where this decoder does not read it)."""
+        x = self.from_lm(lm_hidden) if self.from_lm is not None else 0
         if self.from_codes is not None:
-            x = x + self.from_codes(coordinates[:, self.skipped :])
-        x, _ = self.transformer(x)  # (B, G + N, W)
-        return self.head(x[:, self.global_tokens :])
+            x = x + self.from_codes(coordinates)
+        x, _ = self.transformer(x)  # (B, L, W)
+        return self.head(self.layout.split(x, 1)[1])
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, N, W) -> pixels (B, C, H, W)."""
         x = self.to_pixels(tokens)  # (B, N, p*p*maps)
-        batch, p, g, c = x.shape[0], self.patch_size, self.grid, self.maps
+        batch, p, g, c = x.shape[0], self.patch_size, self.layout.grid, self.maps
         x = x.view(batch, g, g, p, p, c)  # (B, gh, gw, ph, pw, maps)
         x = x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, g * p, g * p)  # (B, maps, H, W)
-        return x if self.refine is None else self.refine(x)  # (B, C, H, W)
+        return self.refine(x)  # (B, C, H, W)
 
 
 def init_weights(module: nn.Module) -> None:

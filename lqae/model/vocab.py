@@ -1,4 +1,7 @@
-"""An LLM-aligned vocabulary: keep only the words a prompting LLM reads as exactly one token after a
+"""The codebook's vocabulary: which LM token ids may be codes.
+
+`select_token_ids` is the filter every model applies (`vocab`: all non-special tokens, or whole
+words). An LLM-aligned vocabulary then keeps only the words a prompting LLM reads as exactly one token after a
 space, so an image of L tokens costs L LLM tokens and word boundaries survive its tokenisation.
 
 `ModelConfig.llm_vocab` names the LLM's tokenizer as `--llm` does: `hf:NAME_OR_PATH` (a transformers
@@ -9,6 +12,7 @@ checkpoint never needs the LLM's tokenizer again.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
 
 from lqae.errors import ConfigError
@@ -16,6 +20,55 @@ from lqae.llm_files import DEFAULT_ENCODING, load_tiktoken, resolve_llm
 from lqae.model.lm import quiet_transformers
 
 LLM_VOCAB_KINDS = ("hf", "openai", "tiktoken")
+_SPECIAL_PATTERN = re.compile(r"^(\[[^\]]*\]|<[^>]*>|madeupword\d+)$")
+
+
+def codebook_ids(tokenizer, vocab_rows: int, config) -> list[int]:
+    """The LM ids a model config's codebook holds: `select_token_ids`, then the `llm_vocab` filter."""
+    token_ids = select_token_ids(tokenizer, vocab_rows, config.vocab, config.exclude_special_tokens)
+    return single_token_words(tokenizer, token_ids, config.llm_vocab) if config.llm_vocab else token_ids
+
+
+def select_token_ids(tokenizer, vocab_rows: int, vocab: str = "all", exclude_special: bool = True) -> list[int]:
+    """LM token ids that may serve as codes.
+
+    vocab="all": every id with a token string (minus special tokens when exclude_special);
+    vocab="words": whole alphabetic words only, no subword continuations, digits or punctuation,
+    so token text reads as words and costs fewer tokens for a downstream LLM.
+    """
+    size = min(vocab_rows, len(tokenizer))
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+    special = set(tokenizer.all_special_ids) if exclude_special else set()
+    marker = _word_marker(tokens)
+    chosen = []
+    for token_id, token in enumerate(tokens):
+        if token is None or token_id in special:
+            continue
+        if exclude_special and _SPECIAL_PATTERN.match(token):
+            continue
+        if vocab == "words" and not _is_whole_word(token, marker):
+            continue
+        chosen.append(token_id)
+    return chosen
+
+
+def _word_marker(tokens: list[str | None]) -> str | None:
+    """The prefix marking a word start in BPE/SentencePiece vocabularies (None for WordPiece)."""
+    sample = [t for t in tokens[:5000] if t]
+    for marker in ("Ġ", "▁"):
+        if sum(t.startswith(marker) for t in sample) > len(sample) // 10:
+            return marker
+    return None
+
+
+def _is_whole_word(token: str, marker: str | None) -> bool:
+    if marker is None:
+        word = token
+    elif token.startswith(marker):
+        word = token[len(marker):]
+    else:
+        return False
+    return word.isascii() and word.isalpha()
 
 
 def llm_token_counter(spec: str) -> Callable[[str], int]:

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from lqae.data import image_batches
+from lqae.layout import TokenLayout
 from lqae.probe.config import ProgressCallback
 from lqae.probe.layers import feature_dim, uses_encoder
 from lqae.probe.splits import ProbeSplit, require_images
-from lqae.model.vit import Encoder, init_weights
+from lqae.model.vit import Encoder, Standardize, init_weights
 
 CALIBRATION_IMAGES = 1024  # images that set the random encoder's output statistics
 
@@ -26,7 +27,7 @@ def random_encoder(model, seed: int, calibration: ProbeSplit | None = None, batc
         encoder = Encoder(model.config)
         init_weights(encoder)
     encoder = encoder.to(model.device).eval()
-    if encoder.standardize is not None:
+    if isinstance(encoder.standardize, Standardize):
         trained = model.encoder.standardize
         encoder.set_output_target(trained.target_mean, trained.target_std)
         if calibration is not None:
@@ -66,7 +67,7 @@ def extract_features(
         stop = start + len(ids)
         lm_states = model.lm_hidden_states(ids) if any(s == "lm" for s, _ in selected) else ()
         pooled = [
-            pool((lm_states if source == "lm" else encoder_states)[index].float(), model.config.global_tokens)
+            pool((lm_states if source == "lm" else encoder_states)[index].float(), model.layout)
             for source, index in selected
         ]
         features[start:stop] = torch.cat(pooled, dim=1).cpu()
@@ -76,11 +77,13 @@ def extract_features(
     return features
 
 
-def pool(states: torch.Tensor, global_tokens: int) -> torch.Tensor:
-    """(B, L, D) hidden states -> (B, D) mean over tokens, or (B, 2D) [global mean, patch mean]."""
-    if not global_tokens:
+def pool(states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(B, L, D) hidden states -> (B, D) mean over tokens, or with global words in the sequence
+    (B, 2D) [global mean, patch mean]. The encoder's hidden states hold the patches only."""
+    if not layout.global_tokens or states.shape[1] != layout.length:
         return states.mean(dim=1)
-    return torch.cat([states[:, :global_tokens].mean(dim=1), states[:, global_tokens:].mean(dim=1)], dim=1)
+    global_states, patch_states = layout.split(states, 1)
+    return torch.cat([global_states.mean(dim=1), patch_states.mean(dim=1)], dim=1)
 
 
 def _token_batches(

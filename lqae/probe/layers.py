@@ -51,7 +51,8 @@ def uses_encoder(layers: list[str]) -> bool:
 
 
 def feature_dim(model, layers: list[str]) -> int:
-    """Features per image: each layer's width, twice with global tokens (they are pooled apart)."""
-    widths = {"lm": int(model.lm.config.hidden_size), "enc": int(model.config.encoder_width)}
-    pools = 2 if model.config.global_tokens else 1
-    return pools * sum(widths[name.split(":")[0]] for name in layers)
+    """Features per image: each layer's width; an LM layer's twice with global words (they are pooled
+    apart from the patches; the encoder's states hold the patches only)."""
+    pools = 2 if model.layout.global_tokens else 1
+    widths = {"lm": pools * int(model.lm.config.hidden_size), "enc": int(model.config.encoder_width)}
+    return sum(widths[name.split(":")[0]] for name in layers)

@@ -35,7 +35,7 @@ def encode_folder(
     if not kept:
         raise DataError(f"none of the {len(folder)} images in {folder.root} could be read")
     label_of = dict(zip(map(str, folder.paths), folder.labels))
-    grid = model.config.grid_size
+    grid = model.config.layout.grid
     return TokenDataset(
         ids=torch.cat(rows).long(), labels=torch.tensor([label_of[str(p)] for p in kept], dtype=torch.long),
         classes=list(folder.classes), paths=[str(p) for p in kept], model_config=to_dict(model.config),
@@ -83,7 +83,7 @@ def encode_folder_to_file(
     the rows into `shard_path(path, rank, world)`; once every rank has succeeded, rank 0 writes the
     index at `path`. The summary is of the whole dataset (on rank 0; of its share on the others)."""
     config = model.config
-    grid = (config.grid_size, config.grid_size)
+    grid = (config.layout.grid, config.layout.grid)
     rows = distributed.rank_share(len(folder), rank, world)
     target = shard_path(path, rank, world) if world > 1 else Path(path)
     paths = [folder.paths[i] for i in rows]
