@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import write_photos  # noqa: E402
 
 from lqae.checkpoint import save_checkpoint  # noqa: E402
-from lqae.config import get_preset  # noqa: E402
+from lqae.presets import get_preset  # noqa: E402
 from lqae.model import LQAE  # noqa: E402
 from lqae.tokendata import read_token_dataset  # noqa: E402
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lqae.augment import to_float
-from lqae.config import Preset
+from lqae.presets import Preset
 from lqae.data import EpochBatchSampler, TrainDataset, image_batches, scan_image_folder
 from lqae.images import comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts

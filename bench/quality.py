@@ -45,7 +45,8 @@ from make_photo_crops import write_photo_crops  # noqa: E402
 from make_shapes import write_shapes  # noqa: E402
 
 from lqae.checkpoint import load_model  # noqa: E402
-from lqae.config import RECIPE, Masking, ModelConfig, Preset, apply_overrides, get_preset  # noqa: E402
+from lqae.config import Masking, ModelConfig  # noqa: E402
+from lqae.presets import RECIPE, Preset, apply_overrides, get_preset  # noqa: E402
 from lqae.data import scan_image_folder  # noqa: E402
 from lqae.fewshot.backends.overlap import OverlapBackend  # noqa: E402
 from lqae.fewshot.episodes import pool_from_dataset  # noqa: E402

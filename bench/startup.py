@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from lqae.checkpoint import save_checkpoint
-from lqae.config import get_preset
+from lqae.presets import get_preset
 from lqae.model import LQAE
 
 REPO = Path(__file__).resolve().parents[1]

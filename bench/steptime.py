@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import PeerAutoencoder  # noqa: E402
 
-from lqae.config import apply_overrides, get_preset  # noqa: E402
+from lqae.presets import apply_overrides, get_preset  # noqa: E402
 from lqae.model.autoencoder import LQAE  # noqa: E402
 from lqae.model.lm import load_frozen_lm  # noqa: E402
 from lqae.training.objective import Objective  # noqa: E402

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lqae.config import PRESETS, get_preset  # noqa: E402
+from lqae.presets import PRESETS, get_preset  # noqa: E402
 from lqae.errors import LMNotFoundError  # noqa: E402
 from lqae.model.autoencoder import LQAE  # noqa: E402
 from lqae.model.lm import FrozenLM, load_frozen_lm  # noqa: E402

@@ -13,7 +13,8 @@ _LAZY = {  # submodule -> the public names it provides: the one list of this pac
     "lqae.model": ("LQAE", "LQAEOutput", "LanguageCodebook", "nearest_codes"),
     "lqae.checkpoint": ("load_model", "save_checkpoint"),
     "lqae.training": ("train",),
-    "lqae.config": ("ModelConfig", "TrainConfig", "get_preset", "PRESETS"),
+    "lqae.config": ("ModelConfig", "TrainConfig"),
+    "lqae.presets": ("get_preset", "PRESETS"),
     "lqae.probe": ("run_probe",),
 }
 

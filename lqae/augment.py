@@ -1,15 +1,15 @@
 """The training augmentation, fast: RandomResizedCrop + horizontal flip into uint8 tensors.
 
-Two things make a loader worker 1.3x to 1.8x as fast as cropping and resizing with PIL and
-batching floats (bench/loader.py, 500x375 JPEGs):
+Two things make a loader worker faster than cropping and resizing with PIL and batching floats
+(bench/loader.py measures it):
 - a JPEG is decoded at a reduced DCT scale (PIL's `Image.draft`: 1/2, 1/4 or 1/8) when the crop is
   at least that many times the output size on both sides, so no detail the output keeps is lost;
-- a crop that shrinks is resized by torch's uint8 bicubic kernel (antialiased, as PIL's; about 4x
-  faster), and batches stay uint8 until they reach the device (4x less to copy, pin and send than
-  float32). A crop that is enlarged goes through PIL as before: torch can only clamp at the crop's
-  edges, where PIL's filter reads the pixels beyond them, so small images (the digits) train on
-  exactly the pixels they always did.
-The crop is a pure function of (image, rng), as before: workers, resumes and shards agree.
+- a crop that shrinks is resized by torch's uint8 bicubic kernel (antialiased, as PIL's), and
+  batches stay uint8 until they reach the device (a quarter of float32's bytes to copy, pin and
+  send). A crop that is enlarged goes through PIL: torch can only clamp at the crop's edges, where
+  PIL's filter reads the pixels beyond them, so small images (the digits) train on exactly the
+  pixels PIL gives.
+The crop is a pure function of (image, rng): workers, resumes and shards agree.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def _open_lock_file(path: Path):
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
-    except OSError as exc:
+    except OSError:
         if path.is_symlink():
             raise CheckpointError(
                 f"{path} is a symbolic link; lqae writes its pid into that file and will not write through a "

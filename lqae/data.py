@@ -63,11 +63,6 @@ def found_in_folders(inputs: Sequence[str | Path]) -> Callable[[Path], bool]:
     return lambda path: Path(path) not in named
 
 
-def log_skipped(skipped: Sequence[Path], reason) -> None:
-    """The warning for images left out of a batch because they could not be decoded."""
-    log.warning("skipped %d unreadable image(s): %s (%s)", len(skipped), name_some(skipped), reason)
-
-
 def image_batches(
     paths: Sequence[Path], size: int, batch_size: int = 64, device: torch.device | str = "cpu",
     skip_unreadable: bool | Callable[[Path], bool] = False,

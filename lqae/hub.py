@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from lqae.checkpoint import read_config, weights_metadata
-from lqae.config import PRESETS, ModelConfig, TrainConfig, flat_dict
+from lqae.config import ModelConfig, TrainConfig, flat_dict
+from lqae.presets import PRESETS
 from lqae.errors import CheckpointError, ConfigError
 from lqae.io import atomic_write_bytes
 from lqae.model.codebook import codebook_class

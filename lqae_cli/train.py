@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from lqae.callbacks import TrainCallback, TrainInfo
-from lqae.config import PRECISIONS, PRESETS, VOCAB_CHOICES, asked_fields, configure, to_dict
+from lqae.config import PRECISIONS, VOCAB_CHOICES, to_dict
+from lqae.presets import PRESETS, asked_fields, configure
 from lqae.trackers import TRACKERS, make_tracker
 from lqae_cli.common import error_line, handle_errors
 from lqae_cli.options import DeviceOption, QuietOption, choice_enum, resolve_device

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from peers import FSQ_LEVELS, PEERS, PeerAutoencoder, train_peer  # noqa: E402
 
-from lqae.config import Preset  # noqa: E402
+from lqae.presets import Preset  # noqa: E402
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 from conftest import tiny_model_config, tiny_objective, tiny_train_config, write_tiny_lm
 from lqae import checkpoint as ckpt
 from lqae.errors import CheckpointError
-from lqae.model import LQAE
 from lqae.training import train
 
 

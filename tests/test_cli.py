@@ -8,7 +8,6 @@ from conftest import SMALL_GLOBAL_SETS
 from typer.testing import CliRunner
 
 from lqae.checkpoint import RunLock, read_config
-from lqae_cli.app import app
 
 COMMANDS = ["train", "encode", "decode", "eval", "probe", "fewshot", "card", "push"]
 runner = CliRunner()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model_config, tiny_train_config
 from lqae.checkpoint import load_model
-from lqae.config import Preset
+from lqae.presets import Preset
 from lqae.codec import encode_images
 from lqae.data import scan_image_folder
 from lqae.training import train

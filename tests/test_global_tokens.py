@@ -3,7 +3,6 @@ trained by self-distillation between two views; and what reads them (token text,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model_config, tiny_train_config
-from lqae.config import Preset
+from lqae.presets import Preset
 from lqae.model import LQAE
 from lqae.model.vocab import select_token_ids
 

@@ -7,7 +7,6 @@ import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,9 @@ import torch
 import lqae.model.lm_files as lm_files
 from conftest import save_tiny_checkpoint, tiny_train_config, write_tiny_lm
 from lqae.checkpoint import load_model, save_checkpoint
-from lqae.config import get_preset
+from lqae.presets import get_preset
 from lqae.errors import CheckpointError
-from lqae.model.lm import load_frozen_lm, resolve_lm_path
+from lqae.model.lm import load_frozen_lm
 from lqae.model.lm_files import _hub_cache_folder, read_codebook_source
 from lqae.model import LQAE
 from lqae.model.codebook.grid import principal_directions

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model_config, tiny_objective
-from lqae.config import Masking, apply_overrides, configure, get_preset
+from lqae.config import Masking
+from lqae.presets import apply_overrides, configure, get_preset
 from lqae.errors import ConfigError
 from lqae.model import LQAE
 

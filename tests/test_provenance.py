@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

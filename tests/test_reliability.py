@@ -30,7 +30,8 @@ from conftest import SMALL_GLOBAL_SETS, tiny_model_config, tiny_train_config, wr
 from lqae import checkpoint as ckpt
 from lqae import io
 from lqae.training import loop as training, parts
-from lqae.config import PRESETS, Masking, ModelConfig, TrainConfig, get_preset
+from lqae.config import Masking, ModelConfig, TrainConfig
+from lqae.presets import PRESETS, get_preset
 from lqae.data import ImageFolder, TrainDataset, collect_images, is_readable_image, load_image, open_rgb
 from lqae.errors import CheckpointError, ConfigError, DataError, LLMError, OutputError, TrainingError
 from lqae.fewshot.backends import openai

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model_config, tiny_objective, tiny_train_config
 from lqae import checkpoint as ckpt
-from lqae.config import Masking, TrainConfig, get_preset
+from lqae.config import Masking, TrainConfig
+from lqae.presets import get_preset
 from lqae.data import scan_image_folder
 from lqae.errors import CheckpointError, DataError
-from lqae.model import LQAE
 from lqae.callbacks import TrainCallback
 from lqae.training import TrainingInterrupted, train
 from lqae.training.parts import autocast as _autocast, lr_at

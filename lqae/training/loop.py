@@ -20,7 +20,8 @@ import torch
 from lqae import checkpoint as ckpt
 from lqae.augment import to_float
 from lqae.callbacks import TrainCallback, TrainInfo
-from lqae.config import ModelConfig, TrainConfig, resumed_configs
+from lqae.config import ModelConfig, TrainConfig
+from lqae.presets import resumed_configs
 from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset
 from lqae.distributed import any_rank, setup_distributed, teardown_distributed
 from lqae.errors import CheckpointError, ConfigError

@@ -51,7 +51,7 @@ class HFBackend(Backend):
         self._prefix_state = None  # (cache, log-probs after the prefix)
         parameters = inspect.signature(model.forward).parameters
         self._accepts_keep = "logits_to_keep" in parameters
-        # transformers >= 5.2x names the key/value cache `cache` and warns on every `past_key_values`
+        # transformers 5.2 and later name the key/value cache `cache` and warn on every `past_key_values`
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @classmethod

@@ -1,7 +1,7 @@
 """The recipe's search space: FSQ's evenly filled grid (Mentzer et al. 2023, arXiv 2309.15505) made of words.
 
-In 384 dimensions the nearest of 20k word embeddings is typically ~78 degrees from an arbitrary
-direction, so the chosen word barely follows the encoder output. Here the codebook's top principal
+In hundreds of dimensions even the nearest of tens of thousands of word embeddings is far from an
+arbitrary direction, so the chosen word barely follows the encoder output. Here the codebook's top principal
 coordinates, each through the normal CDF, fill a unit cube about evenly; the cube is cut into an even
 grid of about as many cells as there are words, each cell gets one word, a query takes the word of
 the cell it falls in, and the decoder reads the cell's centre (straight-through, as FSQ's codes).
@@ -151,7 +151,7 @@ def grid_assignment(cube: torch.Tensor, levels: list[int]) -> torch.Tensor:
 
 def principal_directions(centred: torch.Tensor, count: int) -> torch.Tensor:
     """(count, D) top principal directions of centred (K, D) rows, signs fixed (largest entry positive).
-    From the eigenvectors of the (D, D) scatter matrix in float64: the SVD's directions, 3x faster."""
+    From the eigenvectors of the (D, D) scatter matrix in float64: the SVD's directions, cheaper for K >> D."""
     centred = centred.double()
     _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
     directions = vectors[:, -count:].flip(1).T
