@@ -33,7 +33,7 @@ from PIL import Image
 
 from lqae.checkpoint import load_model, save_checkpoint
 from lqae.presets import get_preset
-from lqae.data import load_image, scan_image_folder
+from lqae.images.files import load_image, scan_image_folder
 from lqae.model import LQAE
 from lqae.tokendata import read_token_dataset
 

@@ -1,7 +1,7 @@
 """The training data loader on ImageNet-like JPEGs: images/s per worker, before and now, in one run.
 
 "before" is the previous augmentation, kept here as the baseline: PIL RandomResizedCrop (bicubic) +
-flip into float32 tensors, batched as floats. "now" is `lqae.data.TrainDataset`: JPEG draft-mode
+flip into float32 tensors, batched as floats. "now" is `lqae.training.data.TrainDataset`: JPEG draft-mode
 decoding when the crop allows it, torch's uint8 bicubic resize, uint8 batches. Both read the same
 files through `torch.utils.data.DataLoader` with the trainer's sampler; rounds alternate (before,
 now, before, now, ...) so drift of a shared machine hits both alike, and the ratio is taken per round.
@@ -31,7 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lqae.data import EpochBatchSampler, TrainDataset, open_rgb, resize_center_crop, scan_image_folder, to_tensor  # noqa: E402
+from lqae.images.files import open_rgb, resize_center_crop, scan_image_folder, to_tensor  # noqa: E402
+from lqae.training.data import EpochBatchSampler, TrainDataset  # noqa: E402
 
 
 def write_photos(root: Path, count: int, width: int, height: int, seed: int = 0) -> Path:

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lqae.augment import to_float
+from lqae.images.augment import to_float
 from lqae.presets import Preset
-from lqae.data import EpochBatchSampler, TrainDataset, image_batches, scan_image_folder
-from lqae.images import comparison_grid, save_png
+from lqae.images.batches import image_batches
+from lqae.images.files import scan_image_folder
+from lqae.training.data import EpochBatchSampler, TrainDataset
+from lqae.images.output import comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts
 from lqae.model.decoder_input import DecoderInput
 from lqae.model.vit import Decoder, Encoder, init_weights

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lqae.checkpoint import load_model
-from lqae.data import image_batches
+from lqae.images.batches import image_batches
 from lqae.probe import ProbeSplit, extract_features, layer_counts, load_split, parse_layers
 
 from _timing import best_time  # noqa: E402 (bench/ is on sys.path when run as a script)

@@ -47,7 +47,7 @@ from make_shapes import write_shapes  # noqa: E402
 from lqae.checkpoint import load_model  # noqa: E402
 from lqae.config import Masking, ModelConfig  # noqa: E402
 from lqae.presets import RECIPE, Preset, apply_overrides, get_preset  # noqa: E402
-from lqae.data import scan_image_folder  # noqa: E402
+from lqae.images.files import scan_image_folder  # noqa: E402
 from lqae.fewshot.backends.overlap import OverlapBackend  # noqa: E402
 from lqae.fewshot.episodes import pool_from_dataset  # noqa: E402
 from lqae.fewshot.evaluation import evaluate_episodes  # noqa: E402

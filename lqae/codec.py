@@ -12,11 +12,11 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lqae.data import image_batches
+from lqae.images.batches import image_batches
 from lqae.errors import DataError, TokenError
-from lqae.imagefiles import load_image
-from lqae.images import save_png, token_picture
-from lqae.loading import eval_batches
+from lqae.images.files import load_image
+from lqae.images.output import save_png, token_picture
+from lqae.images.batches import eval_batches
 
 
 @dataclass

@@ -8,10 +8,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from lqae.data import image_batches
+from lqae.images.batches import image_batches
 from lqae.errors import DataError
-from lqae.imagefiles import ImageFolder, scan_image_folder
-from lqae.images import comparison_grid, save_png
+from lqae.images.files import ImageFolder
+from lqae.images.source import scan_images
+from lqae.images.output import comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts
 from lqae.tokentext import TokenText
 
@@ -96,7 +97,7 @@ def evaluate_folder(
     """Reconstruction report on an image folder (a path or a scanned `ImageFolder`); with `grid_path`,
     also a PNG there of `shown` originals, spread over the folder (so over its classes), above their
     reconstructions."""
-    folder = root if isinstance(root, ImageFolder) else scan_image_folder(root)
+    folder = root if isinstance(root, ImageFolder) else scan_images(root)
     total = min(len(folder), max_images) if max_images else len(folder)
     count = min(shown, total)
     positions = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})

@@ -90,7 +90,7 @@ def encode(
     if out is not None:
         if grid:
             raise ConfigError("--grid prints tokens for a person; --out writes a token dataset: pass one of them")
-        from lqae.shards import is_shard_source
+        from lqae.images.shards import is_shard_source
 
         if len(inputs) != 1 or not (inputs[0].is_dir() or is_shard_source(inputs[0])):
             raise ConfigError(
@@ -110,9 +110,9 @@ def encode(
 
 def _print_tokens(inputs, model, token_format, grid, batch_size, workers, device, timings, quiet, started) -> None:
     from lqae.codec import EncodeTimings, encode_images
-    from lqae.data import collect_images, found_in_folders
-    from lqae.loading import auto_workers
-    from lqae.shards import is_shard_source
+    from lqae.images.source import collect_images, found_in_folders
+    from lqae.images.batches import auto_workers
+    from lqae.images.shards import is_shard_source
 
     paths = collect_images(inputs)
     workers = auto_workers(len(paths), batch_size) if workers is None else workers
@@ -146,7 +146,7 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, workers, device
 
 def _show(image: Path, picture: Path, model, token_format, device, quiet) -> None:
     from lqae.codec import picture_tokens
-    from lqae.data import collect_images
+    from lqae.images.source import collect_images
 
     collect_images([image])  # a missing or corrupt image: one error line before the model loads
     net = load_run(model, device)  # the decoder too: the picture shows the reconstruction
@@ -175,13 +175,13 @@ def _print_grid(token_text, ids: list[int], title: str | None, token_format: Tok
 def _write_dataset(folder_dir, out, model, batch_size, workers, device, timings, quiet, started) -> None:
     from lqae.codec import EncodeTimings
     from lqae.distributed import closing_process_group, rank_share, setup_distributed
-    from lqae.loading import auto_workers
-    from lqae.shards import scan_image_source
+    from lqae.images.batches import auto_workers
+    from lqae.images.source import scan_images
     from lqae.tokendata import encode_folder_to_file
 
     rank, world, device = setup_distributed(resolve_device(device))  # one process, or torchrun's
     with closing_process_group(world):
-        folder = scan_image_source(folder_dir)
+        folder = scan_images(folder_dir)
         net = load_run(model, device, encode_only=True)
         loaded = time.perf_counter()
         spent = EncodeTimings()

@@ -39,10 +39,10 @@ def evaluate(
 
 def report_quality(folder, model, grid_png, max_images, batch_size, device, as_json: bool, quiet: bool) -> None:
     """The whole of `lqae eval` (also behind the deprecated `lqae encode --eval`)."""
-    from lqae.shards import scan_image_source
+    from lqae.images.source import scan_images
     from lqae.reconstruction import evaluate_folder
 
-    images = scan_image_source(folder)
+    images = scan_images(folder)
     total = min(len(images), max_images) if max_images else len(images)
     net = load_run(model, device)
     with Bars(wanted(quiet, total)) as bars:

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lqae.augment import _box_in, augmented_crop, draft_factor, random_crop_box
-from lqae.data import EpochBatchSampler, TrainDataset, open_rgb, scan_image_folder
+from lqae.images.augment import _box_in, augmented_crop, draft_factor, random_crop_box
+from lqae.images.files import open_rgb, scan_image_folder
+from lqae.training.data import EpochBatchSampler, TrainDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from loader import BeforeDataset  # noqa: E402 (the previous augmentation, kept in the loader bench)

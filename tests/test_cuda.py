@@ -14,7 +14,7 @@ from conftest import tiny_model_config, tiny_train_config
 from lqae.checkpoint import load_model
 from lqae.presets import Preset
 from lqae.codec import encode_images
-from lqae.data import scan_image_folder
+from lqae.images.files import scan_image_folder
 from lqae.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

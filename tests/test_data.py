@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lqae.data import collect_images, image_batches, open_rgb, scan_image_folder
+from lqae.images.batches import image_batches
+from lqae.images.files import open_rgb, scan_image_folder
+from lqae.images.source import collect_images
 from lqae.errors import DataError
 
 

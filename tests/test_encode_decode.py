@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import tiny_model_config, tiny_train_config
 from lqae.checkpoint import load_model, save_checkpoint
 from lqae.config import to_dict
-from lqae.data import load_image, scan_image_folder, to_pil
+from lqae.images.files import load_image, scan_image_folder, to_pil
 from lqae.model import LQAE
 from lqae.reconstruction import evaluate_reconstruction
 from lqae.tokendata import TokenDataset, TokenDatasetWriter, encode_folder, read_token_dataset, write_token_dataset

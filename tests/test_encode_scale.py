@@ -11,11 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import lqae.data
+import lqae.images.source
 from conftest import write_class_images
 from lqae.checkpoint import load_model
 from lqae.errors import DataError
-from lqae.shards import scan_image_source
+from lqae.images.source import scan_images as scan_image_source
 from lqae.tokendata import encode_folder_to_file, read_token_dataset, shard_path, write_token_index
 from lqae_cli.app import app
 
@@ -50,7 +50,7 @@ def test_an_image_unreadable_in_a_worker_is_skipped_and_named_in_one_line(
 ):
     """Inside a folder, an image that fails only when a worker decodes it is skipped and named, as
     without workers (the README's "Reliability"); never a worker's traceback."""
-    scan = lqae.data.scan_image_folder
+    scan = lqae.images.source.scan_image_folder
     broken = []
 
     def scan_then_break(*args, **kwargs):  # the file turns bad after the scan, as on a live disk
@@ -59,8 +59,7 @@ def test_an_image_unreadable_in_a_worker_is_skipped_and_named_in_one_line(
         broken.append(str(found.paths[5]))
         return found
 
-    monkeypatch.setattr(lqae.data, "scan_image_folder", scan_then_break)
-    monkeypatch.setattr("lqae.shards.scan_image_folder", scan_then_break)
+    monkeypatch.setattr(lqae.images.source, "scan_image_folder", scan_then_break)
     out = tmp_path / "bad.safetensors"
     result = invoke("encode", many_images, "-m", tiny_checkpoint, "-o", out, "--batch-size", "4", "--workers", 1, "--quiet")
     assert result.exit_code == 0, result.output

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lqae.checkpoint import load_model
-from lqae.data import scan_image_folder
+from lqae.images.files import scan_image_folder
 from lqae.tokendata import encode_folder, write_token_dataset
 from lqae_cli.app import app
 from test_fewshot_helpers import one_thread, write_tiny_gpt2

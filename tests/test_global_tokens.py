@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lqae import checkpoint as ckpt
-from lqae.data import scan_image_folder
+from lqae.images.files import scan_image_folder
 from lqae.config import Distillation
 from lqae.model.distill import SelfDistillation, sinkhorn
 from lqae.errors import ConfigError, TokenError

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_model_config, tiny_train_config, write_class_images
 from lqae.checkpoint import load_model, save_checkpoint
-from lqae.data import load_image, scan_image_folder
+from lqae.images.files import load_image, scan_image_folder
 from lqae.errors import ConfigError, DataError
 from lqae.model import LQAE
 from lqae.probe import ProbeConfig, extract_features, feature_dim, layer_counts, load_probe, load_split, parse_layers, run_probe, train_head
@@ -251,7 +251,7 @@ def test_bad_options_give_clear_errors(tiny_checkpoint, splits, tmp_path):
     assert_clean_error(invoke(train, "--val", val, "--model", tmp_path / "norun"), "does not exist")
     not_tokens = tmp_path / "notes.txt"
     not_tokens.write_text("hello")
-    assert_clean_error(invoke(not_tokens, "--val", val, "--model", tiny_checkpoint), "neither an image folder nor a token dataset")
+    assert_clean_error(invoke(not_tokens, "--val", val, "--model", tiny_checkpoint), "neither images (a folder or tar shards) nor a token dataset")
 
 
 def test_library_errors_are_typed(tiny_model, splits, tmp_path):

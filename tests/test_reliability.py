@@ -32,7 +32,9 @@ from lqae import io
 from lqae.training import loop as training, parts
 from lqae.config import Masking, ModelConfig, TrainConfig
 from lqae.presets import PRESETS, get_preset
-from lqae.data import ImageFolder, TrainDataset, collect_images, is_readable_image, load_image, open_rgb
+from lqae.images.files import ImageFolder, is_readable_image, load_image, open_rgb
+from lqae.images.source import collect_images
+from lqae.training.data import TrainDataset
 from lqae.errors import CheckpointError, ConfigError, DataError, LLMError, OutputError, TrainingError
 from lqae.fewshot.backends import openai
 from lqae.fewshot.prompts import TemplateError, load_template, parse_template

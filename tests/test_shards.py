@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import tiny_model_config, tiny_train_config
-from lqae.data import scan_image_folder
+from lqae.images.files import scan_image_folder
 from lqae.errors import DataError
-from lqae.shards import is_shard_source, scan_image_source, scan_shards, shard_files, write_shards
+from lqae.images.shards import is_shard_source, scan_shards, shard_files, write_shards
+from lqae.images.source import scan_images
 from lqae.tokendata import read_token_dataset
 from lqae.training import train
 from lqae_cli.app import app
@@ -44,14 +45,14 @@ def test_shards_hold_the_folders_images_in_order_with_its_labels(folder_and_shar
     assert [p.name for p in shard_files(shards)] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert is_shard_source(shards) and is_shard_source(shards / "shard-000000.tar")
     assert not is_shard_source(folder.root)
-    found = scan_image_source(shards)
+    found = scan_images(shards)
     assert len(found) == len(folder) == 10 and found.labels == folder.labels and found.classes == ["0", "1"]
     for member, path in zip(found.paths, folder.paths):
         assert member.open_bytes().read() == path.read_bytes()
         assert str(member).startswith(str(shards / "shard-")) and member.suffix == ".jpg"
-    braces = scan_image_source(shards / "shard-{000000..000002}.tar")
+    braces = scan_images(shards / "shard-{000000..000002}.tar")
     assert [str(p) for p in braces.paths] == [str(p) for p in found.paths]
-    assert len(scan_image_source(shards / "shard-000001.tar")) == 4
+    assert len(scan_images(shards / "shard-000001.tar")) == 4
 
 
 def test_cls_names_or_no_labels_and_bad_shards(tmp_path):
@@ -81,7 +82,7 @@ def test_cls_names_or_no_labels_and_bad_shards(tmp_path):
     with pytest.raises(DataError, match="uncompressed .tar"):
         scan_shards(tmp_path / "fake.tar")
     with pytest.raises(DataError, match="shard-000003.tar does not exist"):
-        scan_image_source(tmp_path / "shard-{000003..000004}.tar")
+        scan_images(tmp_path / "shard-{000003..000004}.tar")
     with pytest.raises(DataError, match="no readable images"):
         scan_shards(shard(tmp_path / "empty.tar", [("readme.txt", b"hi")]))
 
@@ -125,3 +126,19 @@ def test_training_on_shards_matches_training_on_the_folder(folder_and_shards, ti
     assert all(np.array_equal(weights_a[k].numpy(), weights_b[k].numpy()) for k in weights_a)
     record = json.loads((tmp_path / "shards" / "data.json").read_text())
     assert record["train"]["images"] == 10 and record["train"]["classes"] == ["0", "1"]
+
+
+def test_probe_reads_shards_as_it_reads_the_folder(folder_and_shards, tiny_checkpoint):
+    """One image source for every command: `probe` takes tar shards as `train`, `encode` and `eval` do."""
+    folder, shards = folder_and_shards
+    runner = CliRunner()
+    reports = []
+    for source in (folder.root, shards / "shard-{000000..000002}.tar"):
+        result = runner.invoke(app, ["probe", str(source), "--val", str(source), "-m", str(tiny_checkpoint), "--json",
+                                     "--epochs", "2", "--baseline", "pixels"])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.stdout))
+    by_folder, by_shards = reports
+    assert by_shards["top1"] == by_folder["top1"] and by_shards["class_counts"]["train"] == {"0": 5, "1": 5}
+    assert by_shards["baselines"]["pixels"]["top1"] == by_folder["baselines"]["pixels"]["top1"]
+    assert by_shards["train_size"] == by_folder["train_size"] == 10

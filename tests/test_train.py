@@ -11,7 +11,7 @@ from conftest import tiny_model_config, tiny_objective, tiny_train_config
 from lqae import checkpoint as ckpt
 from lqae.config import Masking, TrainConfig
 from lqae.presets import get_preset
-from lqae.data import scan_image_folder
+from lqae.images.files import scan_image_folder
 from lqae.errors import CheckpointError, DataError
 from lqae.callbacks import TrainCallback
 from lqae.training import TrainingInterrupted, train

@@ -11,7 +11,7 @@ from typing import Callable
 
 from lqae.checkpoint import load_model
 from lqae.codec import encode_images
-from lqae.data import collect_images, found_in_folders
+from lqae.images.source import collect_images, found_in_folders
 from lqae.errors import ConfigError, DataError
 from lqae.fewshot.backends import DEFAULT_LLM, Backend, BackendOptions, make_backend
 from lqae.fewshot.concurrency import check_concurrency
@@ -21,11 +21,11 @@ from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
 from lqae.fewshot.prompts import DEFAULT_TEMPLATE, Template, load_template
 from lqae.fewshot.results import ResultsFile, fingerprint
 from lqae.fewshot.settings import FewshotSettings
-from lqae.imagefiles import IMAGE_EXTENSIONS
+from lqae.images.files import IMAGE_EXTENSIONS
 from lqae.model.lm import load_tokenizer
 from lqae.model.lm_files import read_light_tokenizer
 from lqae.provenance import check_same_weights
-from lqae.shards import scan_image_source
+from lqae.images.source import scan_images
 from lqae.tokendata import encode_folder, is_token_dataset, read_token_dataset
 
 ENCODE_BATCH = 64  # images per LQAE forward pass
@@ -142,7 +142,7 @@ class Sources:
             return pool_from_dataset(read_token_dataset(source), f"--{role} {source}")
         if not Path(source).exists():
             raise DataError(f"--{role} {source} does not exist (give an image folder or a token dataset .safetensors)")
-        folder = scan_image_source(source)
+        folder = scan_images(source)
         if not folder.classes:
             raise DataError(f"--{role} {source} has no class sub-folders; it needs one sub-folder per class (the folder name is the label)")
         model = self.model(f"--{role} {source}")

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from lqae.data import image_batches
+from lqae.images.batches import image_batches
 from lqae.layout import TokenLayout
 from lqae.probe.config import ProgressCallback
 from lqae.probe.layers import feature_dim, uses_encoder

@@ -4,7 +4,6 @@ and score the head, then the same head recipe on each baseline; returns a `Probe
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Callable
 import torch
 
 from lqae.errors import ConfigError
+from lqae.images.files import real_location
 from lqae.probe.config import ProbeConfig, ProgressCallback
 from lqae.probe.features import extract_features, pixel_features, random_encoder
 from lqae.probe.head import ProbeHead, ProbeScores, hit_rate, score_head, train_head
@@ -137,8 +137,8 @@ def _check_token_source(model, split: ProbeSplit, role: str, allow_foreign: bool
 
 def _warn_shared_images(train: ProbeSplit, val: ProbeSplit) -> None:
     """A held-out score means little when VAL holds TRAIN's images."""
-    seen = {os.path.realpath(p) for p in train.paths}
-    shared = [p for p in val.paths if os.path.realpath(p) in seen]
+    seen = {real_location(p) for p in train.paths}
+    shared = [p for p in val.paths if real_location(p) in seen]
     if shared:
         log.warning(
             "%d of %d VAL images are also in TRAIN (e.g. %s): the VAL score is not a held-out score",

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from lqae.config import to_dict, write_json
-from lqae.data import collect_images
+from lqae.images.source import collect_images
 from lqae.errors import CheckpointError, ConfigError
 from lqae.io import atomic_write_bytes
 from lqae.probe.config import ProgressCallback

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from lqae.errors import DataError
-from lqae.imagefiles import IMAGE_EXTENSIONS, scan_image_folder
+from lqae.images.files import IMAGE_EXTENSIONS
+from lqae.images.shards import is_shard_source
+from lqae.images.source import scan_images
 from lqae.tokendata import is_token_dataset, read_token_dataset
 
 
@@ -35,7 +37,8 @@ class ProbeSplit:
 
 
 def load_split(source: str | Path, role: str = "TRAIN") -> ProbeSplit:
-    """Read an image folder (one sub-folder per class) or a token dataset written by `lqae encode --out`."""
+    """Read an image folder (one sub-folder per class), tar shards or a token dataset written by
+    `lqae encode --out`."""
     source = Path(source)
     if is_token_dataset(source):
         data = read_token_dataset(source)
@@ -44,10 +47,10 @@ def load_split(source: str | Path, role: str = "TRAIN") -> ProbeSplit:
             data.model_config, data.weights,
         )
     else:
-        if source.is_file():
-            raise DataError(f"{role} {source} is neither an image folder nor a token dataset (.safetensors)")
-        folder = scan_image_folder(source)
-        empty = _empty_class_dirs(source)
+        if source.is_file() and not is_shard_source(source):
+            raise DataError(f"{role} {source} is neither images (a folder or tar shards) nor a token dataset (.safetensors)")
+        folder = scan_images(source)
+        empty = _empty_class_dirs(source) if source.is_dir() else []
         if folder.classes and empty:
             raise DataError(f"class folder {empty[0]!r} in {role} {source} has no images; add images or remove it")
         labels = torch.tensor(folder.labels, dtype=torch.long)  # (N,)

@@ -18,18 +18,19 @@ from typing import Iterator
 import torch
 
 from lqae import checkpoint as ckpt
-from lqae.augment import to_float
+from lqae.images.augment import to_float
 from lqae.callbacks import TrainCallback, TrainInfo
 from lqae.config import ModelConfig, TrainConfig
 from lqae.presets import resumed_configs
-from lqae.data import EpochBatchSampler, ImageFolder, TrainDataset
+from lqae.images.files import ImageFolder
+from lqae.training.data import EpochBatchSampler, TrainDataset
 from lqae.distributed import any_rank, setup_distributed, teardown_distributed
 from lqae.errors import CheckpointError, ConfigError
 from lqae.model.autoencoder import LQAE
 from lqae.model.lm import load_frozen_lm
 from lqae.reconstruction import evaluate_reconstruction
 from lqae.run_folder import METRICS_FILE, SAMPLES_DIR
-from lqae.shards import scan_image_source
+from lqae.images.source import scan_images
 from lqae.training import parts
 from lqae.training.objective import Objective
 from lqae.training.record import write_data_record
@@ -175,8 +176,8 @@ def _build(
 ) -> _Run:
     """The data, the model (restored when resuming), the objective, the optimiser, the loader."""
     start_step = resumed.step if resumed is not None else 0
-    folder = scan_image_source(data_dir)  # an image folder or tar shards
-    val_folder = scan_image_source(val_dir) if val_dir else None
+    folder = scan_images(data_dir)  # an image folder or tar shards
+    val_folder = scan_images(val_dir) if val_dir else None
     steps = parts.total_steps(train_config, len(folder))
     if start_step >= steps:
         raise ConfigError(f"checkpoint is already at step {start_step} of {steps}; pass a larger --steps to go on")

@@ -18,9 +18,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lqae.config import TrainConfig
-from lqae.data import ImageFolder, image_batches
+from lqae.images.batches import image_batches
+from lqae.images.files import ImageFolder
 from lqae.errors import DataError, TrainingError
-from lqae.images import comparison_grid, save_png
+from lqae.images.output import comparison_grid, save_png
 from lqae.io import writing
 from lqae.metrics import psnr_tensor, usage_from_counts
 from lqae.schedule import warmup_cosine

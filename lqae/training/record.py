@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lqae.config import write_json
 from lqae.errors import DataError
+from lqae.images.files import ArchiveMember
 from lqae.run_folder import DATA_FILE
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ def _data_digest(found) -> str:
     inside the folder and size (moving the folder keeps it; adding, removing or replacing an image does not)."""
     digest = hashlib.sha256(json.dumps(list(found.classes)).encode())
     for path, label in zip(found.paths, found.labels):
-        if hasattr(path, "open_bytes"):  # a tar shard's member: its name and size inside the shard
-            where, size = f"{Path(path.shard).name}/{path.name}", path.size
+        if isinstance(path, ArchiveMember):  # a tar shard's member: its name and size inside the shard
+            where, size = path.where, path.size
         else:
             where, size = Path(path).relative_to(found.root).as_posix(), os.path.getsize(path)
         digest.update(f"{where}\0{size}\0{label}\n".encode())

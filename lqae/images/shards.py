@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lqae.errors import DataError
-from lqae.imagefiles import IMAGE_EXTENSIONS, ImageFolder, is_readable_image, scan_image_folder, warn_skipped
+from lqae.images.files import IMAGE_EXTENSIONS, ArchiveMember, ImageFolder, is_readable_image, warn_skipped
 from lqae.io import temp_beside
 
 SHARD_SUFFIX = ".tar"
@@ -30,8 +30,8 @@ _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)
-class ShardMember:
-    """One image inside a tar shard; `lqae.imagefiles.open_rgb` and friends open it like a file."""
+class ShardMember(ArchiveMember):
+    """One image inside a tar shard; `lqae.images.files.open_rgb` and friends open it like a file."""
 
     shard: str  # path of the .tar
     name: str  # member name inside it
@@ -40,6 +40,14 @@ class ShardMember:
 
     def __str__(self) -> str:  # how paths are shown and stored in token datasets
         return f"{self.shard}/{self.name}"
+
+    @property
+    def where(self) -> str:
+        return f"{Path(self.shard).name}/{self.name}"
+
+    @property
+    def archive(self) -> str:
+        return self.shard
 
     @property
     def suffix(self) -> str:
@@ -69,14 +77,6 @@ def is_shard_source(path: str | Path) -> bool:
             shards = shards or _is_shard_file(entry)
         return shards
     return False
-
-
-def scan_image_source(path: str | Path, check: bool = True) -> ImageFolder:
-    """An image folder (`lqae.imagefiles.scan_image_folder`) or tar shards, as one `ImageFolder` whose
-    paths are files or `ShardMember`s, in order: shard by shard, members as stored."""
-    if not is_shard_source(path):
-        return scan_image_folder(path, check)
-    return scan_shards(path, check)
 
 
 def shard_files(source: str | Path) -> list[Path]:

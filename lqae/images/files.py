@@ -5,6 +5,7 @@ the evaluation transform into tensors."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import warnings
@@ -21,6 +22,35 @@ from lqae.errors import DataError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def real_location(path) -> str:
+    """Where an image really is (symbolic links resolved), a file or an archive's member alike: two
+    paths to the same image give the same string."""
+    if isinstance(path, ArchiveMember):
+        return f"{os.path.realpath(path.archive)}/{path.name}"
+    return os.path.realpath(path)
+
+
+class ArchiveMember:
+    """An image inside an archive (a tar shard's member), opened as a file is: wherever a path is
+    accepted, an ArchiveMember is too."""
+
+    name: str  # its name inside the archive
+    size: int  # bytes
+
+    @property
+    def archive(self) -> str:
+        """The archive file's path."""
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        """The archive's file name and the member's name, as a stable identity for digests."""
+        raise NotImplementedError
+
+    def open_bytes(self) -> io.BytesIO:
+        raise NotImplementedError
 
 
 @dataclass
@@ -107,7 +137,7 @@ _WARNED_LARGE: set[str] = set()  # images already named in a "large image" warni
 def image_problem(path: Path) -> str | None:
     """Why `path` cannot be an image, from its header (None when it looks readable). A truncated
     file passes: only decoding finds that (see `image_batches`)."""
-    if not hasattr(path, "open_bytes"):  # a file, not a tar shard's member
+    if not isinstance(path, ArchiveMember):  # a file
         path = Path(path)
         if not path.is_file():
             return "not a regular file (a pipe or a device?)" if path.exists() else "it does not exist"
@@ -133,9 +163,10 @@ def _too_large(exc: Exception) -> str:
 
 
 def _image_source(path) -> tuple:
-    """(path, what PIL opens): a file, or the bytes of a tar shard's member (`lqae.shards.ShardMember`).
-    DataError for a path that is missing or not a regular file (a pipe is never opened)."""
-    if hasattr(path, "open_bytes"):
+    """(path, what PIL opens): a file, or the bytes of an archive's member (a tar shard's,
+    `lqae.images.shards.ShardMember`). DataError for a path that is missing or not a regular file (a
+    pipe is never opened)."""
+    if isinstance(path, ArchiveMember):
         return path, path.open_bytes()
     path = Path(path)
     if not path.is_file():

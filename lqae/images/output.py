@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from lqae.imagefiles import to_pil
+from lqae.images.files import to_pil
 from lqae.io import atomic_write_bytes
 
 

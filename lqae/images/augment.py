@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lqae.imagefiles import open_rgb, resize_center_crop
+from lqae.images.files import open_rgb, resize_center_crop
 
 DRAFT_FACTORS = (8, 4, 2)  # JPEG DCT scales PIL can decode at, largest first
 
@@ -102,5 +102,5 @@ def to_uint8_tensor(image) -> torch.Tensor:
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [0, 1], as `lqae.imagefiles.to_tensor` gives them (the same values)."""
+    """uint8 pixels -> float in [0, 1], as `lqae.images.files.to_tensor` gives them (the same values)."""
     return images.float().div_(255)

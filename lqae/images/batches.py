@@ -1,24 +1,60 @@
-"""Evaluation-transform images decoded in worker processes, batched in order, while the model runs.
+"""Images in batches with the evaluation transform, in order: decoded in this process
+(`image_batches`), or in worker processes while the model runs (`eval_batches`).
 
 Workers send uint8 pixels (a quarter of float32's bytes) and the floats are made on the device, with
-the values `lqae.imagefiles.load_image` gives: the ids are the same as without workers. A file that turns
-unreadable is reported as one DataError in the main process, not as a worker's traceback.
+the values `lqae.images.files.load_image` gives: the ids are the same as without workers. A file
+that turns unreadable is reported as one DataError in the main process, not as a worker's traceback.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lqae.augment import to_float, to_uint8_tensor
-from lqae.data import log_skipped
 from lqae.errors import DataError
-from lqae.imagefiles import open_rgb, resize_center_crop
+from lqae.images.augment import to_float, to_uint8_tensor
+from lqae.images.files import load_image, name_some, open_rgb, resize_center_crop
+
+log = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 4
+
+
+def image_batches(
+    paths: Sequence[Path], size: int, batch_size: int = 64, device: torch.device | str = "cpu",
+    skip_unreadable: bool | Callable[[Path], bool] = False,
+) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
+    """(paths, images (b, 3, size, size) on `device`) per batch, in order, with the evaluation
+    transform; memory holds one batch of pixels.
+
+    An image that cannot be decoded raises DataError, unless `skip_unreadable` is True (or True
+    for its path): then it is left out of its batch and named in a warning, and the yielded paths
+    are those of the images in the tensor. A folder scan reads headers only, so this is where a
+    truncated file is found."""
+    for start in range(0, len(paths), batch_size):
+        chunk, images, skipped = [], [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(load_image(path, size))
+                chunk.append(path)
+            except DataError as exc:
+                if not (skip_unreadable(path) if callable(skip_unreadable) else skip_unreadable):
+                    raise
+                skipped.append(path)
+                reason = exc
+        if skipped:
+            log_skipped(skipped, reason)
+        if chunk:
+            yield chunk, torch.stack(images).to(device)
+
+
+def log_skipped(skipped: Sequence, reason) -> None:
+    """One warning naming (up to five of) the images left out of a batch because they would not decode."""
+    log.warning("skipped %d unreadable image(s): %s (%s)", len(skipped), name_some(skipped), reason)
 
 
 def auto_workers(images: int, batch_size: int) -> int:
@@ -55,7 +91,7 @@ def eval_batches(
     skip_unreadable: bool | Callable[[Path], bool] = False,
 ) -> Iterator[tuple[Sequence[Path], torch.Tensor]]:
     """(paths, images (b, 3, size, size) in [0, 1] on `device`) per batch, in order, like
-    `lqae.data.image_batches` (`skip_unreadable` as there), decoded by `workers` processes (pinned
+    `image_batches` (`skip_unreadable` as there), decoded by `workers` processes (pinned
     memory on CUDA). On CPU the model's threads leave the workers their cores meanwhile (spinning
     threads on a busy core cost more than they compute)."""
     on_cuda = str(device).startswith("cuda")
