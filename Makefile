@@ -23,9 +23,11 @@ install: $(STAMP)
 data/digits: | $(STAMP)
 	$(BIN)/python tools/make_digits.py data/digits
 
+# The demo trains on one thread: the weights fingerprint it prints then repeats on the same kind of
+# CPU (more threads sum in another order).
 demo: $(STAMP) data/digits
 	@test ! -e $(DEMO_RUN)/config.json || { echo "$(DEMO_RUN) exists: rm -r $(DEMO_RUN) or set DEMO_RUN=..."; exit 1; }
-	$(BIN)/lqae train data/digits/train --val data/digits/val --out $(DEMO_RUN) --preset tiny --steps $(DEMO_STEPS)
+	OMP_NUM_THREADS=1 $(BIN)/lqae train data/digits/train --val data/digits/val --out $(DEMO_RUN) --preset tiny --steps $(DEMO_STEPS)
 	@echo "--- token text of data/digits/val/seven/0044.png:"
 	$(BIN)/lqae encode data/digits/val/seven/0044.png --model $(DEMO_RUN)
 	$(BIN)/lqae encode data/digits/val/seven/0044.png --model $(DEMO_RUN) --format tokens \

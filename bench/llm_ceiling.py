@@ -99,7 +99,7 @@ def main() -> None:
         summary = evaluate_episodes(support, query, backend, template, settings, tokenizer)
         row = {"accuracy": round(summary.accuracy, 4), "interval": [round(x, 4) for x in summary.interval],
                "seconds_per_episode": round(summary.seconds_per_episode, 3),
-               "mean_prompt_tokens": round(summary.mean_prompt_tokens, 1)}
+               "mean_prompt_tokens": round(summary.mean_prompt_tokens or 0, 1)}
         result["levels"][str(level)] = row
         print(json.dumps({"level": level, **row}), file=sys.stderr, flush=True)
     result["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -83,6 +83,16 @@ def resolve_run(run: str | Path) -> Path:
     return folder
 
 
-def short(exc: Exception) -> str:
-    """An exception's message on one line, at most 200 characters (hub errors can run to pages)."""
-    return " ".join(str(exc).split())[:200]
+def short(exc: Exception, limit: int = 200) -> str:
+    """An exception's first sentence on one line (hub errors can run to pages), cut at a word with
+    " ..." when it is longer than `limit`, never in the middle of a word or a quoted name."""
+    text = " ".join(str(exc).split())
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if len(first) <= limit:
+        return first
+    words = first[:limit].split(" ")[:-1]
+    opened = [i for i, w in enumerate(words) if w.startswith("'") and not w.rstrip(".,:;)").endswith("'")]
+    closed = sum(1 for w in words if w.rstrip(".,:;)").endswith("'") and not w.startswith("'"))
+    if len(opened) > closed:  # a quoted name cut in two: leave it out whole
+        words = words[: opened[-1]]
+    return " ".join(words) + " ..."

@@ -192,9 +192,8 @@ def _render_evaluation(summary, as_json: bool, out: Optional[Path]) -> None:
         f"accuracy {100 * summary.accuracy:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%) over {summary.episodes} "
         f"episodes, {summary.ways}-way {summary.shots}-shot; chance {100 * summary.chance:.1f}%\n"
     )
-    sys.stderr.write(
-        f"mean prompt {summary.mean_prompt_tokens:.0f} tokens, {summary.seconds_per_episode:.2f} s/episode\n"
-    )
+    prompt = f"mean prompt {summary.mean_prompt_tokens:.0f} tokens, " if summary.mean_prompt_tokens is not None else ""
+    sys.stderr.write(f"{prompt}{summary.seconds_per_episode:.2f} s/episode\n")
     _diagnostics_note(summary.diagnostics)
 
 

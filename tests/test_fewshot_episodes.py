@@ -72,7 +72,8 @@ def test_overlap_recovers_classes_only_when_tokens_carry_them():
     )
     assert informative.accuracy > 0.9
     assert random_tokens.accuracy < 0.5  # chance is 0.2
-    assert informative.chance == pytest.approx(0.2) and informative.mean_prompt_tokens == 0
+    assert informative.chance == pytest.approx(0.2) and informative.mean_prompt_tokens is None  # no prompt
+    assert informative.diagnostics["answers_last_example"] is None  # it reads no examples in an order
 
 
 def test_overlap_scores_the_best_matching_support():
@@ -173,3 +174,16 @@ def test_open_labels_evaluate_and_record_what_was_shown():
     assert summary.accuracy > 0.8
     assert all(set(r["shown"]) == set(r["scores"]) and not set(r["shown"].values()) & set(support.classes)
                for r in records)
+
+
+def test_a_few_repeated_queries_do_not_warn_but_heavy_reuse_does(caplog):
+    """The interval's caveat is for episodes that reuse their queries many times over, not for the
+    odd repeat among many distinct ones."""
+    support, query = synthetic_pool(per_class=6), synthetic_pool(prefix="val", seed=1, per_class=6)
+    template, tokenizer = load_template("completion"), WordTokenizer()
+    with caplog.at_level("WARNING", logger="lqae"):
+        evaluate_episodes(support, query, OverlapBackend(), template, FewshotSettings(ways=3, shots=1, episodes=12), tokenizer)
+    assert "independent episodes" not in caplog.text  # 18 query images, 12 episodes: at most a repeat or two
+    with caplog.at_level("WARNING", logger="lqae"):
+        evaluate_episodes(support, query, OverlapBackend(), template, FewshotSettings(ways=3, shots=1, episodes=60), tokenizer)
+    assert "assumes 60 independent episodes" in caplog.text

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import SMALL_GLOBAL_SETS, save_tiny_checkpoint, write_class_images
+from lqae.run_folder import short
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -211,3 +212,10 @@ def test_push_errors_are_one_line(tiny_lm_dir, image_folder, tmp_path):
     lines = down.stderr.strip().splitlines()
     assert down.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: cannot push to org/name")
     assert "Traceback" not in down.stderr
+
+
+def test_a_long_hub_error_is_cut_at_a_word_and_never_inside_a_quoted_name():
+    long = Exception("Repo id must be in the form 'repo_name' or 'namespace/repo_name': '" + "x " * 100 + "'. More text.")
+    cut = short(long)
+    assert cut == "Repo id must be in the form 'repo_name' or 'namespace/repo_name': ..." and len(cut) <= 204
+    assert short(Exception("Not found.\n\n  Details: a page of HTML")) == "Not found."  # the first sentence

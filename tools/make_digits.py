@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+try:
+    import numpy as np
+    from PIL import Image
+except ImportError as exc:  # the system python: the project's environment has them
+    raise SystemExit(f"{exc.name} is missing: run this with the project's environment, `.venv/bin/python "
+                     "tools/make_digits.py OUT` (made by `make install`), or activate it first") from None
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -27,7 +31,10 @@ def main() -> None:
 
 def write_digits(out: Path, size: int = 32, val_fraction: float = 0.2) -> dict[str, int]:
     """Write the folder; returns images written per split."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("scikit-learn is missing: run this with `.venv/bin/python` (made by `make install`)") from None
 
     digits = load_digits()
     every = max(2, round(1 / val_fraction))

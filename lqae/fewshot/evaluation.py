@@ -34,7 +34,7 @@ class EvalSummary:
     shots: int
     repeats: int
     chance: float
-    mean_prompt_tokens: float
+    mean_prompt_tokens: float | None  # None for a backend that reads no prompt (the overlap baseline)
     seconds_per_episode: float  # wall time over the episodes computed in this run (resumed ones excluded;
     # with --concurrency, several run at once, so each record's own "seconds" adds up to more)
     unanswered: int  # generate scoring: replies that start with no label
@@ -90,7 +90,7 @@ def evaluate_episodes(
         if on_result:
             on_result(record, index + 1, settings.episodes)
     seconds_per_episode = (time.perf_counter() - started) / computed if computed else 0.0
-    return _summarize(records, settings, shots, resumed, seconds_per_episode)
+    return _summarize(records, settings, shots, resumed, seconds_per_episode, backend.reads_text)
 
 
 def _run_episode(
@@ -128,12 +128,13 @@ def _run_episode(
 
 
 def _summarize(
-    records: list[dict], settings: FewshotSettings, shots: int, resumed: int, seconds_per_episode: float
+    records: list[dict], settings: FewshotSettings, shots: int, resumed: int, seconds_per_episode: float,
+    reads_text: bool = True,
 ) -> EvalSummary:
     total = len(records)
     correct = sum(1 for r in records if r["correct"])
     distinct = len({r["query"] for r in records})
-    if distinct < total:
+    if total >= 2 * distinct:  # a few repeats among many queries hardly narrow the interval
         log.warning(
             "the 95%% interval assumes %d independent episodes, but they reuse %d query image(s) (about %.0f "
             "times each) and the same supports: accuracy on new images is less certain than it says; "
@@ -152,20 +153,21 @@ def _summarize(
     return EvalSummary(
         accuracy=correct / total if total else 0.0, interval=wilson_interval(correct, total), episodes=total,
         correct=correct, ways=settings.ways, shots=shots, repeats=settings.repeats, chance=1 / settings.ways,
-        mean_prompt_tokens=sum(r["prompt_tokens"] for r in records) / total if total else 0.0,
+        mean_prompt_tokens=sum(r["prompt_tokens"] for r in records) / total if total and reads_text else None,
         seconds_per_episode=seconds_per_episode,
         unanswered=sum(1 for r in records if r["predicted"] is None), resumed=resumed, distinct_queries=distinct,
         dropped=dropped,
-        settings=settings_dict, diagnostics=diagnose(records, settings.scoring == "loglik"),
+        settings=settings_dict, diagnostics=diagnose(records, settings.scoring == "loglik", reads_text),
     )
 
 
-def diagnose(records: list[dict], with_margin: bool = True) -> dict:
+def diagnose(records: list[dict], with_margin: bool = True, reads_text: bool = True) -> dict:
     """What an accuracy alone hides: which labels the LLM answers (a model that always says the first,
     the last or one favourite label shows here), accuracy by the query's class, by the position of the
     right label in the instruction's list, and by how recently its example was shown (0 = its class
     had the last example before the query), the share of answers naming the last example's class,
-    and the mean margin between the best and second-best score."""
+    and the mean margin between the best and second-best score. A backend that reads no prompt
+    (`reads_text` False: the overlap baseline) has no last example."""
 
     def share(counts: Counter) -> dict:
         total = sum(counts.values())
@@ -194,7 +196,7 @@ def diagnose(records: list[dict], with_margin: bool = True) -> dict:
         values = sorted(record["scores"].values(), reverse=True)
         if with_margin and len(values) > 1 and all(math.isfinite(v) for v in values[:2]):
             margins.append(values[0] - values[1])
-    with_order = [r for r in records if r.get("order")]
+    with_order = [r for r in records if r.get("order")] if reads_text else []
     return {
         "predicted": share(Counter(r["predicted"] or "?" for r in records)),
         "predicted_position": share(Counter(
