@@ -7,6 +7,7 @@ so the order is written down once. Nothing here imports torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Any
 
 
@@ -35,7 +36,15 @@ class TokenLayout:
             return sequence[:g], sequence[g:]
         return sequence.narrow(dim, 0, g), sequence.narrow(dim, g, sequence.shape[dim] - g)
 
+    @classmethod
+    def of(cls, global_tokens: int, length: int) -> "TokenLayout":
+        """The layout of `length`-token sequences whose first `global_tokens` are global words."""
+        return cls(global_tokens, math.isqrt(max(0, length - global_tokens)))
+
     def describe(self) -> str:
         """E.g. "8 global + 4x4 grid" (or "4x4 grid" without global words)."""
         first = f"{self.global_tokens} global + " if self.global_tokens else ""
         return f"{first}{self.grid}x{self.grid} grid"
+
+
+NO_LAYOUT = TokenLayout(0, 0)  # sequences with no global words (and no grid to speak of)

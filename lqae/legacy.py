@@ -30,8 +30,8 @@ def _reads_codes(model: dict) -> bool:
     return model.get("decoder_input", "lm") in ("lm_search", "search")
 
 
-# Removed model fields that change what the weights compute: field -> whether a config's value is
-# the one kept (the config is the whole old model dict).
+# Model fields (kept or removed) whose removed values change what the weights compute: field ->
+# whether a config's value is one today's code computes (judged with the whole old model dict).
 CHANGE_THE_MODEL: dict[str, Callable[[Any, dict], bool]] = {
     "encoder_output": lambda v, m: v != "unit",
     "search_space": lambda v, m: v not in ("latent", "mapped", "pca", "uniform"),

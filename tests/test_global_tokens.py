@@ -184,16 +184,17 @@ class Words:
 
 def test_prompt_text_modes_put_global_words_first():
     ids = [7, 8, 1, 2, 2, 3, 3, 3]  # two global words, then patches
-    assert PromptImageText(Words(), "sequence", 2)(ids) == "w7 w8 w1 w2 w2 w3 w3 w3"
-    assert PromptImageText(Words(), "frequent", 2)(ids) == "w7 w8 w3 w2 w1"
-    assert PromptImageText(Words(), "global", 2)(ids) == "w7 w8"
-    assert PromptImageText(Words(), "sequence", 2)(ids, 3) == "w7 w8 w1"  # a cut drops patches first
-    assert PromptImageText(Words(), "global", 2).full_length(8) == 2
-    assert PromptImageText(Words(), "sequence", 2, global_weight=4.0).bag(ids) == Counter(
+    layout = TokenLayout(2, 2)  # (a 2x2 grid would have 4 patch words; the prompt text takes any number)
+    assert PromptImageText(Words(), "sequence", layout)(ids) == "w7 w8 w1 w2 w2 w3 w3 w3"
+    assert PromptImageText(Words(), "frequent", layout)(ids) == "w7 w8 w3 w2 w1"
+    assert PromptImageText(Words(), "global", layout)(ids) == "w7 w8"
+    assert PromptImageText(Words(), "sequence", layout)(ids, 3) == "w7 w8 w1"  # a cut drops patches first
+    assert PromptImageText(Words(), "global", layout).full_length(8) == 2
+    assert PromptImageText(Words(), "sequence", layout, global_weight=4.0).bag(ids) == Counter(
         {7: 4.0, 8: 4.0, 1: 1, 2: 2, 3: 3}
     )
     with pytest.raises(ConfigError, match="global_tokens 0"):
-        PromptImageText(Words(), "global", 0)
+        PromptImageText(Words(), "global", TokenLayout(0, 2))
 
 
 def test_overlap_weighs_a_shared_global_word():
@@ -202,7 +203,7 @@ def test_overlap_weighs_a_shared_global_word():
     query = [9, 5, 6, 7, 7]
 
     def answer(weight: float) -> int:
-        request = Request([], ["a", "b"], supports, [0, 1], [query], global_tokens=1, global_weight=weight)
+        request = Request([], ["a", "b"], supports, [0, 1], [query], layout=TokenLayout(1, 2), global_weight=weight)
         return OverlapBackend().constrained(request)[0]
 
     assert answer(1.0) == 1 and answer(4.0) == 0

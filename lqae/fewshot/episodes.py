@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lqae.errors import ConfigError, DataError
+from lqae.layout import NO_LAYOUT, TokenLayout
 
 # Nonsense labels for the "open" variant of the protocol (Frozen used "dax" and "blicket").
 OPEN_LABELS = (
@@ -33,6 +34,11 @@ class TokenPool:
     lm_name: str  # the LM whose tokenizer turns ids into token text
     weights: str | None = None  # fingerprint of the LQAE weights that wrote the ids, when known
     global_tokens: int = 0  # how many of each row's ids are global tokens (they come first)
+
+    @property
+    def layout(self) -> TokenLayout:
+        """Each row's token layout: its global words, then its patch words."""
+        return TokenLayout.of(self.global_tokens, self.tokens_per_image)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -152,11 +158,12 @@ def shared_tokens(a: Counter, b: Counter) -> float:
     return sum((a & b).values())
 
 
-def token_bag(ids: Sequence[int], global_tokens: int = 0, global_weight: float = 1.0) -> Counter:
-    """An image's ids as the multiset overlap compares; the first `global_tokens` (its global
-    words) count `global_weight` times each, the patch words once."""
-    bag = Counter(ids[global_tokens:])
-    for token in ids[:global_tokens]:
+def token_bag(ids: Sequence[int], layout: TokenLayout = NO_LAYOUT, global_weight: float = 1.0) -> Counter:
+    """An image's ids as the multiset overlap compares; its global words (the layout's first ids)
+    count `global_weight` times each, the patch words once."""
+    global_ids, patch_ids = layout.split(list(ids))
+    bag = Counter(patch_ids)
+    for token in global_ids:
         bag[token] += global_weight
     return bag
 

@@ -69,7 +69,7 @@ def evaluate_episodes(
     check_concurrency(concurrency, backend)
     shots = settings.shots or 1
     eligible = check_episode_setup(support, query, settings.ways, shots)
-    text = PromptImageText(tokenizer, settings.image_text, support.global_tokens, settings.global_weight)
+    text = PromptImageText(tokenizer, settings.image_text, support.layout, settings.global_weight)
     done = results.load() if results else {}
 
     def run(index: int) -> dict:

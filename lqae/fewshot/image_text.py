@@ -9,6 +9,7 @@ from typing import Sequence
 from lqae.errors import ConfigError
 from lqae.fewshot.episodes import token_bag
 from lqae.fewshot.settings import IMAGE_TEXTS
+from lqae.layout import NO_LAYOUT, TokenLayout
 from lqae.tokentext import decode_text
 
 
@@ -23,28 +24,31 @@ class PromptImageText:
     global words. `bag` is the multiset the overlap baseline and similar-last ordering compare, a
     global word counting `global_weight` times."""
 
-    def __init__(self, tokenizer, mode: str = "sequence", global_tokens: int = 0, global_weight: float = 1.0) -> None:
+    def __init__(
+        self, tokenizer, mode: str = "sequence", layout: TokenLayout = NO_LAYOUT, global_weight: float = 1.0
+    ) -> None:
+        """`layout`: the images' token layout (global words first); the default has none."""
         if mode not in IMAGE_TEXTS:
             raise ConfigError(f"unknown image text {mode!r}; choose one of: {', '.join(IMAGE_TEXTS)}")
-        if mode == "global" and not global_tokens:
+        if mode == "global" and not layout.global_tokens:
             raise ConfigError("--image-text global shows the global words, but this model has none (global_tokens 0)")
         self.tokenizer, self.mode = tokenizer, mode
-        self.global_tokens, self.global_weight = global_tokens, global_weight
+        self.layout, self.global_weight = layout, global_weight
         self._cache: dict[tuple[int, ...], str] = {}
 
     def shown(self, ids: Sequence[int]) -> list[int]:
         """The ids the text shows, in order, before any cut."""
-        first, patches = list(ids[: self.global_tokens]), list(ids[self.global_tokens :])
+        first, patches = self.layout.split(list(ids))
         if self.mode == "global":
             return first
         return first + (frequent_first(patches) if self.mode == "frequent" else patches)
 
     def full_length(self, tokens_per_image: int) -> int:
         """Tokens the text shows uncut, for images of `tokens_per_image` ids."""
-        return min(self.global_tokens, tokens_per_image) if self.mode == "global" else tokens_per_image
+        return min(self.layout.global_tokens, tokens_per_image) if self.mode == "global" else tokens_per_image
 
     def bag(self, ids: Sequence[int]) -> Counter:
-        return token_bag(self.shown(ids), self.global_tokens, self.global_weight)
+        return token_bag(self.shown(ids), self.layout, self.global_weight)
 
     def __call__(self, ids: Sequence[int], length: int | None = None) -> str:
         shown = self.shown(ids)

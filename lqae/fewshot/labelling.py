@@ -92,7 +92,7 @@ def label_queries(
     support_set = None
     if pending:
         shots = settings.shots or max(sum(1 for i in chosen if support.class_name(i) == c) for c in classes)
-        text = PromptImageText(tokenizer, settings.image_text, support.global_tokens, settings.global_weight)
+        text = PromptImageText(tokenizer, settings.image_text, support.layout, settings.global_weight)
         support_set = SupportSet(
             backend, template, settings, text, support, chosen, shown, [position[support.class_name(i)] for i in chosen],
             queries.ids, shots,

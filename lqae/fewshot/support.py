@@ -120,7 +120,7 @@ class SupportSet:
         text = self.text
         request = Request(
             prompts, self.labels, [text.shown(self.pool.ids[i]) for i in supports], [self.label_of[i] for i in supports],
-            [text.shown(query)], global_tokens=text.global_tokens, global_weight=text.global_weight,
+            [text.shown(query)], layout=text.layout, global_weight=text.global_weight,
         )
         count = backend.count(prompts[0]) if prompts else 0
         if settings.scoring == "constrained":

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from lqae.errors import ConfigError
 from lqae.fewshot.prompts import ChatFormatter, Prompt
+from lqae.layout import NO_LAYOUT, TokenLayout
 
 DEFAULT_HF_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default local LLM (bundled offline as a GGUF)
 
@@ -24,7 +25,7 @@ class Request:
     support_ids: list[list[int]] = field(default_factory=list)  # LQAE token ids of each support
     support_labels: list[int] = field(default_factory=list)  # index into labels, per support
     query_ids: list[list[int]] = field(default_factory=list)  # LQAE token ids of each query
-    global_tokens: int = 0  # how many of each support's and query's ids are global words (they come first)
+    layout: TokenLayout = NO_LAYOUT  # the supports' and queries' token layout: global words first
     global_weight: float = 1.0  # how much a shared global word counts in a token overlap
 
 

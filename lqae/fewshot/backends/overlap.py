@@ -22,7 +22,7 @@ class OverlapBackend(Backend):
 
     def loglik(self, request: Request) -> list[list[tuple[float, int]]]:
         def bag(ids):
-            return token_bag(ids, request.global_tokens, request.global_weight)
+            return token_bag(ids, request.layout, request.global_weight)
 
         supports = [bag(ids) for ids in request.support_ids]
         results = []
