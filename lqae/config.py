@@ -1,4 +1,4 @@
-"""Configuration dataclasses and named presets.
+"""Configuration dataclasses: what a checkpoint is (`ModelConfig`) and how it was trained (`TrainConfig`).
 
 `ModelConfig` says what a checkpoint is: what encoding and decoding need (the ViT, the frozen LM and
 its vocabulary, the codebook, the token layout). `TrainConfig` holds how it was trained, with the

@@ -6,17 +6,21 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import lqae
 import lqae.fewshot
+import lqae.images
 import lqae.model
 import lqae.probe
 import lqae.tokendata
+import lqae.training
 
-LAZY_PACKAGES = (lqae, lqae.model, lqae.probe, lqae.fewshot)
+LAZY_PACKAGES = (lqae, lqae.model, lqae.probe, lqae.fewshot, lqae.images, lqae.training)
 
 
 def _is_submodule(package, name: str) -> bool:
@@ -100,3 +104,15 @@ def test_no_import_cycle_among_the_packages_modules():
             visit(module)
     assert "lqae.model.autoencoder" in graph["lqae.checkpoint"]  # the graph sees through lazy names
     assert cycles == []
+
+
+def test_the_packages_and_the_configs_import_without_torch():
+    """`import lqae.images`, `lqae.training`, `lqae.model` and the configs stay light: torch loads
+    only with the submodule that needs it."""
+    code = (
+        "import sys, lqae, lqae.config, lqae.presets, lqae.layout, lqae.legacy, lqae.images, lqae.training, lqae.model\n"
+        "import lqae.model.codebook\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

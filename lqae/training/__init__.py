@@ -1,5 +1,6 @@
-"""Training: the loop (`loop`), the loss in one place (`objective`), the run's pieces (`parts`) and
-its data record (`record`). `train` is the entry point of `lqae train`."""
+"""Training: the loop (`loop`), the loss in one place (`objective`), the training images and their
+sampler (`data`), the run's pieces (`parts`) and its data record (`record`). `train` is the entry
+point of `lqae train`."""
 
 from __future__ import annotations
 
