@@ -15,7 +15,7 @@ import torch
 from lqae.images.batches import image_batches
 from lqae.errors import DataError, TokenError
 from lqae.images.files import load_image
-from lqae.images.output import save_png, token_picture
+from lqae.images.output import check_png_output, save_png, token_picture
 from lqae.images.batches import eval_batches
 
 
@@ -82,14 +82,16 @@ def decode_to_pngs(
 ) -> None:
     """Decode (N, L) ids and write each image, at the model's resolution, to its PNG (atomically).
 
-    Every row is checked against the codebook before the first file is written, so bad ids
-    leave nothing behind.
+    Every row is checked against the codebook, and every output path (an existing file is replaced
+    only when it is a PNG), before the first file is written, so bad input leaves nothing behind.
     """
     if ids.ndim != 2 or ids.shape[0] != len(out_paths):
         raise ValueError(f"ids {tuple(ids.shape)} do not match {len(out_paths)} output paths")
     model.codebook.codes_from_token_ids(ids)  # raises TokenError for any id outside the codebook
     if ids.shape[1] != model.config.num_tokens:
         raise TokenError(f"got {ids.shape[1]} tokens per image, this model expects {model.config.num_tokens}")
+    for path in out_paths:  # every output checked before the first is written
+        check_png_output(path)
     model.eval()
     for start in range(0, ids.shape[0], batch_size):
         images = model.decode(ids[start : start + batch_size].to(model.device)).cpu()  # (b, C, H, W)

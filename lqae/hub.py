@@ -8,18 +8,23 @@ model.safetensors and README.md, the card); never train_state.safetensors. Loadi
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 
 from lqae.checkpoint import read_config, weights_metadata
 from lqae.config import ModelConfig, TrainConfig, flat_dict
 from lqae.presets import PRESETS
-from lqae.errors import CheckpointError, ConfigError
+from lqae.errors import CheckpointError, ConfigError, OutputError
 from lqae.io import atomic_write_bytes
 from lqae.model.codebook import codebook_class
 from lqae.run_folder import (
     CARD_FILE, CONFIG_FILE, DATA_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, parse_hub_id, short,
 )
+
+log = logging.getLogger(__name__)
 
 
 # -- model card ----------------------------------------------------------------------------------
@@ -119,10 +124,48 @@ def _inline_image(path: Path) -> str:
     return f"![samples](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
+_SEAL = re.compile(r"\n<!-- written by lqae card: ([0-9a-f]{16}) -->\n")  # the card's last line, as written
+
+
 def write_card(run_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE) -> Path:
+    """RUN_DIR/README.md, the card `push` uploads; it replaces only a card `lqae card` wrote and no
+    one edited since (OutputError otherwise: a README the user wrote or edited is never lost)."""
+    if repo_id is not None:
+        check_repo_id(repo_id)
     path = Path(run_dir) / CARD_FILE
-    atomic_write_bytes(path, model_card(run_dir, repo_id, license).encode("utf-8"))
+    state = card_state(path)
+    if state == "edited":
+        raise OutputError(f"{path} was edited since `lqae card` wrote it; move or delete it to write a fresh card")
+    if state == "other":
+        raise OutputError(f"{path} exists and is not a card `lqae card` wrote; refusing to overwrite it: move it first")
+    text = model_card(run_dir, repo_id, license)
+    atomic_write_bytes(path, f"{text}\n<!-- written by lqae card: {_digest(text)} -->\n".encode("utf-8"))
     return path
+
+
+def card_state(path: Path) -> str:
+    """"none" (no file), "lqae" (a card `lqae card` wrote, as written), "edited" (one it wrote, changed
+    since) or "other" (any other file)."""
+    if not path.exists() and not path.is_symlink():
+        return "none"
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() and not path.is_symlink() else ""
+    except (OSError, UnicodeDecodeError):
+        return "other"
+    seal = _SEAL.search(text)
+    if seal is None:
+        return "other"
+    return "lqae" if _digest(text[: seal.start()] + text[seal.end():]) == seal.group(1) else "edited"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ConfigError unless `repo_id` is a hub repo id, org/name (what `push` and the card may name)."""
+    if parse_hub_id(repo_id) is None or "@" in repo_id:
+        raise ConfigError(f"{repo_id!r} is not a hub repo id: write it as org/name (the branch goes in --revision)")
 
 
 def _read_json(path: Path):
@@ -158,8 +201,7 @@ def push(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist")
-    if parse_hub_id(repo_id) is None or "@" in repo_id:
-        raise ConfigError(f"{repo_id!r} is not a hub repo id: write it as org/name (the branch goes in --revision)")
+    check_repo_id(repo_id)
     _, _, step = read_config(run_dir)
     written = weights_metadata(run_dir / MODEL_FILE).get("step")
     if written is not None and str(written) != str(step):
@@ -168,7 +210,11 @@ def push(
             "this run; push again when it has saved"
         )
     card = run_dir / CARD_FILE
-    card_bytes = card.read_bytes() if card.is_file() else model_card(run_dir, repo_id, license).encode("utf-8")
+    state = card_state(card)
+    if state == "other":
+        log.warning("%s is not a card `lqae card` wrote: pushing a fresh card instead", card)
+    uploaded = state in ("lqae", "edited")  # a card lqae wrote, as the user left it
+    card_bytes = card.read_bytes() if uploaded else model_card(run_dir, repo_id, license).encode("utf-8")
     try:
         from huggingface_hub import CommitOperationAdd, HfApi
 

@@ -11,11 +11,38 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from lqae.errors import OutputError
 
 _ORPHAN_AGE = 3600.0  # seconds after which a temp file that names no writer counts as abandoned
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_replaceable(path: Path, kind: str, is_kind: Callable[[Path], bool]) -> None:
+    """The one rule for every file lqae writes where a user points it: an existing `path` is replaced
+    only when it is a file of the kind being written (`is_kind`), so a checkpoint's weights, a
+    token dataset or any other file is never lost to a mistyped option. OutputError otherwise."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder: name the {kind} file to write")
+    if path.is_symlink() or not path.is_file() or not is_kind(path):
+        raise OutputError(
+            f"{path} exists and is not a {kind}; refusing to overwrite it: choose another name, or delete it first"
+        )
+
+
+def is_png(path: Path) -> bool:
+    """Whether the file starts as a PNG does."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

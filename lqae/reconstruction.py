@@ -12,7 +12,7 @@ from lqae.images.batches import image_batches
 from lqae.errors import DataError
 from lqae.images.files import ImageFolder
 from lqae.images.source import scan_images
-from lqae.images.output import comparison_grid, save_png
+from lqae.images.output import check_png_output, comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts
 from lqae.tokentext import TokenText
 
@@ -97,6 +97,8 @@ def evaluate_folder(
     """Reconstruction report on an image folder (a path or a scanned `ImageFolder`); with `grid_path`,
     also a PNG there of `shown` originals, spread over the folder (so over its classes), above their
     reconstructions."""
+    if grid_path is not None:
+        check_png_output(Path(grid_path))  # before the work, not after it
     folder = root if isinstance(root, ImageFolder) else scan_images(root)
     total = min(len(folder), max_images) if max_images else len(folder)
     count = min(shown, total)

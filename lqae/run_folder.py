@@ -43,11 +43,11 @@ _REVISION = re.compile(r"^(?!.*\.\.)(?!\.)(?!.*/\.)[\w.-]+(?:/[\w.-]+)*$")
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """("org/name", revision or None) for a hub id, else None. A revision that is not a plain
     branch, tag or commit name (`@../../x`) raises CheckpointError: it never reaches the hub client."""
-    match = _HUB_ID.match(str(text))
+    match = _HUB_ID.fullmatch(str(text))
     if not match or str(text).endswith((".safetensors", ".json")):
         return None
     revision = match.group("revision")
-    if revision is not None and not _REVISION.match(revision):
+    if revision is not None and not _REVISION.fullmatch(revision):
         raise CheckpointError(
             f"{text}: {revision!r} is not a branch, tag or commit name (letters, digits, '_', '-', '.' and '/', "
             "no '..' and no part starting with a dot)"

@@ -146,9 +146,11 @@ def _print_tokens(inputs, model, token_format, grid, batch_size, workers, device
 
 def _show(image: Path, picture: Path, model, token_format, device, quiet) -> None:
     from lqae.codec import picture_tokens
+    from lqae.images.output import check_png_output
     from lqae.images.source import collect_images
 
     collect_images([image])  # a missing or corrupt image: one error line before the model loads
+    check_png_output(picture)  # never over the weights or any other file that is not a PNG
     net = load_run(model, device)  # the decoder too: the picture shows the reconstruction
     ids = picture_tokens(net, image, picture)
     sys.stdout.write(TokenText.for_model(net).render(ids, token_format.value, str(image)) + "\n")

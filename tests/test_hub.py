@@ -219,3 +219,15 @@ def test_a_long_hub_error_is_cut_at_a_word_and_never_inside_a_quoted_name():
     cut = short(long)
     assert cut == "Repo id must be in the form 'repo_name' or 'namespace/repo_name': ..." and len(cut) <= 204
     assert short(Exception("Not found.\n\n  Details: a page of HTML")) == "Not found."  # the first sentence
+
+
+def test_push_uploads_only_a_card_lqae_wrote(trained_once, tmp_path, hub_stub):
+    run = trained_run(trained_once, tmp_path)
+    (run / "README.md").write_text("# my private notes\n")
+    result = cli("push", run, "org/name", env={"HF_ENDPOINT": hub_stub.url, "HF_TOKEN": "t", "HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 0, result.stderr
+    (_, files), = hub_stub.commits
+    assert b"my private notes" not in files["README.md"]
+    assert front_matter(files["README.md"].decode())["library_name"] == "lqae"
+    assert "is not a card `lqae card` wrote: pushing a fresh card instead" in result.stderr
+    assert (run / "README.md").read_text() == "# my private notes\n"

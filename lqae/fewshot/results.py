@@ -42,11 +42,27 @@ class ResultsFile:
         complete = raw[: raw.rfind(b"\n") + 1]
         done = self._records(complete)
         tail = raw[len(complete):]
-        if tail and not tail.startswith(b'{"'):
-            raise ConfigError(f"{self.path} does not end in a results record; remove its last line or use another --out")
-        if tail:  # a line this run's writer was killed in the middle of
-            self._handle.truncate(len(complete))
+        if not tail:
+            return done
+        if self._is_json(tail):  # a whole line without its line break: not what this writer leaves
+            done.update(self._records(tail))  # refused unless it is this run's record
+            self._handle.write(b"\n")
+            return done
+        if not done or not tail.startswith(b'{"'):  # only a file of this run's results may lose a cut line
+            raise ConfigError(
+                f"{self.path} ends in an unfinished line and holds no complete results of this run; "
+                "remove it or use another --out"
+            )
+        self._handle.truncate(len(complete))  # a line this run's writer was killed in the middle of
         return done
+
+    @staticmethod
+    def _is_json(data: bytes) -> bool:
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
 
     def _records(self, complete: bytes) -> dict:
         done = {}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from lqae.images.files import to_pil
-from lqae.io import atomic_write_bytes
+from lqae.io import atomic_write_bytes, check_replaceable, is_png
 
 
 def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int = 8, pad: int = 2) -> torch.Tensor:
@@ -31,7 +31,9 @@ def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, colu
 
 
 def save_png(image: torch.Tensor, path: Path, upscale: int = 1) -> None:
-    """Save (C, H, W) in [0, 1] as PNG atomically; `upscale` enlarges small images (nearest)."""
+    """Save (C, H, W) in [0, 1] as PNG atomically; `upscale` enlarges small images (nearest). An
+    existing file is replaced only when it is a PNG (`check_png_output`)."""
+    check_png_output(path)
     picture = to_pil(image)
     if upscale > 1:
         picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
@@ -47,6 +49,7 @@ def token_picture(
     """Write a PNG for a person: the image (left) beside its reconstruction (right), each `cell`
     pixels per patch, with each patch's word over its patch of both, and the global words above.
     image, reconstruction: (C, H, W) in [0, 1]; words: the grid x grid patch tokens in row order."""
+    check_png_output(path)
     side, gap = cell * grid, cell // 4
     header = cell // 2 if global_words else 0
     font = ImageFont.load_default(size=max(10, cell // 7))
@@ -69,6 +72,12 @@ def token_picture(
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def check_png_output(path: Path) -> None:
+    """OutputError unless `path` is new or an older PNG: a mistyped `--out RUN/model.safetensors`
+    must not cost the weights."""
+    check_replaceable(Path(path), "PNG image", is_png)
 
 
 def _fit(word: str, font, width: int) -> str:

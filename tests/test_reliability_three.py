@@ -1,0 +1,91 @@
+"""Reliability, round three (issue 35): no output path that destroys a file, no shard or tar read
+half right, no label that forges a line, and one clear line where an internal error showed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_reliability import assert_one_error_line, invoke
+
+from lqae.hub import card_state, write_card
+from lqae.errors import ConfigError, OutputError
+
+
+# -- item 1: `fewshot --out` never empties a file that is not this run's results ----------------------
+
+
+@pytest.mark.parametrize("content", [b'{"keep":1}', b'{"keep": [1, 2', b"notes"])
+def test_fewshot_out_keeps_a_file_that_is_not_its_results(image_folder, tiny_checkpoint, tmp_path, content):
+    notes = tmp_path / "notes.json"
+    notes.write_bytes(content)
+    result = invoke("fewshot", "--support", image_folder, "--query", image_folder, "-m", tiny_checkpoint,
+                    "--llm", "overlap", "--episodes", "2", "--out", notes)
+    assert_one_error_line(result, str(notes))
+    assert notes.read_bytes() == content
+
+
+def test_fewshot_out_still_resumes_past_its_own_cut_line(image_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "results.jsonl"
+    common = ["fewshot", "--support", image_folder, "--query", image_folder, "-m", tiny_checkpoint, "--llm", "overlap",
+              "--out", out, "--json"]
+    assert invoke(*common, "--episodes", "3").exit_code == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:2]) + lines[2][:15])  # killed while writing the third record
+    again = invoke(*common, "--episodes", "3")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["resumed"] == 2 and len(out.read_text().splitlines()) == 3
+    whole = out.read_bytes()
+    out.write_bytes(whole.rstrip(b"\n"))  # its own last record without the line break: kept, not cut
+    assert json.loads(invoke(*common, "--episodes", "3").stdout)["resumed"] == 3
+    assert out.read_bytes() == whole
+
+
+# -- item 2: one rule for every file the CLI writes ------------------------------------------------
+
+
+def test_no_output_option_replaces_the_weights_or_another_file(image_folder, tiny_checkpoint, tmp_path):
+    weights = tiny_checkpoint / "model.safetensors"
+    before = weights.read_bytes()
+    image = next((image_folder / "red").iterdir())
+    notes = tmp_path / "notes.png"  # named like a picture, but a text file
+    notes.write_text("mine")
+    tokens = invoke("encode", image, "-m", tiny_checkpoint, "-f", "tokens").stdout
+    for target in (weights, notes):
+        assert_one_error_line(invoke("eval", image_folder, "-m", tiny_checkpoint, "--grid-png", target),
+                              str(target), "refusing to overwrite")
+        assert_one_error_line(invoke("encode", image, "-m", tiny_checkpoint, "--show", target), str(target))
+        assert_one_error_line(invoke("decode", "-", "-m", tiny_checkpoint, "--out", target, input=tokens), str(target))
+    assert_one_error_line(invoke("decode", "-", "-m", tiny_checkpoint, "--out", notes, input=tokens), "refusing")
+    assert weights.read_bytes() == before and notes.read_text() == "mine"
+    grid = tmp_path / "grid.png"
+    for _ in range(2):  # a PNG it wrote is replaced
+        assert invoke("eval", image_folder, "-m", tiny_checkpoint, "--grid-png", grid).exit_code == 0
+    assert grid.read_bytes().startswith(b"\x89PNG")
+
+
+# -- items 5 and 14: the model card ---------------------------------------------------------------
+
+
+def test_card_never_overwrites_a_readme_someone_wrote_or_edited(tiny_checkpoint):
+    readme = tiny_checkpoint / "README.md"
+    readme.write_text("# my notes\n")
+    with pytest.raises(OutputError, match="not a card `lqae card` wrote"):
+        write_card(tiny_checkpoint)
+    assert readme.read_text() == "# my notes\n" and card_state(readme) == "other"
+    readme.unlink()
+    write_card(tiny_checkpoint)
+    assert card_state(readme) == "lqae"
+    write_card(tiny_checkpoint, "org/name")  # its own card, untouched since: replaced
+    readme.write_text(readme.read_text().replace("# ", "# Edited: ", 1))
+    assert card_state(readme) == "edited"
+    with pytest.raises(OutputError, match="was edited since"):
+        write_card(tiny_checkpoint)
+    assert readme.read_text().startswith("---") and "# Edited: " in readme.read_text()
+
+
+@pytest.mark.parametrize("repo", ["org/name\nextra", "org/name@v2", "not an id"])
+def test_card_validates_the_repo_as_push_does(tiny_checkpoint, repo):
+    with pytest.raises(ConfigError, match="is not a hub repo id"):
+        write_card(tiny_checkpoint, repo)
+    assert not (tiny_checkpoint / "README.md").exists()
