@@ -228,6 +228,15 @@ def _pending_moves(run_dir: Path, journal: Path) -> list[str] | None:
         return None
 
 
+def _moves_started(journal: Path) -> bool:
+    """Whether a file the COMPLETE marker lists has left the journal already."""
+    try:
+        files = json.loads((journal / _COMPLETE).read_text())["files"]
+        return any(not (journal / name).exists() for name in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def roll_forward(run_dir: Path) -> None:
     """Finish an interrupted save whose files all check out, from wherever its moves stopped;
     discard any other journal. Only the lock holder calls this (the trainer, or a reader that took
@@ -240,6 +249,12 @@ def roll_forward(run_dir: Path) -> None:
         return
     pending = _pending_moves(run_dir, journal)
     if pending is None:
+        if _moves_started(journal):  # the files still in it are the only copies of that save's: kept
+            kept = run_dir / f"{JOURNAL_DIR}.unmatched-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(journal, kept)
+            log.warning("%s: a checkpoint journal was half moved into place and a moved file no longer matches its "
+                        "record; the files it still held are kept in %s", run_dir, kept.name)
+            return
         log.warning("%s: discarding a checkpoint journal whose files do not match its record; the previous "
                     "checkpoint stays", run_dir)
         shutil.rmtree(journal, ignore_errors=True)

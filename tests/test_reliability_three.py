@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_model_config, tiny_train_config
 from test_reliability import assert_one_error_line, invoke
 
+from lqae import checkpoint as ckpt
+from lqae.checkpoint import RunLock
+from lqae.errors import CheckpointError, ConfigError, DataError, OutputError
 from lqae.hub import card_state, write_card
-from lqae.errors import ConfigError, OutputError
+from lqae.training import loop as training
+from lqae.training import train
 
 
 # -- item 1: `fewshot --out` never empties a file that is not this run's results ----------------------
@@ -89,3 +94,62 @@ def test_card_validates_the_repo_as_push_does(tiny_checkpoint, repo):
     with pytest.raises(ConfigError, match="is not a hub repo id"):
         write_card(tiny_checkpoint, repo)
     assert not (tiny_checkpoint / "README.md").exists()
+
+
+# -- items 3 and 4: a new run claims its folder first, and only a new or empty one -------------------
+
+
+def test_a_new_run_holds_its_folders_lock_before_it_builds(tiny_lm_dir, image_folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    seen = []
+    build = training._build
+
+    def build_and_look(run_dir, *args, **kwargs):
+        seen.append(RunLock(run_dir).acquire(raise_if_held=False))  # another trainer, arriving now
+        return build(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_build", build_and_look)
+    training.train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    assert seen == [False]  # refused: the first trainer claimed the folder before building anything
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):  # checked under the lock
+        training.train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+
+
+def test_a_new_run_never_trains_into_a_folder_of_other_files(tiny_lm_dir, image_folder, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "data.json").write_text('{"my": "data"}')
+    (folder / "metrics.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(CheckpointError, match="is not empty .*data.json, metrics.jsonl.* a new run needs a new or empty"):
+        train(image_folder, folder, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    assert (folder / "data.json").read_text() == '{"my": "data"}' and (folder / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(image_folder, empty, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=1)).step == 1
+
+
+def test_a_run_that_fails_before_it_begins_leaves_no_folder(tiny_lm_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(DataError):
+        train(tmp_path / "missing", run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    assert not run.exists()  # the same command can run again once the data is there
+
+
+# -- item 6: a journal never discards the last copy of anything ---------------------------------------
+
+
+def test_a_half_moved_journal_that_no_longer_checks_out_is_kept_not_deleted(tiny_model, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(run, tiny_model, tiny_train_config(), step=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "roll_forward", lambda run_dir: None)
+        ckpt.save_checkpoint(run, tiny_model, tiny_train_config(), step=2)
+    journal = run / ".saving"
+    (journal / "model.safetensors").replace(run / "model.safetensors")  # a roll-forward killed after one move
+    with open(run / "model.safetensors", "ab") as handle:  # ... and then the moved file was changed
+        handle.write(b"\0")
+    new_config = (journal / "config.json").read_bytes()  # the only copy of step 2's config
+    ckpt.recover(run)
+    kept = [p for p in run.iterdir() if p.name.startswith(".saving.unmatched-")]
+    assert len(kept) == 1 and (kept[0] / "config.json").read_bytes() == new_config
+    assert not journal.exists()

@@ -114,9 +114,9 @@ def test_training_on_shards_matches_training_on_the_folder(folder_and_shards, ti
     config = dict(steps=2, batch_size=4, sample_every=100, save_every=100, val_every=2)
     runs = {}
     for name, source in (("folder", folder.root), ("shards", shards)):
-        result = train(source, tmp_path / name, tiny_model_config(tiny_lm_dir), tiny_train_config(**config),
+        result = train(source, tmp_path / f"run_{name}", tiny_model_config(tiny_lm_dir), tiny_train_config(**config),
                        val_dir=source)
-        runs[name] = result, load_file(tmp_path / name / "model.safetensors")
+        runs[name] = result, load_file(tmp_path / f"run_{name}" / "model.safetensors")
     (a, weights_a), (b, weights_b) = runs["folder"], runs["shards"]
     assert a.last_metrics.keys() == b.last_metrics.keys()
     for key, value in a.last_metrics.items():
@@ -124,7 +124,7 @@ def test_training_on_shards_matches_training_on_the_folder(folder_and_shards, ti
             assert b.last_metrics[key] == value, key
     assert a.validation == b.validation
     assert all(np.array_equal(weights_a[k].numpy(), weights_b[k].numpy()) for k in weights_a)
-    record = json.loads((tmp_path / "shards" / "data.json").read_text())
+    record = json.loads((tmp_path / "run_shards" / "data.json").read_text())
     assert record["train"]["images"] == 10 and record["train"]["classes"] == ["0", "1"]
 
 

@@ -81,18 +81,17 @@ def train(
     where the loop syncs anyway: at a log line and before a save); non-finite weights are never saved."""
     run_dir = Path(run_dir)
     lock = ckpt.RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    created = lock is not None and not run_dir.exists()
     try:
-        if lock is not None and run_dir.is_dir():
+        if lock is not None:  # claimed first: whatever is checked below holds until the run ends
             lock.acquire()
             ckpt.roll_forward(run_dir)
         rank, world, device = setup_distributed(device)
         resumed = None
         if resume:
             model_config, train_config, resumed = _resumed(run_dir, model_config, train_config, asked)
-        elif (run_dir / ckpt.CONFIG_FILE).exists():
-            raise CheckpointError(
-                f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out"
-            )
+        else:
+            _check_new_run_folder(run_dir)
         run = _build(run_dir, data_dir, val_dir, resumed, model_config, train_config, device, rank, world)
         if run.is_main:
             _start(run, resumed is not None, list(callbacks), lock)
@@ -100,6 +99,32 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+            if created:
+                _remove_if_unused(run_dir)
+
+
+def _check_new_run_folder(run_dir: Path) -> None:
+    """A new run goes into a new or empty folder: never over a checkpoint, and never into a folder
+    of someone's files, whose data.json and metrics.jsonl it would replace or append to."""
+    entries = sorted(set(os.listdir(run_dir)) - {ckpt.LOCK_FILE}) if run_dir.is_dir() else []
+    if ckpt.CONFIG_FILE in entries:
+        raise CheckpointError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    if entries:
+        raise CheckpointError(
+            f"{run_dir} is not empty ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) and holds no "
+            "checkpoint; a new run needs a new or empty --out"
+        )
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """The run folder this process made, removed again when nothing but its lock went in (a run
+    that failed before it began), so the same command can be run again."""
+    try:
+        if set(os.listdir(run_dir)) <= {ckpt.LOCK_FILE}:
+            (run_dir / ckpt.LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 @dataclass
