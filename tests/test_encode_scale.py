@@ -122,9 +122,11 @@ def test_torchrun_two_processes_encode_shards_that_probe_and_fewshot_read(tiny_c
 
 def test_an_index_that_names_itself_or_lacks_metadata_is_one_clear_error(tmp_path):
     index = tmp_path / "loop.safetensors"
+    index.write_bytes(b"a placeholder the index replaces")
     write_token_index(index, [index], [1], {"lqae_token_dataset": "1", "classes": "[]", "grid": "[4, 4]", "model_config": "{}"})
     with pytest.raises(DataError, match="is an index itself"):
         read_token_dataset(index)
+    (tmp_path / "a.safetensors").write_bytes(b"")
     write_token_index(index, [tmp_path / "a.safetensors"], [1], {"lqae_token_dataset": "1"})
     with pytest.raises(DataError, match="corrupt metadata"):
         read_token_dataset(index)

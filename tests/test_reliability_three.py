@@ -4,8 +4,10 @@ half right, no label that forges a line, and one clear line where an internal er
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from safetensors.torch import save_file
 from conftest import tiny_model_config, tiny_train_config
 from test_reliability import assert_one_error_line, invoke
 
@@ -13,6 +15,11 @@ from lqae import checkpoint as ckpt
 from lqae.checkpoint import RunLock
 from lqae.errors import CheckpointError, ConfigError, DataError, OutputError
 from lqae.hub import card_state, write_card
+from lqae.checkpoint import load_model
+from lqae.images.source import scan_images
+from lqae.tokendata import read_token_dataset
+from lqae.tokendata.encode import encode_folder_to_file
+from lqae.tokendata.format import shard_path
 from lqae.training import loop as training
 from lqae.training import train
 
@@ -153,3 +160,59 @@ def test_a_half_moved_journal_that_no_longer_checks_out_is_kept_not_deleted(tiny
     kept = [p for p in run.iterdir() if p.name.startswith(".saving.unmatched-")]
     assert len(kept) == 1 and (kept[0] / "config.json").read_bytes() == new_config
     assert not journal.exists()
+
+
+# -- item 7: a sharded token dataset never mixes two encodes --------------------------------------
+
+
+@pytest.fixture
+def two_encodes(tiny_checkpoint, image_folder, tmp_path, monkeypatch):
+    """The same folder encoded twice by two 'processes' each (the ranks run one after the other here)."""
+    monkeypatch.setattr("lqae.distributed.any_rank", lambda flag, device: flag)
+    model, folder = load_model(tiny_checkpoint, encode_only=True), scan_images(image_folder)
+    first, second = tmp_path / "first" / "data.safetensors", tmp_path / "second" / "data.safetensors"
+    for index in (first, second):
+        for rank in (1, 0):
+            encode_folder_to_file(model, folder, index, batch_size=4, rank=rank, world=2)
+    return first, second
+
+
+def test_a_shard_of_another_encode_is_refused_by_content(two_encodes):
+    first, second = two_encodes
+    shutil.copy(shard_path(second, 1, 2), shard_path(first, 1, 2))  # same model, rows and classes: another encode
+    with open(shard_path(first, 1, 2), "r+b") as handle:  # ... whose rows differ in one id
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 1]))
+    with pytest.raises(DataError, match="does not match its index"):
+        read_token_dataset(first)
+
+
+def test_a_rerun_that_fails_on_another_rank_leaves_no_index_over_mixed_shards(
+    tiny_checkpoint, image_folder, two_encodes, monkeypatch
+):
+    first, _ = two_encodes
+    model, folder = load_model(tiny_checkpoint, encode_only=True), scan_images(image_folder)
+    monkeypatch.setattr("lqae.distributed.any_rank", lambda flag, device: True)  # rank 1 of the rerun died
+    with pytest.raises(DataError, match="another encoding process failed"):
+        encode_folder_to_file(model, folder, first, batch_size=4, rank=0, world=2)
+    assert shard_path(first, 0, 2).exists() and not first.exists()  # no index over its new and old shards
+    with pytest.raises(DataError, match="does not exist"):
+        read_token_dataset(first)
+
+
+@pytest.mark.parametrize("names, rows, needle", [
+    (["../elsewhere.safetensors"], [6], "is not a file beside the index"),
+    (["/abs/x.safetensors"], [6], "is not a file beside the index"),
+    (["a.safetensors", "a.safetensors"], [6, 6], "a shard is named twice"),
+    (5, [6], "no list of shard names"),
+    (["a.safetensors"], None, "no row count for each shard"),
+])
+def test_an_index_names_only_its_own_shards(tmp_path, names, rows, needle):
+    index = tmp_path / "index.safetensors"
+    metadata = {"lqae_token_dataset": "1", "classes": "[]", "grid": "[4, 4]", "model_config": "{}",
+                "shards": json.dumps(names), "rows": json.dumps(rows)}
+    save_file({}, str(index), metadata=metadata)
+    with pytest.raises(DataError, match=needle):
+        read_token_dataset(index)

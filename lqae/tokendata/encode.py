@@ -90,6 +90,7 @@ def encode_folder_to_file(
     classes, model_config, weights = list(folder.classes), to_dict(config), getattr(model, "weights_fingerprint", None)
     if world > 1 and rank == 0:
         check_overwritable(Path(path))  # the index will go there
+        Path(path).unlink(missing_ok=True)  # an older index: gone before any shard changes, written again last
     writer = TokenDatasetWriter(
         target, [folder.labels[i] for i in rows], config.num_tokens, classes, [str(p) for p in paths], model_config,
         grid, weights,

@@ -14,6 +14,7 @@ the index for the one dataset the shards make.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -126,8 +127,12 @@ def shard_path(path: str | Path, rank: int, world: int) -> Path:
 
 
 def write_token_index(path: str | Path, shards: list[Path], rows: list[int], dataset_fields: dict[str, str]) -> None:
-    """Write the index that makes `shards` (token datasets beside `path`, in row order) one dataset."""
-    metadata = {**dataset_fields, "shards": json.dumps([Path(s).name for s in shards]), "rows": json.dumps(rows)}
+    """Write the index that makes `shards` (token datasets beside `path`, in row order) one dataset;
+    it records each shard's SHA-256, so a shard another encode wrote is never read as one of these."""
+    metadata = {
+        **dataset_fields, "shards": json.dumps([Path(s).name for s in shards]), "rows": json.dumps(rows),
+        "shard_sha256": json.dumps([file_sha256(Path(s)) for s in shards]),
+    }
     metadata.pop("paths", None)  # each shard holds its own
     atomic_write_bytes(Path(path), save({}, metadata=metadata))
 
@@ -135,21 +140,25 @@ def write_token_index(path: str | Path, shards: list[Path], rows: list[int], dat
 def _read_index(path: Path, metadata: dict) -> TokenDataset:
     try:
         names, rows = json.loads(metadata["shards"]), json.loads(metadata["rows"])
+        digests = json.loads(metadata.get("shard_sha256", "null"))  # None in indexes of lqae 0.1.0
         shared = (json.loads(metadata["classes"]), json.loads(metadata["grid"]), json.loads(metadata["model_config"]))
     except (KeyError, ValueError) as exc:
         raise DataError(
             f"token dataset index {path} has corrupt metadata ({type(exc).__name__}: {exc}); re-encode it"
         ) from exc
-    if not names or len(names) != len(rows):
-        raise DataError(f"token dataset index {path} lists no shards; re-encode it")
+    problem = _index_problem(names, rows, digests)
+    if problem:
+        raise DataError(f"token dataset index {path} is corrupt ({problem}); re-encode it")
     parts = []
-    for name, count in zip(names, rows):
+    for position, (name, count) in enumerate(zip(names, rows)):
         shard = path.parent / name
         if not shard.is_file():
             raise DataError(f"token dataset {path} indexes shard {shard}, which does not exist; re-encode it")
         part = read_token_dataset(shard, _shard_of=path)
         written = (part.classes, list(part.grid), part.model_config)
-        if len(part) != count or written != shared or part.weights != metadata.get("weights"):
+        if len(part) != count or written != shared or part.weights != metadata.get("weights") or (
+            digests is not None and file_sha256(shard) != digests[position]
+        ):
             raise DataError(f"shard {shard} does not match its index {path} (another encode wrote it?); re-encode it")
         parts.append(part)
     first = parts[0]
@@ -158,6 +167,33 @@ def _read_index(path: Path, metadata: dict) -> TokenDataset:
         paths=[q for p in parts for q in p.paths], model_config=first.model_config, grid=first.grid,
         weights=first.weights,
     )
+
+
+def _index_problem(names, rows, digests) -> str | None:
+    """What is wrong with an index's shard list (None when nothing): shards are plain file names
+    beside the index, each once, with a row count (and a digest) each."""
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return "no list of shard names"
+    if not isinstance(rows, list) or len(rows) != len(names) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows
+    ):
+        return "no row count for each shard"
+    if digests is not None and (not isinstance(digests, list) or len(digests) != len(names)):
+        return "no digest for each shard"
+    outside = [n for n in names if n in ("", ".", "..") or "/" in n or "\\" in n or Path(n).is_absolute()]
+    if outside:
+        return f"shard {outside[0]!r} is not a file beside the index"
+    if len(set(names)) != len(names):
+        return "a shard is named twice"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_overwritable(path: str | Path) -> None:
