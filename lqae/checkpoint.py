@@ -3,13 +3,14 @@
 A save first writes every file into RUN_DIR/.saving/, marks it complete (the marker records each
 file's size and SHA-256), then moves the files into place. A kill at any moment leaves either the
 previous checkpoint or a complete journal, which the next lock holder rolls forward to the end
-from wherever the moves stopped (a file already moved is recognised by its recorded hash); a
-journal whose files do not check out is discarded. Never a mix of two steps.
+from wherever the moves stopped (a file already moved is recognised by its recorded hash). A
+journal whose files do not check out is discarded while nothing has moved (the previous checkpoint
+is whole), and kept aside once something has (its files are the only copies). Never a mix of two steps.
 
 Weights are verified on load against the fingerprint recorded at save (a flipped byte is refused,
 not loaded), and non-finite weights are neither saved nor loaded.
 
-One process trains a run folder at a time: `RunLock` (an flock on RUN_DIR/.lock naming its pid).
+One process trains a run folder at a time (`lqae.run_lock.RunLock`).
 Readers never delete or roll a journal while a trainer holds the lock: they read the last
 checkpoint in place, retrying while the trainer is mid-move.
 """
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,84 +36,14 @@ from lqae.errors import CheckpointError, ConfigError
 from lqae.io import fsync_dir, give_default_mode, writing
 from lqae.model.autoencoder import LQAE
 from lqae.model.lm import FrozenLM
-from lqae.run_folder import CONFIG_FILE, JOURNAL_DIR, LOCK_FILE, MODEL_FILE, TRAIN_STATE_FILE, resolve_run
-
-try:
-    import fcntl
-except ImportError:  # no flock (Windows): no protection, as before
-    fcntl = None
+from lqae.run_folder import CONFIG_FILE, JOURNAL_DIR, MODEL_FILE, TRAIN_STATE_FILE, resolve_run
+from lqae.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
 _COMPLETE = "COMPLETE"  # the journal's marker: every file written and recorded
 CHECKPOINT_FORMAT = "lqae-checkpoint-1"  # config.json's `format`; absent in checkpoints written before it
 LEGACY_VERSION = legacy.LAST_VERSION
-
-
-class RunLock:
-    """Exclusive lock on a run folder for the process that trains it; a second trainer gets a
-    CheckpointError naming the holder's pid. Released on exit, and by the OS if the process dies."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self.handle = None
-
-    def acquire(self, raise_if_held: bool = True) -> bool:
-        """Take the lock; True when taken (or when the OS has no flock). When another process holds
-        it: CheckpointError naming its pid, or False with `raise_if_held=False`."""
-        if fcntl is None:
-            return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = _open_lock_file(self.path)
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            if raise_if_held:
-                raise CheckpointError(
-                    f"{self.path.parent} is being trained by process {holder}; wait for it to finish, stop it, "
-                    "or choose another --out"
-                ) from None
-            return False
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.handle = handle
-        return True
-
-    def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()  # closing drops the flock
-            self.handle = None
-
-    def __enter__(self) -> "RunLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _open_lock_file(path: Path):
-    """RUN_DIR/.lock opened for reading and writing, never through a symbolic link (the pid written
-    into it would overwrite whatever the link points at) and only when it is a regular file."""
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
-    except OSError:
-        if path.is_symlink():
-            raise CheckpointError(
-                f"{path} is a symbolic link; lqae writes its pid into that file and will not write through a "
-                "link: remove it"
-            ) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{path} is not a regular file; remove it (lqae keeps its lock there)")
-    return os.fdopen(fd, "r+")
 
 
 def save_checkpoint(

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import traceback
+import unicodedata
 from typing import Callable
 
 import typer
@@ -16,8 +17,17 @@ from lqae.errors import DataError, LQAEError
 DEBUG_ENV = "LQAE_DEBUG"
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (line breaks, tabs, terminal escapes) written as escapes, so a
+    file or class name can neither split a message line nor drive the terminal."""
+    return "".join(c if unicodedata.category(c) not in _CONTROL else ascii(c)[1:-1] for c in text)
+
+
+_CONTROL = ("Cc", "Cf", "Zl", "Zp")
+
+
 def error_line(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {printable(message)}\n")
     sys.stderr.flush()
 
 
@@ -51,6 +61,13 @@ def handle_errors(func: Callable) -> Callable:
     return wrapper
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with their control characters escaped (`printable`): one line per message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at emit time (test runners swap it between invocations)."""
 
@@ -71,7 +88,7 @@ def setup_logging() -> None:
     root = logging.getLogger("lqae")
     if not root.handlers:
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -79,12 +96,13 @@ def setup_logging() -> None:
 
 
 def check_line_paths(paths, instead: str) -> None:
-    """PATH<TAB>VALUE lines cannot carry a file name holding a tab or a line break: refuse before
-    anything is printed, naming the file and the safe alternative."""
+    """PATH<TAB>VALUE lines cannot carry a file name holding a tab, a line break or another control
+    character (a terminal escape would reach whoever reads the output): refuse before anything is
+    printed, naming the file (escaped) and the safe alternative."""
     for path in paths:
         text = str(path)
-        if any(c in text for c in "\t\n\r"):
+        if any(unicodedata.category(c) in _CONTROL for c in text):
             raise DataError(
-                f"file name {text!r} holds a tab or line break, which PATH<TAB>... output lines cannot carry; "
-                f"{instead}"
+                f"file name {printable(text)} holds a tab, line break or other control character, which "
+                f"PATH<TAB>... output lines cannot carry; {instead}"
             )

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from conftest import tiny_model_config, tiny_objective, tiny_train_config, write_tiny_lm
 from lqae import checkpoint as ckpt
 from lqae.errors import CheckpointError
+from lqae.run_lock import RunLock
 from lqae.training import train
 
 
@@ -95,7 +96,7 @@ def test_completed_journal_with_a_truncated_file_is_discarded(tiny_model, tmp_pa
 def test_reader_leaves_a_live_trainers_journal_alone(tiny_model, tmp_path, monkeypatch):
     run = tmp_path / "run"
     journal = _journal_of_step_2(run, tiny_model, monkeypatch)
-    with ckpt.RunLock(run):  # a trainer holds the folder (flock: another open file = another holder)
+    with RunLock(run):  # a trainer holds the folder (flock: another open file = another holder)
         assert ckpt.read_config(run)[2] == 1
         ckpt.load_model(run)
         assert (journal / "COMPLETE").exists()
@@ -107,10 +108,10 @@ def test_reader_leaves_a_live_trainers_journal_alone(tiny_model, tmp_path, monke
 
 def test_second_trainer_is_refused_with_the_holders_pid(tmp_path):
     run = tmp_path / "run"
-    with ckpt.RunLock(run):
+    with RunLock(run):
         with pytest.raises(CheckpointError, match=rf"process {os.getpid()}.*another --out"):
-            ckpt.RunLock(run).acquire()
-    with ckpt.RunLock(run):  # released on exit
+            RunLock(run).acquire()
+    with RunLock(run):  # released on exit
         pass
 
 

@@ -7,7 +7,8 @@ import pytest
 from conftest import SMALL_GLOBAL_SETS
 from typer.testing import CliRunner
 
-from lqae.checkpoint import RunLock, read_config
+from lqae.checkpoint import read_config
+from lqae.run_lock import RunLock
 
 COMMANDS = ["train", "encode", "decode", "eval", "probe", "fewshot", "card", "push"]
 runner = CliRunner()

@@ -163,7 +163,7 @@ def test_file_names_with_a_tab_or_newline_are_refused_in_path_tab_lines(runner, 
     odd = tmp_path / "odd\tname.png"
     odd.write_bytes(image.read_bytes())
     result = invoke(runner, "encode", image, odd, "-m", tiny_checkpoint)
-    assert_one_error_line(result, "tab or line break", "--format jsonl")
+    assert_one_error_line(result, "tab, line break", "--format jsonl")
     assert result.stdout == ""
     safe = invoke(runner, "encode", image, odd, "-m", tiny_checkpoint, "-f", "jsonl")
     assert safe.exit_code == 0, safe.output

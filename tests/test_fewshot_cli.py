@@ -68,7 +68,7 @@ def test_a_query_name_with_a_tab_is_refused_in_path_tab_lines_but_fine_in_json(i
     queries = [first_image(image_folder, "blue"), odd]
     result = invoke("--support", image_folder, *queries, "--model", tiny_checkpoint, "--llm", "overlap")
     assert result.exit_code == 1 and result.stdout == ""
-    assert "tab or line break" in result.stderr and "--json" in result.stderr
+    assert "tab, line break" in result.stderr and "--json" in result.stderr
     safe = invoke("--support", image_folder, *queries, "--model", tiny_checkpoint, "--llm", "overlap", "--json")
     assert safe.exit_code == 0, safe.stderr
     assert [p["path"] for p in json.loads(safe.stdout)["predictions"]] == [str(q) for q in queries]

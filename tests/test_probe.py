@@ -207,7 +207,7 @@ def test_save_then_apply_classifies_new_images(tiny_checkpoint, splits, tmp_path
 
     odd = val / "green" / "odd\tname.png"
     odd.write_bytes(one.read_bytes())
-    assert_clean_error(invoke("--apply", saved, val, "-q"), "tab or line break", "--json")
+    assert_clean_error(invoke("--apply", saved, val, "-q"), "tab, line break", "--json")
     assert str(odd) in [p["path"] for p in json.loads(invoke("--apply", saved, val, "-q", "--json").stdout)]
 
 

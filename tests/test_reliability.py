@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from conftest import SMALL_GLOBAL_SETS, tiny_model_config, tiny_train_config, write_class_images
 from lqae import checkpoint as ckpt
 from lqae import io
+from lqae.run_lock import RunLock
 from lqae.training import loop as training, parts
 from lqae.config import Masking, ModelConfig, TrainConfig
 from lqae.presets import PRESETS, get_preset
@@ -109,7 +110,7 @@ def test_a_symlinked_lock_is_never_written_through(tiny_checkpoint, image_folder
     result = invoke("encode", image, "-m", tiny_checkpoint)
     assert_one_error_line(result, "symbolic link")
     with pytest.raises(CheckpointError, match="symbolic link"):
-        ckpt.RunLock(tiny_checkpoint).acquire()
+        RunLock(tiny_checkpoint).acquire()
     assert victim.read_text() == "precious\n"
 
 

@@ -3,19 +3,24 @@ half right, no label that forges a line, and one clear line where an internal er
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import save_file
 from conftest import tiny_model_config, tiny_train_config
 from test_reliability import assert_one_error_line, invoke
 
 from lqae import checkpoint as ckpt
-from lqae.checkpoint import RunLock
+from lqae.run_lock import RunLock
 from lqae.errors import CheckpointError, ConfigError, DataError, OutputError
 from lqae.hub import card_state, write_card
 from lqae.checkpoint import load_model
+from lqae.images.shards import scan_shards
 from lqae.images.source import scan_images
 from lqae.tokendata import read_token_dataset
 from lqae.tokendata.encode import encode_folder_to_file
@@ -216,3 +221,99 @@ def test_an_index_names_only_its_own_shards(tmp_path, names, rows, needle):
     save_file({}, str(index), metadata=metadata)
     with pytest.raises(DataError, match=needle):
         read_token_dataset(index)
+
+
+# -- items 8, 9 and 10: a tar shard is read whole or not at all ---------------------------------------
+
+
+def write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def png_bytes(colour=(200, 10, 10), size=32):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_truncated_shard_is_an_error_not_fewer_samples(tmp_path, image_folder):
+    noise = np.random.default_rng(0).integers(0, 255, (16, 48, 48, 3), dtype=np.uint8)
+    samples = []
+    for i, pixels in enumerate(noise):  # about 7 KB each: the 20,480-byte cut falls inside the shard
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        samples.append((f"{i:03d}.png", buffer.getvalue()))
+    good = write_shard(tmp_path / "good.tar", samples)
+    assert len(scan_shards(good)) == 16 and len(good.read_bytes()) > 3 * 20480
+    for cut in (20480, 20480 + 512, len(good.read_bytes()) // 2 + 7):
+        (tmp_path / "cut.tar").write_bytes(good.read_bytes()[:cut])
+        with pytest.raises(DataError, match="cut short or damaged"):
+            scan_shards(tmp_path / "cut.tar")
+    assert_one_error_line(invoke("eval", tmp_path / "cut.tar", "-m", "no-such-run"), "cut short")
+
+
+def test_a_key_twice_in_a_shard_is_refused(tmp_path):
+    png = png_bytes()
+    for samples in ([("a.png", png), ("a.png", png)], [("a.png", png), ("a.jpg", png)],
+                    [("a.png", png), ("a.cls", b"cat"), ("a.cls", b"dog")]):
+        with pytest.raises(DataError, match="holds sample 'a' twice"):
+            scan_shards(write_shard(tmp_path / "dup.tar", samples))
+
+
+@pytest.mark.parametrize("label, needle", [
+    (b"5000000", "indices must be below 1,000,000"),
+    (b"99999999999", "indices must be below"),
+    (b"  ", "are empty"),
+])
+def test_junk_cls_labels_are_refused(tmp_path, label, needle):
+    png = png_bytes()
+    shard = write_shard(tmp_path / "junk.tar", [("a.png", png), ("a.cls", b"1"), ("b.png", png), ("b.cls", label)])
+    with pytest.raises(DataError, match=needle):
+        scan_shards(shard)
+
+
+def test_a_unicode_digit_is_a_class_name_not_an_index(tmp_path):
+    png = png_bytes()
+    shard = write_shard(tmp_path / "digits.tar", [("a.png", png), ("a.cls", "٣".encode()), ("b.png", png), ("b.cls", b"3")])
+    found = scan_shards(shard)
+    assert found.classes == ["3", "٣"] and len(found.classes) == 2  # two names, not class 3 twice
+
+
+# -- items 16 and 18: names cannot forge lines or reach the terminal raw -------------------------------
+
+
+def test_a_class_named_with_a_line_break_is_refused_wherever_classes_are_read(tmp_path, tiny_checkpoint):
+    evil = "evil\nred\tforged"
+    folder = tmp_path / "images"
+    (folder / evil).mkdir(parents=True)
+    (folder / evil / "a.png").write_bytes(png_bytes())
+    (folder / "cat").mkdir()
+    (folder / "cat" / "b.png").write_bytes(png_bytes((10, 200, 10)))
+    with pytest.raises(DataError, match="control character"):
+        scan_images(folder)
+    shard = write_shard(tmp_path / "evil.tar", [("a.png", png_bytes()), ("a.cls", evil.encode()), ("b.png", png_bytes()),
+                                                ("b.cls", b"cat")])
+    with pytest.raises(DataError, match="control character"):
+        scan_shards(shard)
+    result = invoke("probe", folder, "--val", folder, "-m", tiny_checkpoint, "--baseline", "none")
+    assert_one_error_line(result, "control character")
+    assert "\nred" not in result.stderr and "\\nred\\tforged" in result.stderr  # escaped in the message
+
+
+def test_escape_sequences_in_file_names_never_reach_the_terminal_raw(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(png_bytes())
+    (folder / "bad\x1b[31m.png").write_bytes(b"not an image")
+    printed = invoke("encode", folder, "-m", tiny_checkpoint, "-f", "ids")
+    assert "\x1b" not in printed.stderr and "\\x1b[31m" in printed.stderr  # the skipped file's warning, escaped
+    named = tmp_path / "x\x1b]0;title\x07.png"
+    named.write_bytes(png_bytes())
+    result = invoke("encode", named, folder / "ok.png", "-m", tiny_checkpoint)
+    assert_one_error_line(result, "control character", "--format jsonl")
+    assert "\x1b" not in result.output

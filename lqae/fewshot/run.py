@@ -4,7 +4,6 @@ new images or evaluate on episodes."""
 from __future__ import annotations
 
 import contextlib
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ from lqae.fewshot.labelling import LabelRun, QueryLabel, label_queries
 from lqae.fewshot.prompts import DEFAULT_TEMPLATE, Template, load_template
 from lqae.fewshot.results import ResultsFile, fingerprint
 from lqae.fewshot.settings import FewshotSettings
-from lqae.images.files import IMAGE_EXTENSIONS
+from lqae.images.files import IMAGE_EXTENSIONS, check_class_names
 from lqae.model.lm import load_tokenizer
 from lqae.model.lm_files import read_light_tokenizer
 from lqae.provenance import check_same_weights
@@ -83,7 +82,7 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
             callbacks.on_queries(queries.paths)
     _check_compatible(support, queries, job)
     for pool, role in ((support, "support"), (queries, "query")):
-        check_class_names(pool.classes, role, job.settings.labels)
+        check_labels(pool.classes, role, job.settings.labels)
     tokenizer = sources.tokenizer(support.lm_name)
 
     stage(f"loading {job.llm}")
@@ -218,16 +217,12 @@ def _check_compatible(support: TokenPool, queries: TokenPool, job: FewshotJob) -
         )
 
 
-def check_class_names(classes: list[str], role: str, labels: str) -> None:
-    """Class (folder) names become labels in `PATH<TAB>LABEL` lines and in the prompt: refuse line
-    breaks, tabs and other control characters (they would split lines or inject prompt lines), and,
-    when the LLM is shown the real names, commas (the instruction lists the labels comma-separated)."""
+def check_labels(classes: list[str], role: str, labels: str) -> None:
+    """Class (folder) names become labels in `PATH<TAB>LABEL` lines and in the prompt: the rule of
+    `check_class_names` (no control characters), and, when the LLM is shown the real names, no commas
+    (the instruction lists the labels comma-separated)."""
+    check_class_names(classes, role)
     for name in classes:
-        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
-            raise DataError(
-                f"{role} class {name!r} holds a line break, tab or other control character, which would break "
-                "PATH<TAB>LABEL lines and the prompt's lines; rename the folder"
-            )
         if labels == "real" and "," in name:
             raise DataError(
                 f"{role} class {name!r} holds a comma, which makes the prompt's comma-separated list of labels "

@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,27 @@ class ImageFolder:
     classes: list[str]
     skipped: list[Path] = field(default_factory=list)  # unreadable files left out
 
+    def __post_init__(self) -> None:
+        check_class_names(self.classes, self.root)
+
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def check_class_names(classes: Sequence[str], where) -> None:
+    """The one rule for class names, wherever they are read (class folders, `.cls` labels, token
+    datasets, saved probes): they become labels in `PATH<TAB>LABEL` lines and in prompts, so each
+    is a non-empty string with no line break, tab or other control character, and names one class."""
+    for name in classes:
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where} has a class with no name ({name!r}); every class needs one")
+        if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+            raise DataError(
+                f"class {ascii(name)} in {where} holds a line break, tab or other control character, which would "
+                "forge output and prompt lines; rename it"
+            )
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{where} names a class twice; class names must be distinct")
 
 
 def scan_image_folder(root: str | Path, check: bool = True) -> ImageFolder:

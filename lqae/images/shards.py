@@ -25,6 +25,7 @@ from lqae.images.files import IMAGE_EXTENSIONS, ArchiveMember, ImageFolder, is_r
 from lqae.io import temp_beside
 
 SHARD_SUFFIX = ".tar"
+MAX_CLASS_INDEX = 1_000_000  # a .cls index names classes 0..index: a typo must not make millions
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
@@ -121,7 +122,9 @@ def scan_shards(source: str | Path, check: bool = True) -> ImageFolder:
 
 
 def _samples(shard: Path) -> list[tuple[ShardMember, str | None]]:
-    """(image member, its .cls text or None) per sample key, in stored order."""
+    """(image member, its .cls text or None) per sample key, in stored order. A key that names two
+    images or two labels, and a shard that does not end where its last member ends (cut short), are
+    DataErrors: a sample is never read half right."""
     images: dict[str, ShardMember] = {}
     labels: dict[str, str] = {}
     try:
@@ -131,17 +134,50 @@ def _samples(shard: Path) -> list[tuple[ShardMember, str | None]]:
                     continue
                 key, _, ext = _split_key(info.name)
                 ext = ext.lower()
-                if ext in _IMAGE_EXTS and key not in images:
+                if ext in _IMAGE_EXTS or ext == "cls":
+                    found = images if ext in _IMAGE_EXTS else labels
+                    if key in found:
+                        raise DataError(
+                            f"tar shard {shard} holds sample {ascii(key)} twice ({ascii(info.name)} again): one image "
+                            "and at most one .cls per key; re-write the shard"
+                        )
+                if ext in _IMAGE_EXTS:
                     images[key] = ShardMember(str(shard), info.name, info.offset_data, info.size)
                 elif ext == "cls":
                     labels[key] = tar.extractfile(info).read().decode("utf-8", "replace").strip()
+            _check_complete(shard, tar.offset)
     except tarfile.ReadError as exc:
+        if _starts_as_tar(shard):
+            raise DataError(f"tar shard {shard} is cut short or damaged ({exc}); copy or write it again") from exc
         raise DataError(
             f"cannot read tar shard {shard}: {exc} (shards must be uncompressed .tar files, as WebDataset writes them)"
         ) from exc
     except OSError as exc:
         raise DataError(f"cannot read tar shard {shard}: {exc}") from exc
     return [(member, labels.get(key)) for key, member in images.items()]
+
+
+def _starts_as_tar(shard: Path) -> bool:
+    """Whether the file opens with a valid tar header (a tar archive, whatever happened to its end)."""
+    try:
+        with open(shard, "rb") as handle:
+            tarfile.TarInfo.frombuf(handle.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+        return True
+    except (tarfile.HeaderError, OSError):
+        return False
+
+
+def _check_complete(shard: Path, end: int) -> None:
+    """A tar archive ends with two zero blocks after its last member; `tarfile` takes a header cut
+    short for that end and stops, so a truncated shard would lose its last samples in silence."""
+    with open(shard, "rb") as handle:
+        handle.seek(end)
+        marker = handle.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise DataError(
+            f"tar shard {shard} is cut short or damaged after byte {end:,} (its end-of-archive blocks are missing); "
+            "copy or write it again"
+        )
 
 
 def _split_key(name: str) -> tuple[str, str, str]:
@@ -160,8 +196,16 @@ def _labels(texts: list[str | None], source) -> tuple[list[int], list[str]]:
             f"{len(texts) - len(given)} of {len(texts)} samples in {source} have no .cls label; label every "
             "sample or none"
         )
-    if all(re.fullmatch(r"\d+", t) for t in given):
+    empty = sum(1 for t in given if not t)
+    if empty:
+        raise DataError(f"{empty} .cls label(s) in {source} are empty; write a class index or name in each")
+    if all(re.fullmatch(r"[0-9]+", t) for t in given):
         indices = [int(t) for t in given]
+        if max(indices) >= MAX_CLASS_INDEX:
+            raise DataError(
+                f"a .cls label in {source} is class index {max(indices):,}; indices must be below {MAX_CLASS_INDEX:,} "
+                "(classes are named 0 to the largest index): write class names instead"
+            )
         return indices, [str(i) for i in range(max(indices) + 1)]
     classes = sorted(set(given))
     index = {name: i for i, name in enumerate(classes)}

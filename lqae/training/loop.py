@@ -29,7 +29,8 @@ from lqae.errors import CheckpointError, ConfigError
 from lqae.model.autoencoder import LQAE
 from lqae.model.lm import load_frozen_lm
 from lqae.reconstruction import evaluate_reconstruction
-from lqae.run_folder import METRICS_FILE, SAMPLES_DIR
+from lqae.run_folder import CONFIG_FILE, LOCK_FILE, METRICS_FILE, SAMPLES_DIR
+from lqae.run_lock import RunLock
 from lqae.images.source import scan_images
 from lqae.training import parts
 from lqae.training.objective import Objective
@@ -80,7 +81,7 @@ def train(
     A loss or gradient norm that turns NaN or infinite stops training with a TrainingError (found
     where the loop syncs anyway: at a log line and before a save); non-finite weights are never saved."""
     run_dir = Path(run_dir)
-    lock = ckpt.RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    lock = RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     created = lock is not None and not run_dir.exists()
     try:
         if lock is not None:  # claimed first: whatever is checked below holds until the run ends
@@ -106,8 +107,8 @@ def train(
 def _check_new_run_folder(run_dir: Path) -> None:
     """A new run goes into a new or empty folder: never over a checkpoint, and never into a folder
     of someone's files, whose data.json and metrics.jsonl it would replace or append to."""
-    entries = sorted(set(os.listdir(run_dir)) - {ckpt.LOCK_FILE}) if run_dir.is_dir() else []
-    if ckpt.CONFIG_FILE in entries:
+    entries = sorted(set(os.listdir(run_dir)) - {LOCK_FILE}) if run_dir.is_dir() else []
+    if CONFIG_FILE in entries:
         raise CheckpointError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out")
     if entries:
         raise CheckpointError(
@@ -120,8 +121,8 @@ def _remove_if_unused(run_dir: Path) -> None:
     """The run folder this process made, removed again when nothing but its lock went in (a run
     that failed before it began), so the same command can be run again."""
     try:
-        if set(os.listdir(run_dir)) <= {ckpt.LOCK_FILE}:
-            (run_dir / ckpt.LOCK_FILE).unlink(missing_ok=True)
+        if set(os.listdir(run_dir)) <= {LOCK_FILE}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
             run_dir.rmdir()
     except OSError:
         pass
@@ -261,7 +262,7 @@ def _restore_teacher(objective: Objective, resumed: _Resumed) -> None:
     objective.distill.load_state_dict(saved)
 
 
-def _start(run: _Run, resume: bool, callbacks: list[TrainCallback], lock: ckpt.RunLock | None) -> None:
+def _start(run: _Run, resume: bool, callbacks: list[TrainCallback], lock: RunLock | None) -> None:
     """Rank 0: the run folder made and claimed, its data record written, the callbacks told."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if lock is not None and lock.handle is None:
