@@ -11,13 +11,23 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from conftest import tiny_model_config, tiny_train_config
+from test_fewshot_helpers import WordTokenizer, synthetic_pool
+from test_fewshot_openai import SECRET, byte_encoding, request
 from test_reliability import assert_one_error_line, invoke
 
 from lqae import checkpoint as ckpt
 from lqae.run_lock import RunLock
-from lqae.errors import CheckpointError, ConfigError, DataError, OutputError
+from lqae.errors import CheckpointError, ConfigError, DataError, LLMError, OutputError
+from lqae.fewshot.backends.openai import MAX_BACKOFF, OpenAIBackend, _retry_after, continuation_logprob
+from lqae.fewshot.backends.overlap import OverlapBackend
+from lqae.fewshot.image_text import PromptImageText
+from lqae.fewshot.prompts import load_template
+from lqae.fewshot.settings import FewshotSettings
+from lqae.fewshot.support import SupportSet
 from lqae.hub import card_state, write_card
 from lqae.checkpoint import load_model
 from lqae.images.shards import scan_shards
@@ -184,12 +194,11 @@ def two_encodes(tiny_checkpoint, image_folder, tmp_path, monkeypatch):
 
 def test_a_shard_of_another_encode_is_refused_by_content(two_encodes):
     first, second = two_encodes
-    shutil.copy(shard_path(second, 1, 2), shard_path(first, 1, 2))  # same model, rows and classes: another encode
-    with open(shard_path(first, 1, 2), "r+b") as handle:  # ... whose rows differ in one id
-        handle.seek(-1, 2)
-        last = handle.read(1)
-        handle.seek(-1, 2)
-        handle.write(bytes([last[0] ^ 1]))
+    shard = shard_path(first, 1, 2)
+    ids = read_token_dataset(shard_path(second, 1, 2)).ids
+    other = edited_dataset(shard_path(second, 1, 2), shard.with_name("other.safetensors"),
+                           tensors={"ids": ids.flip(0).to(torch.int16)})  # another encode: same rows, config, weights
+    shutil.copy(other, shard)
     with pytest.raises(DataError, match="does not match its index"):
         read_token_dataset(first)
 
@@ -317,3 +326,112 @@ def test_escape_sequences_in_file_names_never_reach_the_terminal_raw(tmp_path, t
     result = invoke("encode", named, folder / "ok.png", "-m", tiny_checkpoint)
     assert_one_error_line(result, "control character", "--format jsonl")
     assert "\x1b" not in result.output
+
+
+# -- item 13: an edited token dataset is checked alike by every reader ---------------------------------
+
+
+def edited_dataset(source, target, tensors=None, **metadata):
+    """A copy of token dataset `source` with some tensors and metadata fields replaced."""
+    with safe_open(str(source), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        data = {k: handle.get_tensor(k) for k in handle.keys()}
+    data.update(tensors or {})
+    meta.update({k: json.dumps(v) for k, v in metadata.items()})
+    save_file(data, str(target), metadata=meta)
+    return target
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (dict(tensors={"labels": torch.full((12,), 99, dtype=torch.int64)}), "a label outside the 2 classes"),
+    (dict(tensors={"ids": torch.full((12, 16), 70000, dtype=torch.int32)}), "an id outside the LM's vocabulary"),
+    (dict(classes=["blue", "blue"]), "names a class twice"),
+    (dict(paths="all of them"), "paths are not a list of strings"),
+])
+def test_every_reader_refuses_an_edited_token_dataset(image_folder, tiny_checkpoint, tmp_path, edit, needle):
+    good = tmp_path / "good.safetensors"
+    assert invoke("encode", image_folder, "-m", tiny_checkpoint, "--out", good, "--quiet").exit_code == 0
+    bad = edited_dataset(good, tmp_path / "bad.safetensors", **edit)
+    for command in (
+        ["probe", bad, "--val", good, "-m", tiny_checkpoint, "--baseline", "none"],
+        ["fewshot", "--support", bad, "--query", good, "-m", tiny_checkpoint, "--llm", "overlap", "--episodes", "2"],
+        ["decode", "--from", bad, "--index", "0", "-m", tiny_checkpoint, "--out", tmp_path / "x.png"],
+    ):
+        assert_one_error_line(invoke(*command), "bad.safetensors", needle)
+
+
+# -- items 11, 15, 17, 19, 20: the LLM server's answers and addresses --------------------------------
+
+
+def completion(values, full="Q: x\nA: cat dog", start=8):
+    """A /v1/completions reply echoing `full` as single-character tokens with these log-probs."""
+    tokens = list(full)
+    logprobs = [None] + [-0.5] * (len(tokens) - 1)
+    for i, value in enumerate(values):
+        logprobs[start + i] = value
+    return {"choices": [{"logprobs": {"token_logprobs": logprobs, "tokens": tokens,
+                                      "text_offset": list(range(len(tokens)))}}]}
+
+
+@pytest.mark.parametrize("values", [[-1e308] * 7, [0.5] * 7, [float("-inf")] * 7])
+def test_log_probs_that_are_not_finite_numbers_at_most_zero_are_refused(values):
+    with pytest.raises(LLMError, match="not finite numbers of at most 0"):
+        continuation_logprob(completion(values), "Q: x\nA: cat dog", 8)
+    assert continuation_logprob(completion([-1.0] * 7), "Q: x\nA: cat dog", 8) == (-7.0, 7)
+
+
+def test_calibration_never_picks_a_label_from_scores_that_are_not_finite(image_folder, tiny_checkpoint):
+    class Underflow(OverlapBackend):
+        name, reads_text = "underflow", True
+
+        def loglik(self, request):
+            return [[(float("-inf"), 1)] * len(request.labels) for _ in request.prompts]
+
+        def count(self, prompt):
+            return 1
+
+        def count_text(self, text):
+            return 1
+
+    pool = synthetic_pool()
+    support_set = SupportSet(Underflow(), load_template("completion"), FewshotSettings(ways=2, shots=1),
+                             PromptImageText(WordTokenizer()), pool, [0, 2], ["a", "b"], [0, 1], [pool.ids[1]], 1)
+    with pytest.raises(LLMError, match="not finite"):
+        support_set.answer([pool.ids[1]])
+
+
+def test_a_url_where_the_model_name_goes_is_refused_before_any_request(image_folder, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    result = invoke("fewshot", "--support", image_folder, next((image_folder / "red").iterdir()), "-m", tiny_checkpoint,
+                    "--llm", "openai:http://localhost:8000/v1")
+    assert_one_error_line(result, "names a server where the model name goes", "--api-base")
+
+
+def test_the_key_never_shows_in_any_letter_case_or_split_and_urls_lose_their_password():
+    backend = OpenAIBackend("m", api_base="http://user:pass@127.0.0.1:9/v1", api_key="sk-AbCdEf123456", encoding=byte_encoding())
+    reply = "echo: SK-ABCDEF123456 and sk-AbCd\nEf123456 from http://bob:hunter2@proxy:3128/x"
+    shown = backend._excerpt(reply)
+    assert "abcdef" not in shown.lower() and "hunter2" not in shown and shown.count("***") == 3
+    assert "user:pass" not in repr(backend) and backend.shown_base == "http://***@127.0.0.1:9/v1"
+    with pytest.raises(LLMError) as failure:
+        OpenAIBackend("m", api_base="http://user:pass@127.0.0.1:9/v1", retries=0, timeout=0.5,
+                      encoding=byte_encoding()).loglik(request())
+    assert "user:pass" not in str(failure.value) and "***@127.0.0.1" in str(failure.value)
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), 0])
+def test_a_timeout_that_is_not_a_positive_number_is_one_line(timeout):
+    with pytest.raises(ConfigError, match="--timeout must be a positive number of seconds"):
+        OpenAIBackend("m", timeout=timeout, encoding=byte_encoding())
+
+
+def test_retry_after_nan_and_the_back_off_are_bounded(monkeypatch):
+    assert _retry_after({"Retry-After": "nan"}, 2.0) == 2.0
+    assert _retry_after({"Retry-After": "inf"}, 2.0) == 2.0
+    assert _retry_after({"Retry-After": "1e9"}, 2.0) == MAX_BACKOFF
+    slept = []
+    monkeypatch.setattr("lqae.fewshot.backends.openai.time.sleep", slept.append)
+    with pytest.raises(LLMError, match="after 21 tries"):
+        OpenAIBackend("m", api_base="http://127.0.0.1:9/v1", retries=20, timeout=0.5,
+                      encoding=byte_encoding()).loglik(request())
+    assert max(slept) == MAX_BACKOFF and sum(slept) < 20 * MAX_BACKOFF

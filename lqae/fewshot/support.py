@@ -16,6 +16,7 @@ support whose tokens overlap the query's most right before the query (KATE-style
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -92,7 +93,7 @@ class SupportSet:
         if not backend.reads_text:
             self.fit = Fit(list(supports), settings.repeats, full, 0)
             return
-        limit = settings.context_tokens or backend.context_tokens
+        limit = settings.context_tokens or backend.context_tokens or sys.maxsize  # None: no window to fit
 
         def measure(kept: Sequence[int], repeats: int, length: int) -> int:
             return max(backend.count(p) for p in self._prompts(kept, repeats, length, fit_queries)) + reserve
@@ -133,12 +134,12 @@ class SupportSet:
             scores = [1.0 if j == chosen else 0.0 for j in range(len(self.labels))]
             return Answer(chosen, scores, count, reply, supports)
         scores = self._scores(backend.loglik(request)[0])
-        if any(math.isnan(s) for s in scores):
-            raise LLMError(f"{backend.name} gave NaN log-probabilities for the labels; its scores cannot be trusted")
+        _check_finite(scores, backend, "log-probabilities for the labels")
         prior = None
         if settings.calibrate:
             prior = self.prior(supports)
             scores = [s - math.log(p) for s, p in zip(_log_softmax(scores), prior)]
+            _check_finite(scores, backend, "calibrated scores (its label prior underflowed)")
         return Answer(max(range(len(scores)), key=scores.__getitem__), scores, count, order=supports, prior=prior)
 
     def _scores(self, row: list[tuple[float, int]]) -> list[float]:
@@ -161,11 +162,22 @@ class SupportSet:
         if prior is None:
             fit = self.fit
             prompts = self._prompts_for_texts(supports, fit.repeats, fit.image_tokens, CONTENT_FREE)
-            rows = self.backend.loglik(Request(prompts, self.labels))
-            probabilities = [[math.exp(v) for v in _log_softmax(self._scores(row))] for row in rows]
+            rows = [self._scores(row) for row in self.backend.loglik(Request(prompts, self.labels))]
+            for row in rows:
+                _check_finite(row, self.backend, "log-probabilities after the content-free queries")
+            probabilities = [[math.exp(v) for v in _log_softmax(row)] for row in rows]
             prior = [sum(column) / len(rows) for column in zip(*probabilities)]
+            if min(prior) <= 0:  # a label no content-free query gives any probability: nothing to divide by
+                raise LLMError(f"{self.backend.name} gives a label no probability at all after the content-free "
+                               "queries; calibration cannot divide by it: pass --no-calibrate")
             self._priors = {key: prior}
         return prior
+
+
+def _check_finite(scores: Sequence[float], backend, what: str) -> None:
+    """An LLMError for NaN or infinite scores: no label is chosen from them, no accuracy counted."""
+    if not all(math.isfinite(s) for s in scores):
+        raise LLMError(f"{backend.name} gave {what} that are not finite ({list(scores)}); its scores cannot be trusted")
 
 
 def _log_softmax(values: Sequence[float]) -> list[float]:

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from lqae.errors import DataError
+from lqae.images.files import check_class_names
 from lqae.io import atomic_write_bytes, fsync_dir, temp_beside, writing
 
 FORMAT = "1"
@@ -115,9 +116,35 @@ def read_token_dataset(path: str | Path, _shard_of: Path | None = None) -> Token
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise DataError(f"token dataset {path} has corrupt metadata ({type(exc).__name__}: {exc}); re-encode it") from exc
-    if not isinstance(dataset.model_config, dict) or len(dataset.paths) != len(ids) or len(labels) != len(ids):
-        raise DataError(f"token dataset {path} has corrupt metadata (rows, labels and paths disagree); re-encode it")
+    problem = dataset_problem(dataset)
+    if problem:
+        raise DataError(f"token dataset {path} is corrupt or was edited ({problem}); re-encode it")
     return dataset
+
+
+def dataset_problem(dataset: TokenDataset) -> str | None:
+    """What makes a token dataset unusable (None when nothing): the one check every reader (decode,
+    probe, fewshot) relies on. Rows, labels and paths agree; paths are strings; labels name classes;
+    ids are ids of the LM that wrote them; class names follow `check_class_names`."""
+    rows = dataset.ids.shape[0]
+    if not isinstance(dataset.model_config, dict) or dataset.ids.ndim != 2:
+        return "no model config, or ids that are not one row per image"
+    if not isinstance(dataset.paths, list) or not all(isinstance(p, str) for p in dataset.paths):
+        return "paths are not a list of strings"
+    if len(dataset.paths) != rows or dataset.labels.shape != (rows,):
+        return "rows, labels and paths disagree"
+    if not isinstance(dataset.classes, list):
+        return "classes are not a list"
+    try:
+        check_class_names(dataset.classes, "the dataset")
+    except DataError as exc:
+        return str(exc)
+    if rows and (int(dataset.labels.min()) < -1 or int(dataset.labels.max()) >= len(dataset.classes)):
+        return f"a label outside the {len(dataset.classes)} classes"
+    vocab = dataset.model_config.get("lm_vocab_size")
+    if rows and (int(dataset.ids.min()) < 0 or (isinstance(vocab, int) and int(dataset.ids.max()) >= vocab)):
+        return f"an id outside the LM's vocabulary of {vocab} ids"
+    return None
 
 
 def shard_path(path: str | Path, rank: int, world: int) -> Path:

@@ -23,7 +23,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from lqae.errors import LLMError
+from lqae.errors import ConfigError, LLMError
 from lqae.fewshot.backends.base import Backend, BackendOptions, Request
 from lqae.fewshot.prompts import Prompt
 from lqae.llm_files import load_tiktoken
@@ -60,9 +60,13 @@ class OpenAIBackend(Backend):
         encoding=None,
         context_tokens: int = DEFAULT_CONTEXT,
     ) -> None:
+        check_model_name(model)
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {timeout!r}")
         self.model = model
         self.name = f"openai:{model}"
         self.api_base = (api_base or os.environ.get("OPENAI_BASE_URL") or DEFAULT_API_BASE).rstrip("/")
+        self.shown_base = public_url(self.api_base)  # what errors and logs print: no user:password
         self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.encoding = encoding if encoding is not None else load_tiktoken(model)
@@ -73,13 +77,14 @@ class OpenAIBackend(Backend):
         """`--llm openai:MODEL`; tokens counted with the model's tiktoken encoding (or `bpe_file`)."""
         if not target:
             return None
+        check_model_name(target)  # before anything else: a URL here would send the key to the default server
         return cls(
             target, api_base=options.api_base, timeout=options.timeout, retries=options.retries,
             encoding=load_tiktoken(target, options.bpe_file),
         )
 
     def __repr__(self) -> str:  # never shows the key
-        return f"OpenAIBackend(model={self.model!r}, api_base={self.api_base!r})"
+        return f"OpenAIBackend(model={self.model!r}, api_base={self.shown_base!r})"
 
     def supports_chat(self) -> bool:
         return True  # messages go to /v1/chat/completions as they are
@@ -105,7 +110,7 @@ class OpenAIBackend(Backend):
                     "model": self.model, "prompt": full, "max_tokens": 1, "temperature": 0, "echo": True,
                     "logprobs": 1,
                 }
-                row.append(continuation_logprob(self._post("/completions", payload), full, len(context), self.api_base))
+                row.append(continuation_logprob(self._post("/completions", payload), full, len(context), self.shown_base))
             results.append(row)
         return results
 
@@ -118,10 +123,10 @@ class OpenAIBackend(Backend):
             try:
                 content = response["choices"][0]["message"].get("content") or ""
             except (KeyError, IndexError, TypeError, AttributeError) as exc:
-                raise LLMError(f"{self.api_base}/chat/completions answered without choices[0].message") from exc
+                raise LLMError(f"{self.shown_base}/chat/completions answered without choices[0].message") from exc
             if not isinstance(content, str):
                 raise LLMError(
-                    f"{self.api_base}/chat/completions answered a message whose content is not text "
+                    f"{self.shown_base}/chat/completions answered a message whose content is not text "
                     f"({type(content).__name__} {self._excerpt(json.dumps(content), 60)})"
                 )
             replies.append(content.split("\n")[0])
@@ -131,7 +136,7 @@ class OpenAIBackend(Backend):
     def _post(self, path: str, payload: dict) -> dict:
         """POST JSON; retries with exponential back-off on 429, 5xx, timeouts and refused connections.
         Each try is one `post_once`: its own connection, deadline and size cap (safe from threads)."""
-        url = self.api_base + path
+        url, shown = self.api_base + path, self.shown_base + path
         data = json.dumps(payload).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "lqae-fewshot"}
         if self._key:
@@ -145,37 +150,38 @@ class OpenAIBackend(Backend):
                 status, reply_headers, body = post_once(url, data, headers, self.timeout)
             except ReplyTooLarge as exc:
                 raise LLMError(
-                    f"{url} answered more than {exc.limit:,} bytes; refusing to read it (is --api-base right?)"
+                    f"{shown} answered more than {exc.limit:,} bytes; refusing to read it (is --api-base right?)"
                 ) from None
             except (RequestTimeout, OSError, http.client.HTTPException) as exc:
                 reason = f"no answer within --timeout {self.timeout:g} s" if isinstance(exc, RequestTimeout) else exc
                 if not last_try:
-                    log.info("cannot reach %s (%s); retrying in %.1fs", url, self._excerpt(str(reason)), delay)
+                    log.info("cannot reach %s (%s); retrying in %.1fs", shown, self._excerpt(str(reason)), delay)
                     time.sleep(delay)
-                    delay *= 2
+                    delay = min(2 * delay, MAX_BACKOFF)
                     continue
                 raise LLMError(
-                    f"cannot reach the OpenAI-compatible server at {self.api_base} ({self._excerpt(str(reason))}) "
+                    f"cannot reach the OpenAI-compatible server at {self.shown_base} ({self._excerpt(str(reason))}) "
                     f"after {attempt + 1} tries; is it running? check --api-base"
                 ) from None
             if 300 <= status < 400:
                 raise LLMError(
-                    f"{url} answered a redirect (HTTP {status}) to {self._excerpt(reply_headers.get('Location', '?'))}; "
+                    f"{shown} answered a redirect (HTTP {status}) to "
+                    f"{public_url(self._excerpt(reply_headers.get('Location', '?')))}; "
                     "requests carrying the API key do not follow redirects: set --api-base to the final address"
                 )
             if status >= 400:
                 if (status == 429 or status >= 500) and not last_try:
                     wait = _retry_after(reply_headers, delay)
-                    log.info("HTTP %d from %s; retrying in %.1fs", status, url, wait)
+                    log.info("HTTP %d from %s; retrying in %.1fs", status, shown, wait)
                     time.sleep(wait)
-                    delay *= 2
+                    delay = min(2 * delay, MAX_BACKOFF)
                     continue
                 detail = self._excerpt(_server_message(body)) or f"HTTP {status}"
-                raise LLMError(f"{url} answered HTTP {status}{tries}: {detail}{_HINTS.get(status, '')}")
+                raise LLMError(f"{shown} answered HTTP {status}{tries}: {detail}{_HINTS.get(status, '')}")
             try:
                 return json.loads(body)
             except ValueError:
-                raise LLMError(f"{url} answered with something that is not JSON: {self._excerpt(body)!r}") from None
+                raise LLMError(f"{shown} answered with something that is not JSON: {self._excerpt(body)!r}") from None
         raise AssertionError("unreachable")
 
     def _excerpt(self, text: str | bytes, limit: int = 200) -> str:
@@ -183,16 +189,33 @@ class OpenAIBackend(Backend):
         blanked out first, then cut to `limit` characters (a cut never leaves part of a key)."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
+        if self._key:  # in any letter case, and split by white space (a line break) anywhere inside
+            text = re.sub(r"\s*".join(map(re.escape, self._key)), "***", text, flags=re.IGNORECASE)
         text = " ".join(text.split())
-        if self._key:
-            text = text.replace(self._key, "***")
         text = _SECRETS.sub(r"\1***", text)
-        return text[:limit]
+        return public_url(text)[:limit]
 
 
 # `Bearer TOKEN`, `api_key: "TOKEN"` and the like, whatever the token (a proxy's, another key)
 _SECRETS = re.compile(r"(?i)(bearer\s+|api[-_]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+")
 MAX_REPLY_BYTES = 64 << 20  # an echoed 128k-token prompt with its log-probs is about 20 MB
+MAX_BACKOFF = 60.0  # seconds: the back-off doubles up to this (and a server's Retry-After is capped alike)
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def check_model_name(model: str) -> None:
+    """ConfigError for a server address given where the model name goes (`openai:http://host/v1`):
+    the request, with the key, would go to the default endpoint."""
+    if "://" in model or model.startswith(("http:", "https:", "localhost", "127.0.0.1")):
+        raise ConfigError(
+            f"openai:{model} names a server where the model name goes: write --llm openai:MODEL and give the "
+            "server with --api-base http://host:port/v1"
+        )
+
+
+def public_url(text: str) -> str:
+    """`text` with the user:password of any URL in it blanked (`http://***@host/v1`)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class RequestTimeout(Exception):
@@ -312,15 +335,17 @@ def continuation_logprob(response: dict, full: str, start: int, where: str = "th
     prompt_values = [values[i] for i in range(1, len(values)) if offsets[i] < len(full)]
     if not picked or any(values[i] is None for i in picked):
         raise LLMError(f"{where} {NO_LOGPROBS} (the label's tokens have no log-probs)")
-    strange = [values[i] for i in picked if not _is_number(values[i])]
-    if strange:
+    strange = [values[i] for i in picked if not _is_number(values[i]) or values[i] > 1e-4]
+    total = float(sum(values[i] for i in picked)) if not strange else 0.0
+    if strange or not math.isfinite(total):
+        example = strange[0] if strange else f"a sum of {total}"
         raise LLMError(
-            f"{where} answered log-probabilities that are not finite numbers for the label's tokens "
-            f"(e.g. {strange[0]!r}); the server is misbehaving: check it before trusting any score"
+            f"{where} answered log-probabilities that are not finite numbers of at most 0 for the label's tokens "
+            f"(e.g. {example!r}); the server is misbehaving: check it before trusting any score"
         )
     if prompt_values and all(v == 0 for v in prompt_values):
         raise LLMError(f"{where} {NO_LOGPROBS} (every prompt token came back with log-prob 0)")
-    return float(sum(values[i] for i in picked)), len(picked)
+    return total, len(picked)
 
 
 def _server_message(body: bytes) -> str:
@@ -341,7 +366,10 @@ def _is_number(value) -> bool:
 
 
 def _retry_after(headers, default: float) -> float:
+    """The server's Retry-After in seconds, between 0 and MAX_BACKOFF; `default` when absent or not
+    a finite number (`nan`, a date)."""
     try:
-        return min(max(float(headers.get("Retry-After")), 0.0), 60.0)
+        wait = float(headers.get("Retry-After"))
     except (TypeError, ValueError):
         return default
+    return min(max(wait, 0.0), MAX_BACKOFF) if math.isfinite(wait) else default
