@@ -69,39 +69,44 @@ def save_checkpoint(
         )
     journal = run_dir / JOURNAL_DIR
     shutil.rmtree(journal, ignore_errors=True)
-    with writing(run_dir, "its previous checkpoint is kept"):
-        try:
-            _write_journal(journal, model, weights, train_config, step, train_state, train_meta)
-        except BaseException:
-            shutil.rmtree(journal, ignore_errors=True)  # unfinished: the previous checkpoint stays
-            raise
+    try:
+        _write_journal(journal, run_dir, model, weights, train_config, step, train_state, train_meta)
+    except BaseException:
+        shutil.rmtree(journal, ignore_errors=True)  # unfinished: the previous checkpoint stays
+        raise
     roll_forward(run_dir)
     return weights_fingerprint(weights)
 
 
-def _write_journal(journal: Path, model, weights, train_config, step, train_state, train_meta) -> None:
-    """Every file of the checkpoint into the journal, fsynced, then the COMPLETE marker that records them."""
-    journal.mkdir(parents=True)
+def _write_journal(journal: Path, run_dir: Path, model, weights, train_config, step, train_state, train_meta) -> None:
+    """Every file of the checkpoint into the journal, fsynced, then the COMPLETE marker that records
+    them. A failed write (a full disk) is an OutputError naming the checkpoint file it was writing."""
+    kept = "its previous checkpoint is kept"
+    with writing(run_dir / JOURNAL_DIR, kept):
+        journal.mkdir(parents=True)
     config = {"model": to_dict(model.config), "step": step, "format": CHECKPOINT_FORMAT}
     if train_config is not None:
         config["train"] = to_dict(train_config)
-    (journal / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(weights, journal / MODEL_FILE, metadata={"step": str(step), "fingerprint": weights_fingerprint(weights)})
+    with writing(run_dir / CONFIG_FILE, kept):
+        (journal / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with writing(run_dir / MODEL_FILE, kept):
+        save_file(weights, journal / MODEL_FILE, metadata={"step": str(step), "fingerprint": weights_fingerprint(weights)})
     if train_state is not None:
         meta = {"step": str(step), "meta": json.dumps(train_meta or {}, sort_keys=True)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in train_state.items()}
-        save_file(tensors, journal / TRAIN_STATE_FILE, metadata=meta)
+        with writing(run_dir / TRAIN_STATE_FILE, kept):
+            save_file(tensors, journal / TRAIN_STATE_FILE, metadata=meta)
     files = {}
     for name in sorted(os.listdir(journal)):
-        with open(journal / name, "rb") as handle:
+        with writing(run_dir / name, kept), open(journal / name, "rb") as handle:
             give_default_mode(handle.fileno())  # safetensors writes 0600 whatever the umask
             os.fsync(handle.fileno())
         files[name] = _file_identity(journal / name)
-    with open(journal / _COMPLETE, "w") as marker:
+    with writing(run_dir / JOURNAL_DIR / _COMPLETE, kept), open(journal / _COMPLETE, "w") as marker:
         marker.write(json.dumps({"step": step, "files": files}, sort_keys=True))
         marker.flush()
         os.fsync(marker.fileno())
-    fsync_dir(journal)
+        fsync_dir(journal)
 
 
 def non_finite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:

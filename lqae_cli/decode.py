@@ -71,14 +71,26 @@ MAX_INPUT_CHARS = 256 << 20  # what stdin may hold: each line is checked against
 
 def _read_input(tokens: Optional[List[str]]) -> str:
     if tokens and tokens != ["-"]:
-        return " ".join(tokens)
+        return _utf8(" ".join(tokens), "the token text given")
     if not tokens and sys.stdin.isatty():
         raise TokenError("no token text given: pass it as an argument, or pipe it on stdin (`-` reads stdin)")
-    text = sys.stdin.read(MAX_INPUT_CHARS + 1)
+    try:
+        text = sys.stdin.read(MAX_INPUT_CHARS + 1)
+    except UnicodeDecodeError as exc:
+        raise TokenError(f"stdin is not UTF-8 text ({exc.reason} at byte {exc.start}); token text is UTF-8") from None
     if len(text) > MAX_INPUT_CHARS:
         raise TokenError(
             f"stdin holds more than {MAX_INPUT_CHARS >> 20} MB of token text; decode it in parts (e.g. `split -l 10000`)"
         )
+    return _utf8(text, "stdin")
+
+
+def _utf8(text: str, where: str) -> str:
+    """The text, if it is valid UTF-8 (bytes that were not arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenError(f"{where} is not UTF-8 text (a stray byte at character {exc.start}); token text is UTF-8") from None
     return text
 
 

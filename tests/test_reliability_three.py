@@ -14,6 +14,7 @@ from PIL import Image
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 from conftest import tiny_model_config, tiny_train_config
 from test_fewshot_helpers import WordTokenizer, synthetic_pool
 from test_fewshot_openai import SECRET, byte_encoding, request
@@ -37,6 +38,7 @@ from lqae.tokendata.encode import encode_folder_to_file
 from lqae.tokendata.format import shard_path
 from lqae.training import loop as training
 from lqae.training import train
+from lqae_cli.app import app
 
 
 # -- item 1: `fewshot --out` never empties a file that is not this run's results ----------------------
@@ -435,3 +437,26 @@ def test_retry_after_nan_and_the_back_off_are_bounded(monkeypatch):
         OpenAIBackend("m", api_base="http://127.0.0.1:9/v1", retries=20, timeout=0.5,
                       encoding=byte_encoding()).loglik(request())
     assert max(slept) == MAX_BACKOFF and sum(slept) < 20 * MAX_BACKOFF
+
+
+# -- item 19: one clear line instead of an internal error ---------------------------------------------
+
+
+def test_invalid_utf8_token_text_is_one_line(tiny_checkpoint, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["decode", "-", "-m", str(tiny_checkpoint), "--out", str(tmp_path / "x.png")],
+                           input=b"\xff\xfe kobali\n")
+    assert_one_error_line(result, "not UTF-8 text")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_full_disk_during_fewshot_out_names_the_file_and_keeps_its_records(image_folder, tiny_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    out = tmp_path / "results.jsonl"
+    common = ["fewshot", "--support", image_folder, "--query", image_folder, "-m", tiny_checkpoint, "--llm", "overlap",
+              "--out", out]
+    assert invoke(*common, "--episodes", "2").exit_code == 0
+    before = out.read_bytes()
+    monkeypatch.setattr("lqae.fewshot.results.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert_one_error_line(invoke(*common, "--episodes", "4"), f"cannot write {out}", "No space left")
+    assert out.read_bytes().startswith(before)

@@ -46,14 +46,17 @@ class ResultsFile:
             return done
         if self._is_json(tail):  # a whole line without its line break: not what this writer leaves
             done.update(self._records(tail))  # refused unless it is this run's record
-            self._handle.write(b"\n")
+            with writing(self.path, "the records before are kept"):
+                self._handle.write(b"\n")
+                self._handle.flush()
             return done
         if not done or not tail.startswith(b'{"'):  # only a file of this run's results may lose a cut line
             raise ConfigError(
                 f"{self.path} ends in an unfinished line and holds no complete results of this run; "
                 "remove it or use another --out"
             )
-        self._handle.truncate(len(complete))  # a line this run's writer was killed in the middle of
+        with writing(self.path, "the records before are kept"):
+            self._handle.truncate(len(complete))  # a line this run's writer was killed in the middle of
         return done
 
     @staticmethod
