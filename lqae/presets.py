@@ -161,9 +161,11 @@ def asked_fields(overrides: Sequence[str] = (), **options: Any) -> set[str]:
     return asked
 
 
-# What `--resume` may change: bookkeeping that leaves the weights a run produces as they are.
+# What `--resume` may change: bookkeeping that leaves the weights a run produces as they are, and
+# the three ways out of a diverged run that the NaN error names (a lower lr, clipping, fp32).
 RESUME_CHANGES = frozenset({
     "steps", "epochs", "num_workers", "log_every", "sample_every", "save_every", "val_every", "compile",
+    "base_lr", "grad_clip", "precision",
 })
 _FILLED_AT_TRAINING = frozenset({"lm_vocab_size", "lm_width", "codebook_size"})
 

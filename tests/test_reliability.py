@@ -274,7 +274,7 @@ def test_resume_refuses_changed_options_and_other_data(tiny_lm_dir, image_folder
     run = tmp_path / "run"
     train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
     record = (run / "data.json").read_text()
-    with pytest.raises(ConfigError, match=r"batch_size \(trained with 8, asked 4\).*base_lr"):
+    with pytest.raises(ConfigError, match=r"batch_size \(trained with 8, asked 4\)"):
         train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=4, batch_size=4, base_lr=0.1),
               resume=True)
     with pytest.raises(ConfigError, match=r"mask.ratio \(trained with 0.5, asked 0.1\)"):
@@ -299,7 +299,6 @@ def test_resume_on_the_command_line_compares_only_the_options_given(tiny_lm_dir,
     assert first.exit_code == 0, first.output
     for args, needle in [
         (["--batch-size", "8"], "batch_size (trained with 4, asked 8)"),
-        (["--lr", "0.5"], "base_lr"),
         (["--set", "weight_decay=0.3"], "weight_decay"),
         (["--preset", "small"], "encoder_width (trained with 128, asked 384)"),
     ]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -37,7 +40,8 @@ from lqae.tokendata import read_token_dataset
 from lqae.tokendata.encode import encode_folder_to_file
 from lqae.tokendata.format import shard_path
 from lqae.training import loop as training
-from lqae.training import train
+from lqae.training import record
+from lqae.training import TrainingInterrupted, train
 from lqae_cli.app import app
 
 
@@ -460,3 +464,84 @@ def test_a_full_disk_during_fewshot_out_names_the_file_and_keeps_its_records(ima
     monkeypatch.setattr("lqae.fewshot.results.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     assert_one_error_line(invoke(*common, "--episodes", "4"), f"cannot write {out}", "No space left")
     assert out.read_bytes().startswith(before)
+
+
+# -- item 12: --resume on replaced images of the same names and sizes ---------------------------------
+
+
+def test_resume_refuses_an_image_replaced_by_one_of_the_same_name_and_size(tiny_lm_dir, tmp_path):
+    folder = tmp_path / "bitmaps"  # BMP files of one size: a replacement keeps name and size exactly
+    for c, name in enumerate(("red", "blue")):
+        (folder / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (16, 16), (200 * (1 - c), 20 * i, 200 * c)).save(folder / name / f"{i}.bmp")
+    run = tmp_path / "run"
+    train(folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    assert "content_sha256" in json.loads((run / "data.json").read_text())["train"]
+    replaced = folder / "blue" / "3.bmp"
+    size = replaced.stat().st_size
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(replaced)
+    assert replaced.stat().st_size == size
+    with pytest.raises(DataError, match="the content of its images"):
+        train(folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=3), resume=True)
+
+
+def test_a_large_sets_resume_compares_modification_times(tiny_lm_dir, image_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(record, "CONTENT_LIMIT", 0)
+    monkeypatch.setattr(record, "TIME_CHUNK", 4)
+    run = tmp_path / "run"
+    train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    assert len(json.loads((run / "data.json").read_text())["train"]["mtime_chunks"]) == 3
+    images = sorted(p for p in image_folder.rglob("*.png"))
+    for path in images:  # every time changed at once: a copy of the folder
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with caplog.at_level("WARNING", logger="lqae"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=3), resume=True)
+    assert "as a copy of the folder does" in caplog.text
+    os.utime(images[5], ns=(images[5].stat().st_atime_ns, images[5].stat().st_mtime_ns + 10**9))  # one image replaced
+    with pytest.raises(DataError, match="images 4 to 7"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=4), resume=True)
+
+
+# -- item 20: advice that works, and a prompt stop --------------------------------------------------
+
+
+def test_resume_takes_the_changes_the_divergence_error_advises(tiny_lm_dir, image_folder, tmp_path):
+    """The NaN error says: continue with --resume and a lower --lr, --set grad_clip=1.0 or --precision
+    fp32; each of them is accepted by --resume (and recorded), the rest of the configuration still not."""
+    run = tmp_path / "run"
+    train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2))
+    changed = tiny_train_config(steps=4, base_lr=1e-4, grad_clip=1.0, precision="fp32")
+    result = train(image_folder, run, tiny_model_config(tiny_lm_dir), changed, resume=True)
+    saved = ckpt.read_config(run)[1]
+    assert result.step == 4 and (saved.base_lr, saved.grad_clip, saved.precision) == (1e-4, 1.0, "fp32")
+    with pytest.raises(ConfigError, match="weight_decay"):
+        train(image_folder, run, tiny_model_config(tiny_lm_dir), tiny_train_config(steps=5, weight_decay=0.3), resume=True)
+
+
+def test_a_signal_during_the_last_validation_stops_at_once_keeping_the_checkpoint(
+    tiny_lm_dir, image_folder, tmp_path, monkeypatch
+):
+    def slow_validation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # a long pass: the signal must cut it
+        raise AssertionError("validation ran to its end")
+
+    monkeypatch.setattr(training, "evaluate_reconstruction", slow_validation)
+    started = time.monotonic()
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir), tiny_train_config(steps=2), val_dir=image_folder)
+    assert time.monotonic() - started < 30 and stopped.value.signum == signal.SIGTERM
+    assert ckpt.read_config(tmp_path / "run")[2] == 2  # the last step's checkpoint, saved before the pass
+
+
+def test_a_signal_during_a_sample_grid_saves_the_step_first(tiny_lm_dir, image_folder, tmp_path, monkeypatch):
+    def slow_samples(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+
+    monkeypatch.setattr(training.parts, "save_samples", slow_samples)
+    with pytest.raises(TrainingInterrupted):
+        train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir),
+              tiny_train_config(steps=6, sample_every=3, save_every=100))
+    assert ckpt.read_config(tmp_path / "run")[2] == 3  # no save was due at step 3: one was made before stopping

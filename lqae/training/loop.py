@@ -351,6 +351,19 @@ def _after_step(run: _Run, lr: float) -> None:
     if interrupted:
         run.close()
         raise TrainingInterrupted(run.stop.signum or signal.SIGTERM, step)
+    try:  # one process: a signal here stops at once, after a save if this step has none (several wait for the step)
+        with run.stop.interruptible() if run.world == 1 else contextlib.nullcontext():
+            _samples_and_validation(run)
+    except parts.Stopped:
+        if run.health.saved != step:
+            _save(run)
+        run.close()
+        raise TrainingInterrupted(run.stop.signum or signal.SIGTERM, step) from None
+
+
+def _samples_and_validation(run: _Run) -> None:
+    """The sample grid and the validation pass, when due: they change no weight, so a signal may cut them."""
+    config, step = run.config, run.step
     if run.is_main and _due(step, config.sample_every, run.total_steps):
         grid = run.run_dir / SAMPLES_DIR / f"step_{step:07d}.png"
         parts.save_samples(run.model, run.sample_images, grid)

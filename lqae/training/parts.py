@@ -129,16 +129,34 @@ def grad_norm(parameters: list[torch.nn.Parameter], clip: float) -> torch.Tensor
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+class Stopped(Exception):
+    """A signal arrived while the loop was in an interruptible stretch (sample grids, validation)."""
+
+
 class SignalFlag:
-    """Remember SIGINT/SIGTERM instead of dying mid-step; the loop saves and stops at the step's end."""
+    """Remember SIGINT/SIGTERM instead of dying mid-step; the loop saves and stops at the step's end.
+    Inside `interruptible()` (work after a step that changes no weight) a signal stops at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.interrupting = False
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:  # second Ctrl-C: give up at once
             raise KeyboardInterrupt
         self.signum = signum
+        if self.interrupting:
+            raise Stopped()
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        self.interrupting = True
+        try:
+            if self.signum is not None:
+                raise Stopped()
+            yield
+        finally:
+            self.interrupting = False
 
     @contextlib.contextmanager
     def installed(self):
