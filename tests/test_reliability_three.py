@@ -545,3 +545,16 @@ def test_a_signal_during_a_sample_grid_saves_the_step_first(tiny_lm_dir, image_f
         train(image_folder, tmp_path / "run", tiny_model_config(tiny_lm_dir),
               tiny_train_config(steps=6, sample_every=3, save_every=100))
     assert ckpt.read_config(tmp_path / "run")[2] == 3  # no save was due at step 3: one was made before stopping
+
+
+def test_a_saved_probe_with_a_forged_class_name_is_refused_before_printing(image_folder, tiny_checkpoint, tmp_path):
+    probe = tmp_path / "probe"
+    saved = invoke("probe", image_folder, "--val", image_folder, "-m", tiny_checkpoint, "--save", probe,
+                   "--baseline", "none", "--epochs", "1")
+    assert saved.exit_code == 0, saved.output
+    meta = json.loads((probe / "probe.json").read_text())
+    meta["classes"][0] = "blue\n/etc/passwd\tforged"
+    (probe / "probe.json").write_text(json.dumps(meta))
+    result = invoke("probe", "--apply", probe, next((image_folder / "red").iterdir()), "-m", tiny_checkpoint)
+    assert_one_error_line(result, "control character")
+    assert result.stdout == ""

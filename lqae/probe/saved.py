@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 from lqae.config import to_dict, write_json
 from lqae.images.source import collect_images
 from lqae.errors import CheckpointError, ConfigError
+from lqae.images.files import check_class_names
 from lqae.io import atomic_write_bytes
 from lqae.probe.config import ProgressCallback
 from lqae.probe.features import extract_features
@@ -92,6 +93,7 @@ def load_probe(folder: str | Path) -> LoadedProbe:
         head.load_state_dict(state)
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read probe {folder}: {exc}") from exc
+    check_class_names(meta["classes"], folder / PROBE_CONFIG)  # they are printed, one per PATH<TAB>class line
     return LoadedProbe(
         head.eval(), list(meta["layers"]), list(meta["classes"]), int(meta["feature_dim"]),
         meta.get("model", ""), meta.get("model_config", {}),
