@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import tarfile
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from conftest import tiny_model_config, tiny_train_config
 from test_fewshot_helpers import WordTokenizer, synthetic_pool
 from test_fewshot_openai import SECRET, byte_encoding, request
 from test_reliability import assert_one_error_line, invoke
+from test_shards import shard as write_shard
 
 from lqae import checkpoint as ckpt
 from lqae.run_lock import RunLock
@@ -239,15 +239,6 @@ def test_an_index_names_only_its_own_shards(tmp_path, names, rows, needle):
 
 
 # -- items 8, 9 and 10: a tar shard is read whole or not at all ---------------------------------------
-
-
-def write_shard(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for name, data in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def png_bytes(colour=(200, 10, 10), size=32):

@@ -55,15 +55,17 @@ def test_shards_hold_the_folders_images_in_order_with_its_labels(folder_and_shar
     assert len(scan_images(shards / "shard-000001.tar")) == 4
 
 
-def test_cls_names_or_no_labels_and_bad_shards(tmp_path):
-    def shard(path, samples):
-        with tarfile.open(path, "w") as tar:
-            for name, data in samples:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return path
+def shard(path, samples):
+    """A tar of (member name, bytes) in order, as WebDataset writes one."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
+
+def test_cls_names_or_no_labels_and_bad_shards(tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="PNG")
     png = buffer.getvalue()
