@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from lqae.fewshot.backends import DEFAULT_LLM, BackendOptions, make_backend
+from lqae.fewshot.backends import DEFAULT_HF_MODEL, BackendOptions, make_backend
 from lqae.fewshot.episodes import sample_episode
 from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.image_text import PromptImageText
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="runs/digits", help="LQAE checkpoint (to encode image folders)")
     parser.add_argument("--support", default="data/digits/train")
     parser.add_argument("--query", default="data/digits/val")
-    parser.add_argument("--llm", default=None, help="hf:NAME_OR_PATH (default: the toolkit's default LLM)")
+    parser.add_argument("--llm", default=f"hf:{DEFAULT_HF_MODEL}", help="hf:NAME_OR_PATH (default: SmolLM2-135M)")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=5, help="timed episodes per path")
@@ -41,7 +41,7 @@ def main() -> None:
     sources = Sources(args.model, args.device, lambda message: None)
     support, query = sources.pool(args.support, "support"), sources.pool(args.query, "query")
     tokenizer = sources.tokenizer(support.lm_name)
-    llm = args.llm or DEFAULT_LLM
+    llm = args.llm
     started = time.perf_counter()
     backend = make_backend(llm, BackendOptions(device=args.device))
     load_seconds = time.perf_counter() - started

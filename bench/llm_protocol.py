@@ -1,4 +1,4 @@
-"""Few-shot protocol table: the default local LLM on token text under each prompt option, next to
+"""Few-shot protocol table: the bundled local LLM (`--llm hf`, SmolLM2-135M) on token text under each prompt option, next to
 the `overlap` baseline and chance.
 
 Runs `lqae fewshot --json` for every (setting, variant) pair as separate processes, `--jobs` at a
@@ -23,14 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # every option spelled out, so a change of defaults cannot change a row
     "overlap": ["--llm", "overlap", "--order", "random"],
-    "plain": ["--no-calibrate", "--order", "random"],
-    "calibrated": ["--calibrate", "--order", "random"],
-    "similar-last": ["--no-calibrate", "--order", "similar-last"],
-    "calibrated+similar-last": ["--calibrate", "--order", "similar-last"],
-    "calibrated+similar-last+repeats1": ["--calibrate", "--order", "similar-last", "--repeats", "1"],
-    "letters+calibrated+similar-last": ["--labels", "letters", "--calibrate", "--order", "similar-last"],
-    "constrained": ["--scoring", "constrained"],
-    "frequent+calibrated+similar-last": ["--image-text", "frequent", "--calibrate", "--order", "similar-last"],
+    "plain": ["--llm", "hf", "--no-calibrate", "--order", "random"],
+    "calibrated": ["--llm", "hf", "--calibrate", "--order", "random"],
+    "similar-last": ["--llm", "hf", "--no-calibrate", "--order", "similar-last"],
+    "calibrated+similar-last": ["--llm", "hf", "--calibrate", "--order", "similar-last"],
+    "calibrated+similar-last+repeats1": ["--llm", "hf", "--calibrate", "--order", "similar-last", "--repeats", "1"],
+    "letters+calibrated+similar-last": ["--llm", "hf", "--labels", "letters", "--calibrate", "--order", "similar-last"],
+    "constrained": ["--llm", "hf", "--scoring", "constrained"],
+    "frequent+calibrated+similar-last": ["--llm", "hf", "--image-text", "frequent", "--calibrate", "--order",
+                                         "similar-last"],
 }
 
 

@@ -37,7 +37,10 @@ def fewshot(
         None, "--query", "-q", help="Evaluate on episodes drawn from this folder (class sub-folders) or token dataset."
     ),
     model: ModelOption = None,
-    llm: str = typer.Option(DEFAULT_LLM, help="hf:NAME_OR_PATH (folder or .gguf), openai:MODEL, or overlap (no LLM)."),
+    llm: str = typer.Option(
+        DEFAULT_LLM, help="auto (an LLM server $LQAE_LLM or OPENAI_BASE_URL + OPENAI_MODEL names, else overlap), "
+        "hf:NAME_OR_PATH (folder or .gguf), openai:MODEL, or overlap (no LLM).",
+    ),
     api_base: Optional[str] = typer.Option(
         None, help="OpenAI-compatible base URL ending in /v1 (default: $OPENAI_BASE_URL or api.openai.com)."
     ),
@@ -126,6 +129,7 @@ def fewshot(
         result = run_fewshot(job, FewshotCallbacks(
             on_stage=bars.note, on_result=_accuracy_bar(bars),
             on_queries=lambda paths: _check_printable(paths, as_json, len(job.images) == 1),
+            on_note=lambda line: sys.stderr.write(f"note: {line}\n"),
         ))
     if isinstance(result, EvalSummary):
         _render_evaluation(result, as_json, out)

@@ -16,7 +16,7 @@ from lqae.checkpoint import load_model
 from lqae.images.files import scan_image_folder
 from lqae.tokendata import encode_folder, write_token_dataset
 from lqae_cli.app import app
-from test_fewshot_helpers import one_thread, write_tiny_gpt2
+from test_fewshot_helpers import StubServer, one_thread, write_tiny_gpt2
 
 ENV = {
     **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -189,3 +189,31 @@ def test_bad_input_is_one_error_line(image_folder, tiny_checkpoint, tmp_path):
         assert result.stdout == "", args
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
+
+
+def test_the_default_llm_answers_offline_with_the_overlap_baseline_and_says_so(image_folder, tiny_checkpoint, monkeypatch):
+    for name in ("LQAE_LLM", "OPENAI_BASE_URL", "OPENAI_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    common = ["--support", image_folder, "--query", image_folder, "-m", tiny_checkpoint, "--episodes", "8", "--json"]
+    default, overlap = invoke(*common), invoke(*common, "--llm", "overlap")
+    assert default.exit_code == 0, default.output
+    assert json.loads(default.stdout)["accuracy"] == json.loads(overlap.stdout)["accuracy"]
+    assert "note: --llm auto: overlap (no LLM server configured" in default.stderr
+    assert "note:" not in overlap.stderr  # a chosen --llm needs no note
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # a server without a model name: still overlap
+    assert "OPENAI_BASE_URL is set but OPENAI_MODEL is not" in invoke(*common).stderr
+
+
+def test_the_default_llm_uses_the_server_the_environment_names(image_folder, tiny_checkpoint, monkeypatch):
+    with StubServer() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_MODEL", "stub-model")
+        monkeypatch.delenv("LQAE_LLM", raising=False)
+        result = invoke("--support", image_folder, "--query", image_folder, "-m", tiny_checkpoint, "--episodes", "2",
+                        "--json")
+        assert result.exit_code == 0, result.output
+        assert "note: --llm auto: openai:stub-model (the server OPENAI_BASE_URL and OPENAI_MODEL name)" in result.stderr
+        assert server.requests and server.requests[0]["model"] == "stub-model"
+    monkeypatch.setenv("LQAE_LLM", "overlap")  # LQAE_LLM wins
+    result = invoke("--support", image_folder, "--query", image_folder, "-m", tiny_checkpoint, "--episodes", "2")
+    assert "note: --llm auto: overlap ($LQAE_LLM)" in result.stderr

