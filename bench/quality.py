@@ -11,7 +11,8 @@ holes) and edges (crops of 8 of scikit-image's photos: edges and fine detail); v
 train. For each, it trains the preset with its defaults (plus any `--set` overrides of
 ModelConfig/TrainConfig fields), then reports on the held-out split: PSNR, SSIM, distinct codes,
 code perplexity, the final commitment/reconstruction loss ratio, the linear probe (`--layers lm`)
-next to raw pixels and a random encoder, and token-overlap few-shot accuracy (2-way and 5-way 1-shot).
+next to the same head on the encoder's own output (`enc:-1`), raw pixels and a random encoder, and
+token-overlap few-shot accuracy (2-way and 5-way 1-shot).
 Peers (`--peers`, default fsq; `all` = fsq,vq,continuous; see bench/peers.py) train the same encoder,
 decoder, steps, batch, augmentation and schedule with another bottleneck, in the same run; each data
 set's `gap_fsq_db` is lqae's held-out PSNR minus FSQ's. Progress goes to stderr; one JSON object is
@@ -121,7 +122,10 @@ def run_dataset(name: str, folder: Path, run_dir: Path, recipe: Preset, episodes
     probed = {}
     if probe:
         result, _ = run_probe(model, folder / "train", folder / "val", ProbeConfig(layers="lm", seed=seed))
-        probed = {"probe_top1": round(result.probe.top1, 4), "pixels_top1": round(result.baselines["pixels"].top1, 4),
+        # the same head on the encoder's own output (its last block, mean-pooled): which part carries the class
+        encoder, _ = run_probe(model, folder / "train", folder / "val", ProbeConfig(layers="enc:-1", baselines=(), seed=seed))
+        probed = {"probe_top1": round(result.probe.top1, 4), "encoder_top1": round(encoder.probe.top1, 4),
+                  "pixels_top1": round(result.baselines["pixels"].top1, 4),
                   "random_encoder_top1": round(result.baselines["random-encoder"].top1, 4)}
     probe_seconds = time.perf_counter() - started
 

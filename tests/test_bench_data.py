@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -40,6 +41,21 @@ def test_train_and_val_crops_never_share_a_pixel_row_strip():
                 assert top // strip == (bottom - 1) // strip and (top // strip) % 2 == parity  # one strip of its parity
                 assert band * width // 3 <= left < right <= (band + 1) * width // 3  # inside its class's third
 
+
+
+def test_fewer_strips_allow_larger_crops_still_split_by_parity():
+    rng = random.Random(0)
+    width, height, strips = 640, 427, 3
+    strip = height // strips
+    boxes = list(crop_boxes(width, height, 1, len(BANDS), (96, 192), "val", 100, rng, strips))
+    assert max(right - left for left, _, right, _ in boxes) > 128  # 128 px crops need not be upsampled
+    for left, top, right, bottom in boxes:
+        assert right - left <= strip and top // strip == (bottom - 1) // strip == 1
+
+
+def test_too_few_strips_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least 2"):
+        write_photo_crops(tmp_path / "x", size=16, strips=1)
 
 def test_skimage_crops_are_one_class_per_photo(tmp_path):
     counts = write_photo_crops(tmp_path / "e", size=16, train_per_class=2, val_per_class=1, source="skimage")

@@ -2,15 +2,18 @@
 
 Usage: python tools/make_photo_crops.py OUT [--source sklearn|skimage] [--size 32]
                                             [--train-per-class 200] [--val-per-class 50] [--seed 0]
+                                            [--strips 6] [--sides MIN,MAX]
 
 `sklearn` (the `photos` bench set): scikit-learn's two sample photos, colour natural texture (a
 pagoda, trees, water, sky; a dahlia on a dark leafy background); class = photo x vertical third
 (china_left, china_centre, ..., flower_right), 6 classes, crops of 24-64 px.
 `skimage` (the `edges` bench set): eight of scikit-image's bundled photos with sharp edges and
 fine detail (astronaut, camera, cat, coffee, rocket, coins, clock, motorcycle); class = photo,
-crops of 32-96 px. Each photo (or third) is cut into 6 horizontal strips; train crops come from the
-even strips and val crops from the odd ones, so no val pixel was ever seen in training. Crops are
-squares resized (bicubic) to SIZE. Deterministic under --seed.
+crops of 32-96 px. Each photo (or third) is cut into 6 horizontal strips (--strips); train crops come
+from the even strips and val crops from the odd ones, so no val pixel was ever seen in training.
+Crops are squares (--sides overrides the source's side range; a side never exceeds a strip) resized
+(bicubic) to SIZE. Deterministic under --seed. For 128 px sets with few upsampled crops:
+`--size 128 --strips 3 --sides 96,192`.
 """
 
 from __future__ import annotations
@@ -31,14 +34,14 @@ SKIMAGE_PHOTOS = ("astronaut", "camera", "cat", "coffee", "rocket", "coins", "cl
 
 
 def crop_boxes(width: int, height: int, band_index: int, bands: int, sides: tuple[int, int], split: str,
-               count: int, rng: random.Random):
+               count: int, rng: random.Random, strips: int = STRIPS):
     """`count` square (left, top, right, bottom) boxes inside vertical band `band_index` of `bands`
     of a width x height photo, each wholly inside one strip of the split's parity (train even, val odd)."""
     left, right = band_index * width // bands, (band_index + 1) * width // bands
-    strip_height = height // STRIPS
-    strips = [s for s in range(STRIPS) if s % 2 == (0 if split == "train" else 1)]
+    strip_height = height // strips
+    chosen = [s for s in range(strips) if s % 2 == (0 if split == "train" else 1)]
     for _ in range(count):
-        strip = rng.choice(strips)
+        strip = rng.choice(chosen)
         side = min(rng.randint(*sides), strip_height, right - left)
         x = rng.randint(left, right - side)
         y = rng.randint(strip * strip_height, (strip + 1) * strip_height - side)
@@ -63,9 +66,13 @@ def load_photos(source: str) -> list[tuple[str, Image.Image]]:
 
 
 def write_photo_crops(out: Path, size: int = 32, train_per_class: int = 200, val_per_class: int = 50, seed: int = 0,
-                      source: str = "sklearn") -> dict[str, int]:
+                      source: str = "sklearn", strips: int = STRIPS,
+                      sides: tuple[int, int] | None = None) -> dict[str, int]:
     """Write the folder; returns images written per split."""
-    bands, sides = SOURCES[source]
+    if strips < 2:
+        raise ValueError("--strips must be at least 2: train and val need a strip each")
+    bands, source_sides = SOURCES[source]
+    sides = sides or source_sides
     rng = random.Random(seed)
     counts = {"train": 0, "val": 0}
     for name, photo in load_photos(source):
@@ -73,7 +80,7 @@ def write_photo_crops(out: Path, size: int = 32, train_per_class: int = 200, val
             for split, count in (("train", train_per_class), ("val", val_per_class)):
                 folder = out / split / (f"{name}_{band}" if band else name)
                 folder.mkdir(parents=True, exist_ok=True)
-                boxes = crop_boxes(*photo.size, band_index, len(bands), sides, split, count, rng)
+                boxes = crop_boxes(*photo.size, band_index, len(bands), sides, split, count, rng, strips)
                 for index, box in enumerate(boxes):
                     photo.resize((size, size), Image.BICUBIC, box=box).save(folder / f"{index:04d}.png")
                     counts[split] += 1
@@ -88,8 +95,12 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strips", type=int, default=STRIPS, help="horizontal strips, alternately train and val")
+    parser.add_argument("--sides", type=lambda text: tuple(int(v) for v in text.split(",")), default=None,
+                        help="crop side range MIN,MAX in source pixels (default: the source's)")
     args = parser.parse_args()
-    counts = write_photo_crops(args.out, args.size, args.train_per_class, args.val_per_class, args.seed, args.source)
+    counts = write_photo_crops(args.out, args.size, args.train_per_class, args.val_per_class, args.seed, args.source,
+                               args.strips, args.sides)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
 
 
