@@ -46,7 +46,7 @@ def main() -> None:
     backend = make_backend(llm, BackendOptions(device=args.device))
     load_seconds = time.perf_counter() - started
     template = load_template("completion")
-    # the settings this figure was first measured with (before calibration and similar-last became defaults)
+    # the settings this figure was first measured with: no calibration, supports as drawn
     settings = FewshotSettings(ways=args.ways, shots=args.shots, episodes=1, seed=args.seed + 1000, calibrate=False,
                                order="random")
     evaluate_episodes(support, query, backend, template, settings, tokenizer)  # warm-up, untimed

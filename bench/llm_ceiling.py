@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--api-base", default=None, help="openai: the server's base URL")
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                         help="as `lqae fewshot` (default: on for an LLM's loglik scoring)")
-    parser.add_argument("--order", default="similar-last", help="as `lqae fewshot`: similar-last or random")
+    parser.add_argument("--order", default="random", help="as `lqae fewshot`: random or similar-last")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 2 <= args.ways <= len(LABELS):

@@ -54,8 +54,9 @@ def fewshot(
         help="Divide out the label prior measured after content-free queries (default: on for loglik with an LLM).",
     ),
     order: Order = typer.Option(
-        Order.similar_last, help="Support order: similar-last (most token overlap with the query last) or random "
-        "(as drawn; lets a local model reuse one prompt prefix for every query it labels).",
+        Order.random, help="Support order: random (as drawn; lets a local model reuse one prompt prefix for every "
+        "query it labels) or similar-last (most token overlap with the query last: the answer's position then "
+        "follows the overlap baseline's, which an LLM's position bias can help or defeat).",
     ),
     image_text: ImageText = typer.Option(
         ImageText.sequence, help="Token text per image: sequence (global words, then patch order), frequent (global "

@@ -195,9 +195,9 @@ def test_frequent_image_text_lists_distinct_tokens_most_frequent_first(tmp_path)
     assert text == "w4 w2"  # cut to two tokens: the rarest goes first
 
 
-def test_defaults_calibrate_llms_only_and_put_the_nearest_support_last(dog_gpt2):
+def test_defaults_calibrate_llms_only_and_keep_the_drawn_support_order(dog_gpt2):
     settings = FewshotSettings()
-    assert settings.order == "similar-last" and settings.calibrate is None
+    assert settings.order == "random" and settings.calibrate is None
     assert settings.for_backend(dog_gpt2).calibrate is True
     assert settings.for_backend(OverlapBackend()).calibrate is False
     assert FewshotSettings(scoring="generate").for_backend(dog_gpt2).calibrate is False

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 
 from lqae.fewshot.backends import Request
 from lqae.fewshot.backends.hf import HFBackend
+from lqae.fewshot.evaluation import evaluate_episodes
 from lqae.fewshot.prompts import load_template, render
+from lqae.fewshot.settings import FewshotSettings
+from lqae.model.lm import load_tokenizer
+from lqae.model.vocab import select_token_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from llm_ceiling import synthetic_pools  # noqa: E402 (the readability bench's pools)
 
 pytestmark = [
     pytest.mark.slow,
@@ -49,3 +58,17 @@ def test_default_llm_generates_a_label(smollm2):
                      chat_format=smollm2.chat_format)
     reply = smollm2.generate(Request(prompts, ["seven", "two"]), 6)[0]
     assert isinstance(reply, str) and "\n" not in reply
+
+
+def test_with_the_defaults_a_copy_of_the_support_never_scores_below_no_signal(smollm2):
+    """The readability bench's promise for the default settings (calibrated, supports as drawn): more
+    consistent classes never score lower. With `--order similar-last` SmolLM2 fell below chance."""
+    tokenizer = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    words = select_token_ids(tokenizer, len(tokenizer), "words")
+    settings = FewshotSettings(ways=5, shots=1, episodes=60, seed=0)
+    accuracy = {}
+    for level in (0.0, 1.0):
+        support, query = synthetic_pools(words, level, 5, 16, False, 0)
+        accuracy[level] = evaluate_episodes(support, query, smollm2, load_template("completion"), settings,
+                                            tokenizer).accuracy
+    assert accuracy[1.0] >= accuracy[0.0]

@@ -38,7 +38,7 @@ class FewshotSettings:
     # divide out the label prior measured after content-free queries; None = on wherever it applies
     # (loglik scoring with an LLM), as it helps most with the default LLM (README, "Measured figures")
     calibrate: bool | None = None
-    order: str = "similar-last"  # "similar-last" (most token overlap with the query last) or "random" (as drawn)
+    order: str = "random"  # "random" (as drawn) or "similar-last" (most token overlap with the query last)
     image_text: str = "sequence"  # "sequence" (global words, then patch order), "frequent" (global words, then
     # distinct patch tokens, most frequent first) or "global" (the global words alone)
     global_weight: float = DEFAULT_GLOBAL_WEIGHT  # a shared global word counts this many patch words (overlap, order)
