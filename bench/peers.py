@@ -30,7 +30,7 @@ from lqae.images.output import comparison_grid, save_png
 from lqae.metrics import psnr, ssim, usage_from_counts
 from lqae.model.decoder_input import DecoderInput
 from lqae.model.vit import Decoder, Encoder, init_weights
-from lqae.training.parts import build_optimizer, lr_at
+from lqae.training.parts import autocast, build_optimizer, lr_at
 
 PEERS = ("fsq", "vq", "continuous")
 FSQ_LEVELS = (8, 8, 8, 6, 5)
@@ -79,8 +79,8 @@ class PeerAutoencoder(nn.Module):
 
 
 def train_peer(kind: str, folder: Path, run_dir: Path, preset: Preset) -> dict:
-    """Train one peer on folder/train with the preset's optimiser, schedule, batch and augmentation;
-    score it on folder/val. Returns the bench's figures for it."""
+    """Train one peer on folder/train with the preset's optimiser, schedule, batch, augmentation and
+    precision; score it on folder/val. Returns the bench's figures for it."""
     train_config = preset.train
     torch.manual_seed(train_config.seed)
     model = PeerAutoencoder(preset, kind)
@@ -96,8 +96,9 @@ def train_peer(kind: str, folder: Path, run_dir: Path, preset: Preset) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, train_config)
         images = to_float(next(loader))  # (B, C, H, W) uint8 -> [0, 1], as the trainer does
-        reconstruction, _, aux = model(images)
-        loss = F.mse_loss(reconstruction, images) + aux
+        with autocast(train_config.precision, "cpu"):  # the precision lqae trains in (--set precision=...)
+            reconstruction, _, aux = model(images)
+        loss = F.mse_loss(reconstruction.float(), images) + aux.float()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

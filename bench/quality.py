@@ -60,6 +60,7 @@ from lqae.tokendata import encode_folder  # noqa: E402
 from lqae.callbacks import TrainCallback  # noqa: E402
 from lqae.run_folder import METRICS_FILE  # noqa: E402
 from lqae.training import train  # noqa: E402
+from lqae.training.parts import resolve_precision  # noqa: E402
 from peers import PEERS, train_peer  # noqa: E402
 
 DATASETS = {
@@ -194,7 +195,8 @@ def main() -> None:
         raise SystemExit(f"unknown peer in {args.peers!r}; choose from: {', '.join(PEERS)}, all")
 
     started = time.perf_counter()
-    result: dict = {"preset": args.preset, "steps": args.steps, "seed": args.seed, "overrides": args.overrides}
+    result: dict = {"preset": args.preset, "steps": args.steps, "seed": args.seed, "overrides": args.overrides,
+                    "precision": resolve_precision(recipes[""].train.precision, "cpu")}  # lqae's and the peers'
     for name in names:
         prepare(name, args.data)  # once, before any job reads it
     if args.jobs > 1 and len(names) > 1:
@@ -235,7 +237,8 @@ def run_in_processes(names: list[str], jobs: int) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"the {name} job failed (exit {done.returncode}); its messages are above")
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        return {k: v for k, v in row.items() if k not in ("preset", "steps", "seed", "overrides", "total_seconds")}
+        return {k: v for k, v in row.items()
+                if k not in ("preset", "steps", "seed", "overrides", "precision", "total_seconds")}
 
     merged: dict = {}
     with ThreadPoolExecutor(jobs) as pool:

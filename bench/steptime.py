@@ -1,12 +1,13 @@
 """Where a training step's time goes: the `tiny` preset's step (forward, backward, AdamW) against
 variants and the FSQ peer, interleaved in one process so the ratios survive a shared machine.
 
-    python bench/steptime.py                       # default, no global tokens, bf16, FSQ peer
+    python bench/steptime.py                       # fp32 default, no global tokens, bf16, FSQ peer (fp32, bf16)
     python bench/steptime.py --compile             # also torch.compile of the default (slow to build)
     python bench/steptime.py --profile             # also the top operators of the default step
 
 Random images, batch and threads as given; the last line is one JSON object: seconds per step
-(median of the rounds) and each variant's ratio to the default.
+(median of the rounds), each variant's ratio to the fp32 default, and the landed default on this CPU
+(`--precision auto`) against the FSQ peer in the same precision.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lqae.presets import apply_overrides, get_preset  # noqa: E402
 from lqae.model.autoencoder import LQAE  # noqa: E402
 from lqae.model.lm import load_frozen_lm  # noqa: E402
 from lqae.training.objective import Objective  # noqa: E402
+from lqae.training.parts import resolve_precision  # noqa: E402
 
 VARIANTS = {"default": [], "no_global_tokens": ["global_tokens=0"]}  # --set overrides of the tiny preset
 
@@ -60,7 +62,7 @@ def lqae_step(overrides: list[str], batch: int, bf16: bool = False, compile_mode
     return step
 
 
-def peer_step(kind: str, batch: int):
+def peer_step(kind: str, batch: int, bf16: bool = False):
     torch.manual_seed(0)
     preset = get_preset("tiny")
     model = PeerAutoencoder(preset, kind).train()
@@ -68,8 +70,9 @@ def peer_step(kind: str, batch: int):
     images = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
 
     def step() -> None:
-        reconstruction, _, aux = model(images)
-        (F.mse_loss(reconstruction, images) + aux).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            reconstruction, _, aux = model(images)
+        (F.mse_loss(reconstruction.float(), images) + aux.float()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -90,6 +93,7 @@ def main() -> None:
     variants = {name: lqae_step(overrides, args.batch) for name, overrides in VARIANTS.items()}
     variants["bf16_autocast"] = lqae_step([], args.batch, bf16=True)
     variants["fsq_peer"] = peer_step("fsq", args.batch)
+    variants["fsq_peer_bf16"] = peer_step("fsq", args.batch, bf16=True)
     if args.compile:
         variants["compiled"] = lqae_step([], args.batch, compile_model=True)
     for step in variants.values():  # warm-up (and, for compile, the build)
@@ -107,6 +111,11 @@ def main() -> None:
         "seconds_per_step": {name: round(value, 4) for name, value in seconds.items()},
         "ratio_to_default": {name: round(value / seconds["default"], 3) for name, value in seconds.items()},
     }
+    # the landed default on this CPU (precision auto) against the FSQ peer in the same precision
+    landed = resolve_precision("auto", "cpu")
+    ours, peer = ("bf16_autocast", "fsq_peer_bf16") if landed == "bf16" else ("default", "fsq_peer")
+    result["landed_precision"] = landed
+    result["landed_vs_fsq_peer"] = round(seconds[ours] / seconds[peer], 3)
     if args.profile:
         step = variants["default"]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:

@@ -23,6 +23,7 @@ class TrainInfo:
     world_size: int
     peak_lr: float  # base_lr x batch size / 256
     base_lr: float = 0.0
+    precision: str = "fp32"  # what --precision resolved to on this device: bf16 (autocast) or fp32
 
 
 class TrainCallback:

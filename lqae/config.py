@@ -158,7 +158,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 disables (the reference does not clip)
     crop_scale_min: float = 0.2  # RandomResizedCrop scale range (crop_scale_min, 1)
     hflip: bool = True
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32) | bf16 | fp32
     compile: bool = False  # torch.compile the trainable encoder/decoder
     num_workers: int = -1  # data-loading processes; -1 picks from the CPU count
     log_every: int = 10  # steps between metric lines

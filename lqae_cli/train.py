@@ -49,7 +49,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue the checkpoint in --out exactly where it stopped."),
     device: DeviceOption = "auto",
     precision: Optional[Precision] = typer.Option(
-        None, help="auto (the default) = bf16 autocast on CUDA, fp32 on CPU.", show_default=False,
+        None, help="auto (the default) = bf16 autocast on a GPU with bf16 and on a CPU with "
+        "AVX512-BF16 or AMX, else fp32; the banner says which.", show_default=False,
     ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder and decoder."),
     workers: Optional[int] = typer.Option(None, min=0, help="Data-loading processes (default: from the CPU count)."),
@@ -132,7 +133,7 @@ class TrainDisplay(TrainCallback):
         self.say(
             f"{info.images} images ({classes}{skipped}), {info.tokens_per_image} tokens/image, codebook "
             f"{info.codebook_size:,} codes, {info.trainable_parameters / 1e6:.2f}M trainable parameters, "
-            f"{info.device} x{info.world_size}, lr {info.base_lr:.2e} (peak {info.peak_lr:.2e} after warm-up)"
+            f"{info.device} x{info.world_size} {info.precision}, lr {info.base_lr:.2e} (peak {info.peak_lr:.2e} after warm-up)"
         )
         self.bars.update("train", info.start_step, info.total_steps)
 

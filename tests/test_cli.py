@@ -79,6 +79,16 @@ def test_train_cli_end_to_end_then_resume(tmp_path, tiny_lm_dir, image_folder):
     assert read_config(tmp_path / "run")[2] == 3
 
 
+def test_train_banner_says_the_precision_it_resolved(tmp_path, tiny_lm_dir, image_folder):
+    common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--workers", "0",
+              *SMALL_GLOBAL_SETS]
+    for precision in ("fp32", "bf16"):
+        result = run_cli("train", image_folder, "--out", tmp_path / precision, "--steps", "1", "--precision", precision,
+                         *common)
+        assert result.returncode == 0, result.stderr
+        assert f"cpu x1 {precision}, lr" in result.stderr
+
+
 def test_train_set_overrides_any_config_field(tmp_path, tiny_lm_dir, image_folder):
     common = ["--lm", tiny_lm_dir, "--image-size", "16", "--patch-size", "4", "--batch-size", "4", "--quiet", "--workers", "0",
               *SMALL_GLOBAL_SETS]

@@ -24,6 +24,7 @@ def test_every_variant_of_the_tiny_step_builds_and_steps(variant, single_thread)
     step()  # the teacher's update and the optimiser's state run too
 
 
-def test_the_fsq_peer_step_builds_and_steps(single_thread):
-    step = steptime.peer_step("fsq", batch=2)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_fsq_peer_step_builds_and_steps(bf16, single_thread):
+    step = steptime.peer_step("fsq", batch=2, bf16=bf16)
     step()

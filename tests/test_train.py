@@ -15,7 +15,7 @@ from lqae.images.files import scan_image_folder
 from lqae.errors import CheckpointError, DataError
 from lqae.callbacks import TrainCallback
 from lqae.training import TrainingInterrupted, train
-from lqae.training.parts import autocast as _autocast, lr_at
+from lqae.training.parts import autocast as _autocast, cpu_computes_bf16, lr_at, resolve_precision
 
 
 def test_training_writes_checkpoint_metrics_and_samples(tiny_lm_dir, image_folder, tmp_path):
@@ -113,6 +113,25 @@ def test_tiny_preset_trains_with_real_minilm(image_folder, tmp_path):
     assert result.step == 3 and torch.isfinite(torch.tensor(result.last_metrics["loss"]))
     config = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert (config["lm_vocab_size"], config["lm_width"]) == (30522, 384)
+
+
+CPUINFO = "processor\t: {n}\nmodel name\t: a CPU\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\n"
+
+
+@pytest.mark.parametrize("extra, native", [("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True),
+                                           ("avx512bw avx512vl", False)])
+def test_auto_precision_is_bf16_on_a_cpu_only_with_bf16_instructions(extra, native, tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(n=0, extra=extra) + CPUINFO.format(n=1, extra=extra))
+    assert cpu_computes_bf16(cpuinfo) is native
+    monkeypatch.setattr("lqae.training.parts.cpu_computes_bf16", lambda: native)
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert isinstance(_autocast("auto", "cpu"), torch.autocast) is native
+
+
+def test_auto_precision_is_fp32_where_the_cpu_cannot_be_read(tmp_path):
+    assert cpu_computes_bf16(tmp_path / "no-such-file") is False
 
 
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_lm_dir, image_folder, tmp_path):

@@ -275,6 +275,7 @@ def _start(run: _Run, resume: bool, callbacks: list[TrainCallback], lock: RunLoc
         classes=len(folder.classes), codebook_size=model.codebook.size, tokens_per_image=model.layout.length,
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         device=run.device, world_size=run.world, peak_lr=run.config.peak_lr, base_lr=run.config.base_lr,
+        precision=parts.resolve_precision(run.config.precision, run.device),
     )
     for cb in callbacks:
         cb.on_start(info)

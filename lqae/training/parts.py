@@ -185,9 +185,29 @@ def sample_batch(folder: ImageFolder, size: int, count: int = 8) -> torch.Tensor
     raise DataError(f"none of the images chosen for the sample grids in {folder.root} could be read")
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` -> bf16 where the hardware computes in bf16 (a CUDA device; a CPU with AVX512-BF16 or
+    AMX), else fp32; bf16 and fp32 as given."""
+    if precision != "auto":
+        return precision
+    native = torch.cuda.is_bf16_supported(including_emulation=False) if device.startswith("cuda") else cpu_computes_bf16()
+    return "bf16" if native else "fp32"
+
+
+def cpu_computes_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16). Without them autocast to bf16
+    emulates it and is slower than fp32. False where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(precision: str, device: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
-    if not use_bf16:
+    """bf16 autocast when `precision` resolves to bf16 on `device` (see `resolve_precision`), else nothing."""
+    if resolve_precision(precision, device) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
