@@ -90,13 +90,14 @@ def train_peer(kind: str, folder: Path, run_dir: Path, preset: Preset) -> dict:
     sampler = EpochBatchSampler(len(train_folder), train_config.batch_size, train_config.seed)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0))
     steps = train_config.steps
+    precision = autocast(train_config.precision, "cpu")  # the precision lqae trains in (--set precision=...)
     started = time.perf_counter()
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, train_config)
         images = to_float(next(loader))  # (B, C, H, W) uint8 -> [0, 1], as the trainer does
-        with autocast(train_config.precision, "cpu"):  # the precision lqae trains in (--set precision=...)
+        with precision:
             reconstruction, _, aux = model(images)
         loss = F.mse_loss(reconstruction.float(), images) + aux.float()
         loss.backward()

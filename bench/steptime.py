@@ -13,7 +13,6 @@ Random images, batch and threads as given; the last line is one JSON object: sec
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -31,7 +30,7 @@ from lqae.presets import apply_overrides, get_preset  # noqa: E402
 from lqae.model.autoencoder import LQAE  # noqa: E402
 from lqae.model.lm import load_frozen_lm  # noqa: E402
 from lqae.training.objective import Objective  # noqa: E402
-from lqae.training.parts import resolve_precision  # noqa: E402
+from lqae.training.parts import autocast, resolve_precision  # noqa: E402
 
 VARIANTS = {"default": [], "no_global_tokens": ["global_tokens=0"]}  # --set overrides of the tiny preset
 
@@ -50,8 +49,7 @@ def lqae_step(overrides: list[str], batch: int, bf16: bool = False, compile_mode
     second_view = images.flip(-1) if objective.distill is not None else None
 
     def step() -> None:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast:
+        with autocast("bf16" if bf16 else "fp32", "cpu"):
             _, _, loss = forward(images, second_view)
         loss.backward()
         optimizer.step()
@@ -70,7 +68,7 @@ def peer_step(kind: str, batch: int, bf16: bool = False):
     images = torch.rand(batch, 3, preset.model.image_size, preset.model.image_size)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with autocast("bf16" if bf16 else "fp32", "cpu"):
             reconstruction, _, aux = model(images)
         (F.mse_loss(reconstruction.float(), images) + aux.float()).backward()
         optimizer.step()

@@ -42,7 +42,6 @@ def test_train_and_val_crops_never_share_a_pixel_row_strip():
                 assert band * width // 3 <= left < right <= (band + 1) * width // 3  # inside its class's third
 
 
-
 def test_fewer_strips_allow_larger_crops_still_split_by_parity():
     rng = random.Random(0)
     width, height, strips = 640, 427, 3
@@ -56,6 +55,7 @@ def test_fewer_strips_allow_larger_crops_still_split_by_parity():
 def test_too_few_strips_are_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 2"):
         write_photo_crops(tmp_path / "x", size=16, strips=1)
+
 
 def test_skimage_crops_are_one_class_per_photo(tmp_path):
     counts = write_photo_crops(tmp_path / "e", size=16, train_per_class=2, val_per_class=1, source="skimage")

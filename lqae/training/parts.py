@@ -4,6 +4,7 @@ the watch for a diverging loss, the signal flag, sample grids, precision, worker
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -194,6 +195,7 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if native else "fp32"
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_computes_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16). Without them autocast to bf16
     emulates it and is slower than fp32. False where /proc/cpuinfo cannot be read (not Linux)."""
